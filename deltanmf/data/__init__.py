@@ -1,0 +1,11 @@
+"""Reading, splitting, filtering and normalising cells; the demo data; the DataModule."""
+from .datamodule import CellDataModule
+from .demo import demo_path
+from .errors import InputError
+from .prepare import PreparedData, prepare, read_h5ad, split_conditions
+from .simulate import SimulationTruth, simulate_case_control, simulation_truth
+
+__all__ = [
+    "CellDataModule", "InputError", "PreparedData", "SimulationTruth", "demo_path", "prepare", "read_h5ad",
+    "simulate_case_control", "simulation_truth", "split_conditions",
+]

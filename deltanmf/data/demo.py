@@ -1,0 +1,41 @@
+"""The bundled demo: a seeded simulated case-control dataset, generated once and cached."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from .simulate import simulate_case_control
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """``$DELTANMF_CACHE_DIR``, else ``~/.cache/deltanmf``."""
+    return Path(os.environ.get("DELTANMF_CACHE_DIR", Path.home() / ".cache" / "deltanmf"))
+
+
+def demo_path(simulation: dict, cache_dir: str | Path | None = None) -> Path:
+    """Path of the demo h5ad for these simulation parameters, simulating and caching it if needed.
+
+    The file name carries a hash of the parameters, so changing any of them gives a new
+    file rather than a stale one. The file is written under a temporary name and renamed.
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    params = dict(simulation)
+    key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = cache / f"demo-{key}.h5ad"
+    if path.exists():
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    log.info("simulating the demo dataset into %s", path)
+    adata = simulate_case_control(**params)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

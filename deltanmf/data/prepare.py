@@ -1,0 +1,263 @@
+"""From an AnnData to the matrix the factorisation sees.
+
+Steps, in order (METHOD.md, "Input and preprocessing"): choose ``.X`` or a layer; split
+cells into controls and cases; keep genes detected in at least ``min_cells`` of the cells
+in use and drop a user list; keep genes present in a similarity resource; optionally
+normalise each cell's total; optionally scale each gene to unit variance with ONE scale
+computed over all cells in use (controls and cases pooled) and applied to both.
+Sparse input stays sparse throughout.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+NORMALIZE = ("none", "total", "median")
+
+
+@dataclass
+class PreparedData:
+    """Processed expression of the cells in use.
+
+    Attributes
+    ----------
+    X
+        cells x genes, float32, scipy CSR when the input was sparse, else numpy.
+    obs, var
+        The cells in use (controls first, then cases, each in file order) and the genes kept.
+    is_control
+        Boolean per cell in ``obs``.
+    gene_scale
+        Per-gene divisor applied by unit-variance scaling (ones when scaling is off).
+    cell_scale
+        Per-cell factor applied by normalisation (ones when off).
+    gene_counts
+        Genes left after each filter step, in order.
+    source
+        The input AnnData restricted to ``obs`` and ``var`` (a view; its ``.varm``/``.obsm``
+        carry any simulation truth).
+    """
+
+    X: np.ndarray | sp.csr_matrix
+    obs: pd.DataFrame
+    var: pd.DataFrame
+    is_control: np.ndarray
+    gene_scale: np.ndarray
+    cell_scale: np.ndarray
+    gene_counts: dict[str, int] = field(default_factory=dict)
+    source: ad.AnnData | None = None
+
+    @property
+    def n_genes(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def control(self):
+        """cells x genes of the control cells."""
+        return self.X[np.flatnonzero(self.is_control)]
+
+    @property
+    def case(self):
+        """cells x genes of the case cells."""
+        return self.X[np.flatnonzero(~self.is_control)]
+
+
+def read_h5ad(path: str | Path) -> ad.AnnData:
+    """Read an ``.h5ad`` file into memory, with an error that names the path when it cannot be."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"data.path: file not found: {path}. Give the path to an .h5ad file (data.path=...).")
+    try:
+        return ad.read_h5ad(path)
+    except Exception as exc:  # h5py/anndata raise many types for a file that is not an h5ad
+        raise InputError(f"data.path: cannot read {path} as an .h5ad file ({type(exc).__name__}: {exc}).") from exc
+
+
+def _matrix(adata: ad.AnnData, layer: str | None):
+    if layer is None:
+        if adata.X is None:
+            raise InputError(f"the AnnData has no .X; choose a layer with data.layer=... (layers: {list(adata.layers)})")
+        return adata.X
+    if layer not in adata.layers:
+        raise InputError(f"data.layer={layer!r} not found; layers present: {list(adata.layers) or 'none'} "
+                         "(use data.layer=null for .X)")
+    return adata.layers[layer]
+
+
+def split_conditions(obs: pd.DataFrame, condition_key: str, control, case=None) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks (control, case) over ``obs``.
+
+    Values are compared as strings, so ``control: 0`` in a config matches an integer or a
+    ``"0"`` column alike. With ``case=None`` every non-control cell is a case.
+    """
+    if condition_key not in obs.columns:
+        raise InputError(f"data.condition_key={condition_key!r} is not a column of .obs; "
+                         f"columns present: {list(obs.columns)}")
+    values = obs[condition_key].astype(str).to_numpy()
+    found = pd.Series(values).value_counts()
+    described = ", ".join(f"{v!r} ({n} cells)" for v, n in found.items())
+    is_control = values == str(control)
+    if not is_control.any():
+        raise InputError(f"data.control={control!r}: no cell has this value in .obs[{condition_key!r}]; "
+                         f"values found: {described}")
+    if case is None:
+        is_case = ~is_control
+    else:
+        is_case = values == str(case)
+        if not is_case.any():
+            raise InputError(f"data.case={case!r}: no cell has this value in .obs[{condition_key!r}]; "
+                             f"values found: {described} (use data.case=null for every non-control cell)")
+    return is_control, is_case
+
+
+def _check_values(x, what: str) -> None:
+    values = x.data if sp.issparse(x) else np.asarray(x)
+    n_bad = int(np.count_nonzero(~np.isfinite(values)))
+    if n_bad:
+        raise InputError(f"{what} holds {n_bad} NaN or infinite values; NMF needs finite, non-negative expression.")
+    n_neg = int(np.count_nonzero(values < 0))
+    if n_neg:
+        raise InputError(f"{what} holds {n_neg} negative values; NMF needs non-negative expression "
+                         "(use raw or normalised counts, not centred or log-ratio data).")
+
+
+def _to_float32(x):
+    if sp.issparse(x):
+        x = sp.csr_matrix(x, dtype=np.float32)
+        x.sum_duplicates()
+        return x
+    return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+
+
+def detected_cells(x) -> np.ndarray:
+    """Per gene, the number of cells with a value > 0."""
+    if sp.issparse(x):
+        return np.asarray((x > 0).sum(axis=0)).ravel()
+    return np.count_nonzero(x > 0, axis=0)
+
+
+def gene_std(x) -> np.ndarray:
+    """Per-gene standard deviation over cells (ddof=0), from sparse input without densifying."""
+    n = x.shape[0]
+    if sp.issparse(x):
+        mean = np.asarray(x.mean(axis=0, dtype=np.float64)).ravel()
+        mean_sq = np.asarray(x.multiply(x).sum(axis=0, dtype=np.float64)).ravel() / n
+        return np.sqrt(np.maximum(mean_sq - mean**2, 0.0))
+    return np.asarray(x, dtype=np.float64).std(axis=0)
+
+
+def _scale_rows(x, factor: np.ndarray):
+    if sp.issparse(x):
+        return sp.csr_matrix(sp.diags(factor.astype(np.float32)) @ x)
+    return x * factor[:, None].astype(np.float32)
+
+
+def _scale_columns(x, factor: np.ndarray):
+    if sp.issparse(x):
+        return sp.csr_matrix(x @ sp.diags(factor.astype(np.float32)))
+    return x * factor[None, :].astype(np.float32)
+
+
+def prepare(
+    adata: ad.AnnData,
+    condition_key: str,
+    control,
+    case=None,
+    layer: str | None = None,
+    min_cells: int = 3,
+    remove_genes: Sequence[str] | None = None,
+    normalize: str = "none",
+    target_sum: float | None = None,
+    scale_genes: bool = True,
+    use_case: bool = True,
+    resource_genes: Sequence[str] | None = None,
+    gene_ids: Sequence[str] | None = None,
+) -> PreparedData:
+    """Select cells and genes and normalise, as described in the module docstring.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes AnnData; not modified.
+    condition_key, control, case
+        ``.obs`` column and the control (and case) values; ``case=None`` takes every
+        non-control cell.
+    layer
+        Layer to use instead of ``.X``.
+    min_cells
+        Keep genes detected (> 0) in at least this many of the cells in use.
+    remove_genes
+        Gene IDs (``.var_names``) to drop, e.g. the perturbed genes of a screen.
+    normalize
+        ``"none"``, ``"total"`` (each cell to ``target_sum``, default 1e4) or ``"median"``
+        (each cell to the median total of the cells in use).
+    scale_genes
+        Divide each gene by its standard deviation over all cells in use (no centring).
+    use_case
+        Include the case cells (two-stage fits); otherwise only controls are used.
+    resource_genes
+        Genes of a similarity resource; genes absent from it are dropped.
+    gene_ids
+        IDs to match against ``remove_genes`` and ``resource_genes`` (defaults to ``.var_names``).
+    """
+    if normalize not in NORMALIZE:
+        raise InputError(f"data.normalize={normalize!r} is not one of {NORMALIZE}")
+    if min_cells < 0:
+        raise InputError(f"data.min_cells must be >= 0, got {min_cells}")
+    is_control, is_case = split_conditions(adata.obs, condition_key, control, case)
+    cells = np.concatenate([np.flatnonzero(is_control), np.flatnonzero(is_case)]) if use_case \
+        else np.flatnonzero(is_control)
+    if use_case and not is_case.any():
+        raise InputError(f"no case cells: every cell in .obs[{condition_key!r}] is the control {control!r}")
+
+    x = _matrix(adata, layer)[cells]
+    _check_values(x, "data.layer=" + repr(layer) if layer else ".X")
+    x = _to_float32(x)
+
+    ids = np.asarray(adata.var_names if gene_ids is None else gene_ids).astype(str)
+    counts = {"input": int(x.shape[1])}
+    keep = detected_cells(x) >= min_cells
+    counts["min_cells"] = int(keep.sum())
+    if remove_genes:
+        keep &= ~np.isin(ids, np.asarray(list(remove_genes), dtype=str))
+    counts["remove_genes"] = int(keep.sum())
+    if resource_genes is not None:
+        keep &= np.isin(ids, np.asarray(list(resource_genes), dtype=str))
+        counts["resource"] = int(keep.sum())
+    log.info("genes kept after each step: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
+    if not keep.any():
+        raise InputError(f"no genes left after filtering (genes left per step: {counts}); "
+                         "lower data.min_cells or check data.remove_genes and the resource's gene IDs")
+    genes = np.flatnonzero(keep)
+    x = x[:, genes]
+
+    totals = np.asarray(x.sum(axis=1)).ravel().astype(np.float64)
+    cell_scale = np.ones(x.shape[0])
+    if normalize != "none":
+        target = float(np.median(totals[totals > 0])) if normalize == "median" else float(target_sum or 1e4)
+        cell_scale = np.divide(target, totals, out=np.zeros_like(totals), where=totals > 0)
+        x = _scale_rows(x, cell_scale)
+    gene_scale = np.ones(x.shape[1])
+    if scale_genes:
+        sd = gene_std(x)
+        gene_scale = np.where(sd > 0, sd, 1.0)
+        x = _scale_columns(x, 1.0 / gene_scale)
+
+    source = adata[cells][:, genes]
+    obs = source.obs.copy()
+    var = source.var.copy()
+    return PreparedData(
+        X=x, obs=obs, var=var, is_control=is_control[cells], gene_scale=gene_scale, cell_scale=cell_scale,
+        gene_counts=counts, source=source,
+    )

@@ -1,0 +1,210 @@
+"""Consensus-NMF initialisation (after cNMF, Kotliar et al., eLife 2019).
+
+Several short multiplicative-update NMF fits with different seeds are pooled; spectra
+that sit far from their neighbours (unstable solutions) are dropped; the rest are
+clustered into K groups whose medians are the consensus programs. The consensus is then
+refined by NNLS into programs and usage that the neural NMF starts from.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .matrix import CellMatrix
+from .nnls import nnls_programs, nnls_usage
+
+_EPS = 1e-10
+
+
+@dataclass
+class ConsensusResult:
+    """Outcome of :func:`consensus_init`.
+
+    Attributes
+    ----------
+    programs
+        W, genes x K, refined by NNLS.
+    usage
+        Usage of every cell, cells x K (H transposed), NNLS given ``programs``.
+    replicate_programs
+        All replicate spectra, (R*K) x genes, L2-normalised.
+    kept
+        Which replicate spectra passed the density filter.
+    labels
+        Cluster of each kept spectrum.
+    stability
+        Silhouette score of the kept spectra under ``labels`` (cNMF's stability).
+    """
+
+    programs: torch.Tensor
+    usage: torch.Tensor
+    replicate_programs: torch.Tensor
+    kept: torch.Tensor
+    labels: torch.Tensor
+    stability: float
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+def multiplicative_nmf(matrix: CellMatrix, k: int, iterations: int, seed: int) -> torch.Tensor:
+    """A short Frobenius NMF by multiplicative updates; returns W (genes x K), L1-normalised columns.
+
+    In minibatch mode each pass updates the batch's usage, then the programs from that
+    batch's statistics (an online variant), so no more than one batch is dense at a time.
+    """
+    gen = _generator(seed)
+    device, dtype = matrix.device, matrix.dtype
+    mean = max(math.sqrt(matrix.squared_norm() / (matrix.n_cells * matrix.n_genes)), _EPS)
+    scale = math.sqrt(mean / k)
+    programs = (torch.rand(matrix.n_genes, k, generator=gen, dtype=dtype) * scale).to(device)
+    usage = (torch.rand(matrix.n_cells, k, generator=gen, dtype=dtype) * scale).to(device)
+    order_rng = np.random.default_rng(seed)
+    for _ in range(iterations):
+        for index, x in matrix.batches(shuffle=True, generator=order_rng):
+            idx = torch.as_tensor(index, device=device)
+            u = usage[idx]
+            u = u * (x @ programs) / (u @ (programs.T @ programs)).clamp_min(_EPS)
+            usage[idx] = u
+            programs = programs * (x.T @ u) / (programs @ (u.T @ u)).clamp_min(_EPS)
+    return programs / programs.sum(dim=0, keepdim=True).clamp_min(_EPS)
+
+
+def density_filter(spectra: torch.Tensor, n_neighbors: int, quantile: float) -> torch.Tensor:
+    """Mask of spectra whose mean distance to their ``n_neighbors`` nearest others is at
+    most the ``quantile`` of those distances (outliers are replicate-specific solutions)."""
+    n = spectra.shape[0]
+    n_neighbors = max(1, min(n_neighbors, n - 1))
+    dist = torch.cdist(spectra, spectra)
+    dist.fill_diagonal_(float("inf"))
+    local = torch.topk(dist, n_neighbors, dim=1, largest=False).values.mean(dim=1)
+    return local <= torch.quantile(local, quantile)
+
+
+def kmeans(points: torch.Tensor, k: int, seed: int, restarts: int = 10, iterations: int = 100) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding; returns the labels of the best of ``restarts``."""
+    n = points.shape[0]
+    if n < k:
+        raise ValueError(f"cannot form {k} clusters from {n} spectra")
+    gen = _generator(seed)
+    best_labels, best_inertia = None, float("inf")
+    for _ in range(restarts):
+        first = int(torch.randint(n, (1,), generator=gen))
+        centers = points[first:first + 1]
+        for _ in range(1, k):
+            d2 = torch.cdist(points, centers).min(dim=1).values ** 2
+            probs = (d2 / d2.sum()) if d2.sum() > 0 else torch.full_like(d2, 1.0 / n)
+            pick = int(torch.multinomial(probs.cpu(), 1, generator=gen))
+            centers = torch.cat([centers, points[pick:pick + 1]])
+        labels = torch.full((n,), -1, dtype=torch.long, device=points.device)
+        for _ in range(iterations):
+            new_labels = torch.cdist(points, centers).argmin(dim=1)
+            if torch.equal(new_labels, labels):
+                break
+            labels = new_labels
+            for j in range(k):
+                members = points[labels == j]
+                if len(members):
+                    centers[j] = members.mean(dim=0)
+                else:  # re-seed an empty cluster at the point worst served by its centre
+                    far = int(torch.cdist(points, centers).min(dim=1).values.argmax())
+                    centers[j] = points[far]
+        inertia = float(((points - centers[labels]) ** 2).sum())
+        if inertia < best_inertia:
+            best_labels, best_inertia = labels, inertia
+    return best_labels
+
+
+def silhouette(points: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean silhouette score (Euclidean); 1 is perfectly separated clusters."""
+    dist = torch.cdist(points, points)
+    n = points.shape[0]
+    clusters = torch.unique(labels)
+    if len(clusters) < 2 or n <= len(clusters):
+        return float("nan")
+    mean_to = torch.stack([dist[:, labels == c].sum(dim=1) for c in clusters], dim=1)
+    sizes = torch.stack([(labels == c).sum() for c in clusters]).to(dist.dtype)
+    own = (labels[:, None] == clusters[None, :])
+    own_size = (sizes[None, :] * own).sum(dim=1)
+    a = (mean_to * own).sum(dim=1) / (own_size - 1).clamp_min(1)
+    other = torch.where(own, torch.full_like(mean_to, float("inf")), mean_to / sizes[None, :])
+    b = other.min(dim=1).values
+    s = torch.where(own_size > 1, (b - a) / torch.maximum(a, b).clamp_min(_EPS), torch.zeros_like(a))
+    return float(s.mean())
+
+
+def _usage_all(matrix: CellMatrix, programs: torch.Tensor, nnls_iter: int) -> torch.Tensor:
+    usage = torch.empty(matrix.n_cells, programs.shape[1], dtype=programs.dtype, device=programs.device)
+    for index, x in matrix.batches():
+        usage[torch.as_tensor(index, device=programs.device)] = nnls_usage(x, programs, max_iter=nnls_iter)
+    return usage
+
+
+def consensus_init(
+    matrix: CellMatrix,
+    k: int,
+    replicates: int = 5,
+    iterations: int = 200,
+    neighbor_fraction: float = 0.3,
+    density_quantile: float = 0.95,
+    kmeans_restarts: int = 10,
+    nnls_iterations: int = 200,
+    seed: int = 0,
+) -> ConsensusResult:
+    """Consensus programs and usage for a K-program NMF of ``matrix``.
+
+    Parameters
+    ----------
+    matrix
+        Cells x genes expression.
+    k
+        Number of programs.
+    replicates
+        R, number of seeded multiplicative-update runs pooled.
+    iterations
+        Passes over the cells in each run.
+    neighbor_fraction
+        Neighbours for the density filter: ``ceil(neighbor_fraction * R)``.
+    density_quantile
+        Spectra with local density above this quantile are dropped.
+    kmeans_restarts
+        k-means restarts; the lowest-inertia clustering is kept.
+    nnls_iterations
+        Sweep cap of each NNLS refinement.
+    seed
+        Replicate r uses ``seed + r``.
+    """
+    if replicates < 1:
+        raise ValueError(f"consensus replicates must be >= 1, got {replicates}")
+    spectra = torch.cat(
+        [multiplicative_nmf(matrix, k, iterations, seed + r).T for r in range(replicates)]
+    )
+    spectra = spectra / spectra.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    if replicates > 1:
+        kept = density_filter(spectra, math.ceil(neighbor_fraction * replicates), density_quantile)
+        if int(kept.sum()) < k:  # never filter below one spectrum per program
+            kept = torch.ones_like(kept)
+    else:
+        kept = torch.ones(spectra.shape[0], dtype=torch.bool, device=spectra.device)
+    pool = spectra[kept]
+    labels = kmeans(pool, k, seed=seed, restarts=kmeans_restarts)
+    centers = torch.stack([torch.quantile(pool[labels == j], 0.5, dim=0) for j in range(k)], dim=1)
+    centers = centers.clamp_min(0)
+    centers = centers / centers.sum(dim=0, keepdim=True).clamp_min(_EPS)
+
+    # Refinement: usage given the consensus, usage normalised per cell, programs given
+    # that usage, and usage again given the refined programs.
+    usage = _usage_all(matrix, centers, nnls_iterations)
+    usage = usage / usage.sum(dim=1, keepdim=True).clamp_min(_EPS)
+    gram = usage.T @ usage
+    cross = torch.zeros(matrix.n_genes, k, dtype=usage.dtype, device=usage.device)
+    for index, x in matrix.batches():
+        cross += x.T @ usage[torch.as_tensor(index, device=usage.device)]
+    programs = nnls_programs(gram, cross, max_iter=nnls_iterations)
+    usage = _usage_all(matrix, programs, nnls_iterations)
+    stability = silhouette(pool, labels) if k > 1 else float("nan")
+    return ConsensusResult(programs, usage, spectra, kept, labels, stability)

@@ -1,0 +1,91 @@
+"""Loss terms of the neural NMF as pure functions.
+
+Orientation: ``x`` is a batch of cells, cells x genes (AnnData's layout); ``programs`` is
+W (genes x K); ``usage`` is the batch's usage, cells x K (H transposed). The
+reconstruction of the batch is ``usage @ programs.T``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def reconstruction_loss(x: torch.Tensor, programs: torch.Tensor, usage: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the entries of the batch: ``mean((X - W H)^2)``."""
+    return torch.mean((x - usage @ programs.T) ** 2)
+
+
+def squared_error(x: torch.Tensor, programs: torch.Tensor, usage: torch.Tensor) -> torch.Tensor:
+    """Sum of squared errors of the batch, for relative errors accumulated over batches."""
+    return torch.sum((x - usage @ programs.T) ** 2)
+
+
+class GeneGraph:
+    """A gene-gene similarity ``S`` (non-negative, zero diagonal) and its degrees.
+
+    ``S`` may be a dense tensor or a torch sparse (COO/CSR) tensor; the Laplacian term is
+    computed as ``sum_i d_i ||w_i||^2 - tr(W^T S W)`` so that ``L = D - S`` is never built
+    and a sparse ``S`` is never densified.
+    """
+
+    def __init__(self, similarity: torch.Tensor):
+        if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1]:
+            raise ValueError(f"similarity must be a square matrix, got shape {tuple(similarity.shape)}")
+        self.similarity = similarity
+        if similarity.is_sparse or similarity.layout != torch.strided:
+            self.degree = torch.sparse.sum(similarity.to_sparse_coo(), dim=1).to_dense()
+        else:
+            self.degree = similarity.sum(dim=1)
+
+    @property
+    def n_genes(self) -> int:
+        return self.similarity.shape[0]
+
+    def to(self, device: torch.device | str) -> "GeneGraph":
+        moved = GeneGraph.__new__(GeneGraph)
+        moved.similarity = self.similarity.to(device)
+        moved.degree = self.degree.to(device)
+        return moved
+
+    def trace(self, programs: torch.Tensor) -> torch.Tensor:
+        """``tr(W^T L W) = 1/2 sum_ij S_ij ||w_i - w_j||^2`` for W = ``programs`` (genes x K)."""
+        if programs.shape[0] != self.n_genes:
+            raise ValueError(
+                f"programs have {programs.shape[0]} genes but the similarity graph has {self.n_genes}"
+            )
+        smoothness = torch.sum(self.degree[:, None] * programs**2)
+        return smoothness - torch.sum(programs * (self.similarity @ programs))
+
+
+def laplacian_penalty(graph: GeneGraph, programs: torch.Tensor) -> torch.Tensor:
+    """The Laplacian term as the loss uses it: ``tr(W^T L W) / (n_genes * K)``."""
+    return graph.trace(programs) / programs.numel()
+
+
+def adaptive_strength(relative: float, reference: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Strength ``a`` that makes ``a * penalty`` equal ``relative * reference`` right now.
+
+    This is how the method turns a user's relative strength (rho) into an absolute one
+    when a regulariser switches on; a zero penalty gets strength 0 rather than inf.
+    """
+    penalty = penalty.detach()
+    safe = torch.where(penalty > 0, penalty, torch.ones_like(penalty))
+    return torch.where(penalty > 0, relative * reference.detach() / safe, torch.zeros_like(penalty))
+
+
+@dataclass
+class LossTerms:
+    """Named loss terms of one step; ``total`` is what is minimised."""
+
+    total: torch.Tensor
+    recon: torch.Tensor
+    laplacian: torch.Tensor | None = None
+    ortho: torch.Tensor | None = None
+
+    def items(self):
+        """(name, value) pairs of the terms that exist, for logging."""
+        for name in ("total", "recon", "laplacian", "ortho"):
+            value = getattr(self, name)
+            if value is not None:
+                yield ("loss" if name == "total" else name), value

@@ -1,0 +1,61 @@
+"""Stop training when the loss stops improving, instead of after a fixed step count."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+
+class ConvergenceStop(L.Callback):
+    """Stop when the loss's relative improvement stays below ``tol`` for ``patience`` checks.
+
+    The loss is averaged over windows of ``check_every`` steps (at least one epoch in
+    minibatch mode, so a check compares whole passes over the cells); a check compares
+    a window's mean with the previous one. Only one host-device synchronisation happens
+    per window. When the module has a further phase (the late-switching Laplacian
+    prior), convergence starts that phase instead of stopping.
+
+    Parameters
+    ----------
+    tol
+        Relative improvement ``(previous - current) / previous`` counted as no progress.
+    patience
+        Consecutive checks without progress before stopping.
+    check_every
+        Window length in steps.
+    """
+
+    def __init__(self, tol: float = 1e-4, patience: int = 5, check_every: int = 10):
+        if tol < 0 or patience < 1 or check_every < 1:
+            raise ValueError("convergence needs tol >= 0, patience >= 1 and check_every >= 1")
+        self.tol, self.patience, self.check_every = tol, patience, check_every
+        self._reset()
+
+    def _reset(self) -> None:
+        self._sum = None
+        self._count = 0
+        self._previous = None
+        self._stalled = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._sum = loss.detach() if self._sum is None else self._sum + loss.detach()
+        self._count += 1
+        # whole epochs in minibatch mode, so every window sees every cell equally often
+        per_epoch = max(int(trainer.num_training_batches), 1)
+        window = -(-self.check_every // per_epoch) * per_epoch
+        if self._count < window:
+            return
+        current = float(self._sum) / self._count
+        self._sum, self._count = None, 0
+        if not torch.isfinite(torch.tensor(current)):
+            return
+        if self._previous is not None:
+            improvement = (self._previous - current) / max(abs(self._previous), 1e-30)
+            self._stalled = self._stalled + 1 if improvement < self.tol else 0
+        self._previous = current
+        if self._stalled >= self.patience:
+            if pl_module.advance_phase():
+                self._reset()
+            else:
+                pl_module.converged = True
+                trainer.should_stop = True

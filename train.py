@@ -1,0 +1,14 @@
+"""DeltaNMF command line: ``python train.py [group=option ...] [key=value ...]`` (see README)."""
+import hydra
+from omegaconf import DictConfig
+
+from deltanmf.pipeline import main
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def train(cfg: DictConfig) -> float:
+    return main(cfg)
+
+
+if __name__ == "__main__":
+    train()
