@@ -42,7 +42,11 @@ def load_data(data_cfg: DictConfig) -> ad.AnnData:
     if data_cfg.get("simulation") is None:
         raise InputError("data.path is not set: give your file with data.path=my.h5ad (or use data=demo)")
     sim = OmegaConf.to_container(data_cfg.simulation, resolve=True)
-    return read_h5ad(demo_path(sim, data_cfg.get("cache_dir")))
+    try:
+        path = demo_path(sim, data_cfg.get("cache_dir"))
+    except (TypeError, ValueError) as err:
+        raise InputError(f"data.simulation: {err}") from err
+    return read_h5ad(path)
 
 
 def prepare_data(adata: ad.AnnData, data_cfg: DictConfig, use_case: bool, resource=None) -> PreparedData:
@@ -145,6 +149,11 @@ def recovery(prepared: PreparedData, fit: StageFit) -> dict | None:
             "baseline_min": float(cos.min())}
 
 
+def config_yaml(cfg: DictConfig) -> str:
+    """The resolved run configuration as YAML (without Hydra's own settings)."""
+    return OmegaConf.to_yaml({k: cfg[k] for k in cfg if k != "hydra"}, resolve=True)
+
+
 # -- the run ---------------------------------------------------------------------------
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run the configured stages and write every output into ``run_dir``; return the metrics."""
@@ -168,7 +177,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     var = prepared.var.copy()
     var["deltanmf_gene_scale"] = prepared.gene_scale
     uns = {
-        "config": OmegaConf.to_yaml(cfg, resolve=True),
+        "config": config_yaml(cfg),
         "gene_counts": prepared.gene_counts,
         "loss": stage1.stats["loss"],
         "stage1": {k: v for k, v in stage1.stats.items() if k != "loss"},

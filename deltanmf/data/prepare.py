@@ -111,6 +111,9 @@ def split_conditions(obs: pd.DataFrame, condition_key: str, control, case=None) 
     if not is_control.any():
         raise InputError(f"data.control={control!r}: no cell has this value in .obs[{condition_key!r}]; "
                          f"values found: {described}")
+    if case is not None and str(case) == str(control):
+        raise InputError(f"data.case={case!r} is the same as data.control; give the case value, "
+                         "or data.case=null for every non-control cell")
     if case is None:
         is_case = ~is_control
     else:
@@ -148,13 +151,24 @@ def detected_cells(x) -> np.ndarray:
 
 
 def gene_std(x) -> np.ndarray:
-    """Per-gene standard deviation over cells (ddof=0), from sparse input without densifying."""
-    n = x.shape[0]
+    """Per-gene standard deviation over cells (ddof=0), from sparse input without densifying.
+
+    A deviation below float32 resolution relative to the gene's mean is returned as 0:
+    it is rounding noise of a constant gene, and dividing by it would blow the gene up.
+    """
+    n, n_genes = x.shape
     if sp.issparse(x):
-        mean = np.asarray(x.mean(axis=0, dtype=np.float64)).ravel()
-        mean_sq = np.asarray(x.multiply(x).sum(axis=0, dtype=np.float64)).ravel() / n
-        return np.sqrt(np.maximum(mean_sq - mean**2, 0.0))
-    return np.asarray(x, dtype=np.float64).std(axis=0)
+        # Centred sums in float64: E[x^2] - E[x]^2 cancels badly for nearly constant genes.
+        x = sp.csr_matrix(x)
+        mean = np.asarray(x.sum(axis=0, dtype=np.float64)).ravel() / n
+        centred = x.data.astype(np.float64) - mean[x.indices]
+        stored = np.bincount(x.indices, minlength=n_genes)
+        sq = np.bincount(x.indices, weights=centred**2, minlength=n_genes) + (n - stored) * mean**2
+        sd = np.sqrt(sq / n)
+    else:
+        dense = np.asarray(x, dtype=np.float64)
+        mean, sd = dense.mean(axis=0), dense.std(axis=0)
+    return np.where(sd > 1e-6 * np.abs(mean), sd, 0.0)
 
 
 def _scale_rows(x, factor: np.ndarray):
@@ -229,7 +243,7 @@ def prepare(
     counts = {"input": int(x.shape[1])}
     keep = detected_cells(x) >= min_cells
     counts["min_cells"] = int(keep.sum())
-    if remove_genes:
+    if remove_genes is not None and len(remove_genes):
         keep &= ~np.isin(ids, np.asarray(list(remove_genes), dtype=str))
     counts["remove_genes"] = int(keep.sum())
     if resource_genes is not None:

@@ -8,9 +8,11 @@ import torch
 class ConvergenceStop(L.Callback):
     """Stop when the loss's relative improvement stays below ``tol`` for ``patience`` checks.
 
-    The loss is averaged over windows of ``check_every`` steps (at least one epoch in
-    minibatch mode, so a check compares whole passes over the cells); a check compares
-    a window's mean with the previous one. Only one host-device synchronisation happens
+    The loss is averaged over windows of ``check_every`` steps (whole epochs in
+    minibatch mode, so a check compares whole passes over the cells). A check makes
+    progress when its mean beats the best mean so far by the relative margin ``tol``;
+    comparing against the best, not the previous window, keeps minibatch noise from
+    counting as progress for ever. Only one host-device synchronisation happens
     per window. When the module has a further phase (the late-switching Laplacian
     prior), convergence starts that phase instead of stopping.
 
@@ -33,7 +35,7 @@ class ConvergenceStop(L.Callback):
     def _reset(self) -> None:
         self._sum = None
         self._count = 0
-        self._previous = None
+        self._best = None
         self._stalled = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -49,10 +51,11 @@ class ConvergenceStop(L.Callback):
         self._sum, self._count = None, 0
         if not torch.isfinite(torch.tensor(current)):
             return
-        if self._previous is not None:
-            improvement = (self._previous - current) / max(abs(self._previous), 1e-30)
-            self._stalled = self._stalled + 1 if improvement < self.tol else 0
-        self._previous = current
+        if self._best is None or (self._best - current) > self.tol * abs(self._best):
+            self._best, self._stalled = current, 0
+        else:
+            self._stalled += 1
+            self._best = min(self._best, current)
         if self._stalled >= self.patience:
             if pl_module.advance_phase():
                 self._reset()

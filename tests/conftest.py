@@ -1,0 +1,60 @@
+"""Shared fixtures: the real Hydra config, composed and shrunk for fast tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# A small demo: 5 planted programs, 300 genes, 250 + 250 cells; a light consensus.
+SMALL = [
+    "K=5",
+    "data.simulation.n_genes=300",
+    "data.simulation.n_programs=5",
+    "data.simulation.n_case_programs=2",
+    "data.simulation.n_control=250",
+    "data.simulation.n_case=250",
+    "data.simulation.markers_per_program=30",
+    "model.consensus.replicates=3",
+    "model.consensus.iterations=100",
+    "trainer.max_steps=400",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("demo-cache")
+
+
+@pytest.fixture
+def make_cfg(tmp_path, cache_dir):
+    """Compose conf/config.yaml with the small overrides plus ``overrides``; returns (cfg, run_dir)."""
+
+    def _make(*overrides: str):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+            cfg = compose("config", overrides=[*SMALL, *overrides], return_hydra_config=True)
+        run_dir = tmp_path / "run"
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(run_dir)
+            if "cache_dir" in cfg.data:
+                cfg.data.cache_dir = str(cache_dir)
+        HydraConfig.instance().set_config(cfg)
+        GlobalHydra.instance().clear()
+        return cfg, run_dir
+
+    return _make

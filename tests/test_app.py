@@ -1,0 +1,129 @@
+"""The Hydra app: composition, every output written, bad input exits with one message."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from deltanmf.data import simulate_case_control
+from deltanmf.pipeline import run
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUTS = ["results.h5ad", "programs.csv", "usage.csv", "top_genes.csv", "metrics.json",
+           "checkpoints/stage1.ckpt"]
+
+
+def test_config_composes_with_overrides(make_cfg):
+    cfg, _ = make_cfg("K=7", "data.batch_size=128", "model.lr=0.005", "stage=onestage")
+    assert cfg.K == 7 and cfg.data.batch_size == 128
+    assert cfg.model.stage1.lr == 0.005  # interpolated from model.lr
+    assert cfg.trainer.accelerator == "cpu"
+    assert cfg.resource is None and cfg.stage.name == "onestage"
+    assert cfg.data.path is None and cfg.data.simulation.n_programs == 5
+
+
+def test_demo_run_writes_every_output(make_cfg):
+    cfg, run_dir = make_cfg()
+    metrics = run(cfg, run_dir)
+    for name in OUTPUTS:
+        assert (run_dir / name).is_file(), name
+    assert not list(run_dir.glob(".staging-*"))
+
+    result = ad.read_h5ad(run_dir / "results.h5ad")
+    assert result.X is None
+    assert result.n_obs == 250 and (result.obs["condition"] == "control").all()
+    assert result.obsm["X_deltanmf"].shape == (250, 5)
+    assert result.varm["deltanmf_programs"].shape == (result.n_vars, 5)
+    info = result.uns["deltanmf"]
+    assert list(info["program_names"]) == [f"baseline_{i}" for i in range(1, 6)]
+    assert list(info["program_kind"]) == ["baseline"] * 5
+    assert "K: 5" in info["config"]
+    assert info["gene_counts"]["input"] == 300 and info["gene_counts"]["min_cells"] == result.n_vars
+    assert set(info["loss"]) >= {"recon", "total"}
+    assert (result.var["deltanmf_gene_scale"] > 0).all()
+
+    programs = pd.read_csv(run_dir / "programs.csv", index_col=0)
+    np.testing.assert_allclose(programs.to_numpy(), result.varm["deltanmf_programs"], rtol=1e-5)
+    assert list(programs.index) == list(result.var_names)
+    usage = pd.read_csv(run_dir / "usage.csv", index_col=0)
+    assert list(usage.index) == list(result.obs_names)
+    top = pd.read_csv(run_dir / "top_genes.csv")
+    assert list(top.columns) == ["program", "rank", "gene", "symbol", "weight"]
+    assert len(top) == 5 * 50
+    first = top[top["program"] == "baseline_1"]
+    assert first["weight"].is_monotonic_decreasing and first["rank"].tolist() == list(range(1, 51))
+
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved["stage1"]["steps"] == metrics["stage1"]["steps"] > 0
+    assert 0 < saved["stage1"]["relative_error"] < 1
+    assert len(saved["recovery"]["baseline_matched_cosine"]) == 5
+    assert saved["recovery"]["baseline_min"] >= 0.95
+    events = list((run_dir / "tensorboard" / "stage1").glob("events.out.tfevents.*"))
+    assert events
+
+
+def test_tensorboard_has_the_loss_terms(make_cfg):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, run_dir = make_cfg()
+    run(cfg, run_dir)
+    acc = EventAccumulator(str(run_dir / "tensorboard" / "stage1"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/recon"} <= tags
+    assert len(acc.Scalars("train/loss")) >= 2
+
+
+def _train(*args, cwd=ROOT, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_train_py_on_a_user_h5ad(tmp_path):
+    adata = simulate_case_control(n_genes=200, n_programs=4, n_case_programs=1, n_control=200, n_case=60,
+                                  markers_per_program=30, seed=5)
+    adata.obs["guide"] = np.where(adata.obs["condition"] == "control", "NTC", "KO").astype(str)
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = adata.X * 0  # the layer, not .X, must be used
+    path = tmp_path / "screen.h5ad"
+    adata.write_h5ad(path)
+    out = tmp_path / "out"
+    proc = _train("stage=onestage", "K=4", "data=h5ad", f"data.path={path}", "data.layer=counts",
+                  "data.condition_key=guide", "data.control=NTC", "data.batch_size=64",
+                  "model.consensus.replicates=2", "model.consensus.iterations=60", "trainer.max_steps=200",
+                  "trainer.accelerator=cpu", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = ad.read_h5ad(out / "results.h5ad")
+    assert result.n_obs == 200 and set(result.obs["guide"]) == {"NTC"}
+    assert result.varm["deltanmf_programs"].shape[1] == 4
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["recovery"]["baseline_min"] >= 0.9  # the simulated truth travels in the file
+    assert (out / ".hydra" / "config.yaml").exists() and (out / "train.log").exists()
+    assert not (ROOT / "screen.h5ad").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["data=h5ad", "data.path=/no/such/file.h5ad"], "file not found: /no/such/file.h5ad"),
+        (["data.condition_key=guide"], "data.condition_key='guide' is not a column of .obs"),
+        (["data.control=NTC"], "data.control='NTC': no cell has this value"),
+        (["K=5000"], "K=5000 must be smaller than"),
+        (["data.simulation.n_genes=50"], "data.simulation: n_genes"),
+    ],
+)
+def test_bad_input_exits_with_one_clear_message(tmp_path, cache_dir, args, message):
+    demo = [] if "data=h5ad" in args else [f"data.cache_dir={cache_dir}"]
+    proc = _train(*args, "experiment=quick", "trainer.accelerator=cpu", *demo, f"hydra.run.dir={tmp_path / 'out'}")
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "results.h5ad").exists()
