@@ -48,6 +48,16 @@ from deltanmf.nmf.optim import LazyAdam
 # --------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """The problems here are tiny: one intra-op thread is fastest and avoids thread
+    oversubscription when the machine is busy. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _np_softplus(raw: np.ndarray, beta: float) -> np.ndarray:
     """Stable float64 reference: log(1 + exp(beta x)) / beta."""
     return np.logaddexp(0.0, beta * raw) / beta
@@ -176,8 +186,6 @@ def test_activation_rejects_bad_arguments(kind, beta):
         Activation(kind, beta)
 
 
-@pytest.mark.xfail(strict=True, reason="Activation accepts beta=inf (the check is `not beta > 0`), but then "
-                   "inverse() computes (inf + 0) / inf = NaN, so programs/usage load as NaN")
 def test_activation_infinite_beta_rejected_or_consistent():
     try:
         act = Activation("softplus", float("inf"))
@@ -384,9 +392,6 @@ def test_nnls_zero_program_column_stays_finite(dtype):
     np.testing.assert_array_equal(out.numpy()[:, 2], 0.0)  # no information: stays at its start
 
 
-@pytest.mark.xfail(strict=True, reason="nnls_gram's default start uses torch.linalg.solve with a 1e-12*trace "
-                   "ridge, which is below float32 resolution: a singular Gram (duplicate / collinear "
-                   "programs) raises 'The solver failed because the input matrix is singular'")
 def test_nnls_duplicate_program_columns_float32():
     w, x = _nnls_problem(7, k=5)
     w = np.concatenate([w, w[:, :1]], axis=1)  # program 5 duplicates program 0: W^T W singular
@@ -546,9 +551,6 @@ def test_cell_matrix_squared_norm(kind):
     assert CellMatrix(data).squared_norm() == pytest.approx(np.sum(x**2), rel=1e-14)
 
 
-@pytest.mark.xfail(strict=True, reason="CellMatrix.squared_norm multiplies sparse data in its own integer "
-                   "dtype (data.multiply(data)) before summing in float64, so integer counts overflow; "
-                   "the dense branch casts first and is correct")
 @pytest.mark.parametrize("dtype,value", [(np.int16, 300), (np.int32, 50_000)])
 def test_cell_matrix_squared_norm_integer_sparse(dtype, value):
     x = np.array([[value, 0, 1], [0, 2, 0]], dtype=dtype)
@@ -829,8 +831,6 @@ def test_kmeans_does_not_modify_points_k2():
     assert torch.equal(pts, keep)
 
 
-@pytest.mark.xfail(strict=True, reason="kmeans with k=1: centers = points[first:first+1] is a view of the "
-                   "input, so centers[j] = members.mean(0) overwrites a row of `points` in place")
 def test_kmeans_does_not_modify_points_k1():
     pts = torch.tensor(_blobs(k=2)[0])
     keep = pts.clone()

@@ -6,6 +6,8 @@ consensus-NMF initialisation can be loaded exactly: ``phi(inverse(V)) == V``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -30,7 +32,7 @@ class Activation:
     def __init__(self, kind: str = "softplus", beta: float = 5.0):
         if kind not in self.kinds:
             raise ValueError(f"activation must be one of {self.kinds}, got {kind!r}")
-        if kind == "softplus" and not beta > 0:
+        if kind == "softplus" and not (beta > 0 and math.isfinite(beta)):
             raise ValueError(f"softplus beta must be > 0, got {beta}")
         self.kind = kind
         self.beta = float(beta)

@@ -84,5 +84,5 @@ class CellMatrix:
     def squared_norm(self) -> float:
         """``||X||_F^2`` computed without densifying."""
         if sp.issparse(self.data):
-            return float(self.data.multiply(self.data).sum(dtype=np.float64))
+            return float(np.sum(np.square(self.data.data, dtype=np.float64)))  # float64 before squaring: no overflow
         return float(np.sum(np.square(self.data, dtype=np.float64)))

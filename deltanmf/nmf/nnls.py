@@ -46,7 +46,9 @@ def nnls_gram(
     if gram.shape != (k, k) or cross.shape[0] != k:
         raise ValueError(f"gram must be K x K and cross K x n; got {tuple(gram.shape)} and {tuple(cross.shape)}")
     if init is None:
-        ridge = _EPS * max(float(torch.trace(gram)), 1.0) * torch.eye(k, dtype=gram.dtype, device=gram.device)
+        # a ridge at the dtype's resolution keeps collinear programs (singular G) solvable
+        eps = 10 * torch.finfo(gram.dtype).eps
+        ridge = eps * max(float(torch.trace(gram)), 1.0) * torch.eye(k, dtype=gram.dtype, device=gram.device)
         b = torch.linalg.solve(gram + ridge, cross).clamp_min(0)
     else:
         b = init.clone().clamp_min(0)
