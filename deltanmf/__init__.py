@@ -1,5 +1,7 @@
 """DeltaNMF: two-stage neural NMF for gene programs in case-control single-cell data."""
+from .api import DeltaNMFResult, fit_onestage, fit_twostage
 from .data import simulate_case_control, simulation_truth
 
 __version__ = "0.1.0"
-__all__ = ["simulate_case_control", "simulation_truth", "__version__"]
+__all__ = ["DeltaNMFResult", "fit_onestage", "fit_twostage", "simulate_case_control", "simulation_truth",
+           "__version__"]

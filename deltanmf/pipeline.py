@@ -1,5 +1,10 @@
-"""Stage 1 (and, later, stage 2) from a composed config to files: the one code path
-shared by ``train.py`` and the Python API."""
+"""From a composed config to fitted stages and files: the one code path shared by
+``train.py`` and the Python API (:mod:`deltanmf.api`).
+
+``run`` reads the data, fits stage 1 on the controls (or reuses a finished stage 1 with
+``stage1_from``), fits stage 2 on the cases when ``stage=twostage``, computes the
+case-control tables, and writes every output into the run directory.
+"""
 from __future__ import annotations
 
 import logging
@@ -11,27 +16,39 @@ from pathlib import Path
 import anndata as ad
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .data import CellDataModule, InputError, PreparedData, demo_path, prepare, read_h5ad, simulation_truth
-from .nmf import CellMatrix, GeneGraph, consensus_init, matched_cosine
-from .nmf.metrics import fit_error, normalize_programs
-from .report import results_anndata, standard_files, write_outputs
-from .stages import ConvergenceStop, Stage1Module
+from .nmf import CellMatrix, GeneGraph, consensus_init, matched_cosine, refit_usage
+from .nmf.metrics import cosine_matrix, fit_error, matching, normalize_programs
+from .report import casecontrol, plots
+from .report.outputs import results_anndata, standard_files, write_outputs
+from .stages import ConvergenceStop, Stage1Module, Stage2Module
 
 log = logging.getLogger(__name__)
+STAGES = ("onestage", "twostage")
 
 
 @dataclass
 class StageFit:
-    """A trained stage: programs (genes x K, columns sum to 1), usage (cells x K) and facts."""
+    """A trained stage: programs (genes x K), usage of its cells (cells x K) and facts about the fit."""
 
     programs: np.ndarray
     usage: np.ndarray
     names: list[str]
     stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    """Everything a run produced: the results AnnData, the tables and the metrics."""
+
+    results: ad.AnnData
+    tables: dict[str, pd.DataFrame]
+    metrics: dict
 
 
 # -- data ------------------------------------------------------------------------------
@@ -49,7 +66,8 @@ def load_data(data_cfg: DictConfig) -> ad.AnnData:
     return read_h5ad(path)
 
 
-def prepare_data(adata: ad.AnnData, data_cfg: DictConfig, use_case: bool, resource=None) -> PreparedData:
+def prepare_data(adata: ad.AnnData, data_cfg: DictConfig, use_case: bool, resource=None,
+                 baseline: "Baseline | None" = None) -> PreparedData:
     return prepare(
         adata,
         condition_key=data_cfg.condition_key,
@@ -62,8 +80,45 @@ def prepare_data(adata: ad.AnnData, data_cfg: DictConfig, use_case: bool, resour
         target_sum=data_cfg.get("target_sum"),
         scale_genes=data_cfg.scale_genes,
         use_case=use_case,
-        resource_genes=None if resource is None else resource.gene_list(),
+        resource_genes=None if resource is None or baseline is not None else resource.gene_list(),
+        genes=None if baseline is None else baseline.genes,
+        gene_scale=None if baseline is None else baseline.gene_scale,
     )
+
+
+# -- a finished stage 1 ------------------------------------------------------------------
+@dataclass
+class Baseline:
+    """The baseline programs of a finished stage 1, as read back by :func:`load_stage1`."""
+
+    programs: np.ndarray
+    names: list[str]
+    genes: list[str]
+    gene_scale: np.ndarray
+    usage: pd.DataFrame
+    stats: dict
+    source: str
+
+
+def load_stage1(path: str | Path) -> Baseline:
+    """Read a finished stage 1 from its run directory or its ``results.h5ad``."""
+    path = Path(path).expanduser()
+    file = path / "results.h5ad" if path.is_dir() else path
+    if not file.exists():
+        raise InputError(f"stage1_from: no results.h5ad at {file}; give a finished run directory or its results.h5ad")
+    result = ad.read_h5ad(file)
+    info = result.uns.get("deltanmf")
+    if info is None or "deltanmf_programs" not in result.varm:
+        raise InputError(f"stage1_from: {file} is not a DeltaNMF result (no .uns['deltanmf'] / .varm['deltanmf_programs'])")
+    kind = np.asarray(info["program_kind"]).astype(str)
+    base = kind == "baseline"
+    names = list(np.asarray(info["program_names"]).astype(str)[base])
+    usage = pd.DataFrame(np.asarray(result.obsm["X_deltanmf"])[:, base], index=result.obs_names, columns=names)
+    scale_key = "deltanmf_gene_scale"
+    scale = result.var[scale_key].to_numpy() if scale_key in result.var else np.ones(result.n_vars)
+    return Baseline(programs=np.asarray(result.varm["deltanmf_programs"])[:, base].astype(np.float32),
+                    names=names, genes=list(result.var_names), gene_scale=scale, usage=usage,
+                    stats=dict(info.get("stage1", {})), source=str(file))
 
 
 # -- training ----------------------------------------------------------------------------
@@ -82,17 +137,45 @@ def _save_checkpoint(trainer: L.Trainer, path: Path) -> None:
     tmp.replace(path)
 
 
+def _check_k(k: int, what: str, matrix: CellMatrix, cells: str) -> None:
+    if k < 1:
+        raise InputError(f"{what}={k}: the number of programs must be at least 1")
+    if k >= min(matrix.n_cells, matrix.n_genes):
+        raise InputError(f"{what}={k} must be smaller than both the number of {cells} ({matrix.n_cells}) "
+                         f"and of genes ({matrix.n_genes})")
+
+
+def _train(module, datamodule, trainer: L.Trainer, run_dir: Path, name: str) -> float:
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    elapsed = time.perf_counter() - start
+    _save_checkpoint(trainer, run_dir / "checkpoints" / f"{name}.ckpt")
+    return elapsed
+
+
+def _datamodule(x, cfg: DictConfig) -> CellDataModule:
+    return CellDataModule(x, batch_size=cfg.data.get("batch_size"), num_workers=cfg.data.get("num_workers", 0),
+                          seed=cfg.seed, steps_per_epoch=cfg.model.stop.check_every)
+
+
+def _loss_summary(module, recon: float, programs: torch.Tensor) -> dict:
+    """Final loss terms over all of the stage's cells (not one batch)."""
+    loss = {"recon": recon}
+    total = recon
+    if module.graph is not None:
+        loss["laplacian"] = float(module.graph.trace(programs.to(module.graph.degree.device)) / programs.numel())
+        total += float(module.alpha) * loss["laplacian"] if module.prior_on else 0.0
+    loss["total"] = total
+    return loss
+
+
 def fit_stage1(x_control, cfg: DictConfig, run_dir: Path, graph: GeneGraph | None = None) -> StageFit:
     """Consensus initialisation, then the neural NMF of the control cells (stage 1)."""
-    batch_size = cfg.data.get("batch_size")
-    datamodule = CellDataModule(x_control, batch_size=batch_size, num_workers=cfg.data.get("num_workers", 0),
-                                seed=cfg.seed, steps_per_epoch=cfg.model.stop.check_every)
+    datamodule = _datamodule(x_control, cfg)
     trainer = _trainer(cfg, run_dir, "stage1")
     device = trainer.strategy.root_device
-    matrix = CellMatrix(x_control, batch_size=batch_size, device=device)
-    if cfg.K >= min(matrix.n_cells, matrix.n_genes):
-        raise InputError(f"K={cfg.K} must be smaller than both the number of control cells ({matrix.n_cells}) "
-                         f"and of genes ({matrix.n_genes})")
+    matrix = CellMatrix(x_control, batch_size=cfg.data.get("batch_size"), device=device)
+    _check_k(cfg.K, "K", matrix, "control cells")
 
     start = time.perf_counter()
     init = consensus_init(matrix, cfg.K, seed=cfg.seed, **cfg.model.consensus)
@@ -101,22 +184,12 @@ def fit_stage1(x_control, cfg: DictConfig, run_dir: Path, graph: GeneGraph | Non
              cfg.K, init_time, init.stability)
     module: Stage1Module = instantiate(cfg.model.stage1)(
         programs=init.programs, usage=init.usage, graph=graph, minibatch=not datamodule.full_batch)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
-    train_time = time.perf_counter() - start
-    _save_checkpoint(trainer, run_dir / "checkpoints" / "stage1.ckpt")
+    train_time = _train(module, datamodule, trainer, run_dir, "stage1")
 
     programs, usage = normalize_programs(module.programs().cpu(), module.usage().cpu())
     error = fit_error(matrix, programs, usage)
-    loss = {"recon": error["recon"]}
-    if graph is not None:
-        lap = float(module.graph.trace(programs.to(device)) / programs.numel())
-        loss["laplacian"] = lap
-        loss["total"] = error["recon"] + float(module.alpha) * lap if module.prior_on else error["recon"]
-    else:
-        loss["total"] = error["recon"]
     stats = {
-        "loss": loss,
+        "loss": _loss_summary(module, error["recon"], programs),
         "relative_error": error["relative_error"],
         "steps": int(trainer.global_step),
         "converged": bool(module.converged),
@@ -129,76 +202,269 @@ def fit_stage1(x_control, cfg: DictConfig, run_dir: Path, graph: GeneGraph | Non
     }
     log.info("stage 1: %d steps (%s), relative error %.4f", stats["steps"],
              "converged" if stats["converged"] else "step cap", stats["relative_error"])
-    names = [f"baseline_{i + 1}" for i in range(cfg.K)]
+    return StageFit(programs.numpy(), usage.numpy(), [f"baseline_{i + 1}" for i in range(cfg.K)], stats)
+
+
+def fit_stage2(x_case, baseline: np.ndarray, baseline_names: list[str], cfg: DictConfig, run_dir: Path,
+               graph: GeneGraph | None = None) -> StageFit:
+    """Case-specific programs on the case cells with the baseline frozen (stage 2).
+
+    The returned programs are ``[baseline, case]``; the baseline columns are exactly the
+    given array, and only the case columns are rescaled to sum to 1.
+    """
+    datamodule = _datamodule(x_case, cfg)
+    trainer = _trainer(cfg, run_dir, "stage2")
+    device = trainer.strategy.root_device
+    matrix = CellMatrix(x_case, batch_size=cfg.data.get("batch_size"), device=device)
+    _check_k(cfg.K_case, "K_case", matrix, "case cells")
+    k = baseline.shape[1]
+    frozen = torch.from_numpy(np.ascontiguousarray(baseline, dtype=np.float32))
+
+    start = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # stage 2 alone reproduces (stage1_from)
+    module: Stage2Module = instantiate(cfg.model.stage2)(
+        matrix=matrix, baseline=frozen, k_case=cfg.K_case, seed=cfg.seed,
+        consensus=OmegaConf.to_container(cfg.model.consensus), graph=graph, minibatch=not datamodule.full_batch)
+    init_time = time.perf_counter() - start
+    log.info("stage 2: initialised K_case=%d case programs in %.1fs", cfg.K_case, init_time)
+    train_time = _train(module, datamodule, trainer, run_dir, "stage2")
+
+    programs, usage = module.programs().cpu(), module.usage().cpu()
+    case, case_usage = normalize_programs(programs[:, k:], usage[:, k:])
+    programs = torch.cat([frozen, case], dim=1)
+    usage = torch.cat([usage[:, :k], case_usage], dim=1)
+    error = fit_error(matrix, programs, usage)
+    baseline_only = fit_error(matrix, frozen, refit_usage(matrix, frozen).cpu())
+    loss = _loss_summary(module, error["recon"], case)
+    if module.rel_gamma > 0:
+        loss["ortho"] = float(casecontrol_ortho(frozen, case))
+        loss["total"] += float(module.gamma) * loss["ortho"]
+    stats = {
+        "loss": loss,
+        "relative_error": error["relative_error"],
+        "baseline_only_relative_error": baseline_only["relative_error"],
+        "explained_variance_gain": baseline_only["relative_error"] ** 2 - error["relative_error"] ** 2,
+        "steps": int(trainer.global_step),
+        "converged": bool(module.converged),
+        "laplacian_alpha": float(module.alpha),
+        "ortho_gamma": float(module.gamma) if module.rel_gamma > 0 else 0.0,
+        "init_time_s": init_time,
+        "train_time_s": train_time,
+        "n_cells": matrix.n_cells,
+        "device": str(device),
+    }
+    log.info("stage 2: %d steps (%s), relative error %.4f (baseline alone %.4f)", stats["steps"],
+             "converged" if stats["converged"] else "step cap", stats["relative_error"],
+             stats["baseline_only_relative_error"])
+    names = list(baseline_names) + [f"case_{i + 1}" for i in range(cfg.K_case)]
     return StageFit(programs.numpy(), usage.numpy(), names, stats)
 
 
+def casecontrol_ortho(baseline: torch.Tensor, case: torch.Tensor) -> torch.Tensor:
+    from .nmf import orthogonality_penalty
+
+    return orthogonality_penalty(baseline, case)
+
+
 # -- evaluation against a planted truth ------------------------------------------------
-def recovery(prepared: PreparedData, fit: StageFit) -> dict | None:
-    """Matched cosine of fitted vs planted baseline programs, when the data is simulated.
+def recovery(prepared: PreparedData, programs: np.ndarray, n_baseline: int,
+             shift: pd.DataFrame | None = None, case_table: pd.DataFrame | None = None) -> dict | None:
+    """How well a fit found what the simulator planted (None for real data).
 
     Fitted programs are mapped back to expression units (times each gene's scale) and
-    compared with the planted programs on the genes kept.
+    matched one-to-one with the planted ones on the kept genes. With stage 2, also: the
+    planted case programs, and whether each planted usage shift was called in its
+    direction (through the matching) and no other shift was called.
     """
     truth = simulation_truth(prepared.source)
     if truth is None:
         return None
-    unscaled = fit.programs * prepared.gene_scale[:, None]
-    cos = matched_cosine(unscaled, truth.programs)
-    return {"baseline_matched_cosine": cos.tolist(), "baseline_mean": float(cos.mean()),
-            "baseline_min": float(cos.min())}
+    unscaled = programs * prepared.gene_scale[:, None]
+    base = unscaled[:, :n_baseline]
+    cos = matched_cosine(base, truth.programs)
+    out = {"baseline_matched_cosine": cos.tolist(), "baseline_mean": float(cos.mean()),
+           "baseline_min": float(cos.min())}
+    if unscaled.shape[1] > n_baseline and truth.case_programs.shape[1]:
+        case_cos = matched_cosine(unscaled[:, n_baseline:], truth.case_programs)
+        out.update(case_matched_cosine=case_cos.tolist(), case_mean=float(case_cos.mean()),
+                   case_min=float(case_cos.min()))
+        if case_table is not None:
+            match = matching(unscaled[:, n_baseline:], truth.case_programs)
+            emergent = case_table["emergent"].to_numpy()
+            out["planted_case_programs_emergent"] = [bool(emergent[m]) if m >= 0 else False for m in match]
+    if shift is not None:
+        match = matching(base, truth.programs)
+        called = shift["shift"].to_numpy()
+        expected = {1: "up", -1: "down", 0: "none"}
+        rows = [{"planted": i + 1, "fitted": f"baseline_{m + 1}", "planted_shift": expected[int(s)],
+                 "called_shift": called[m]} for i, (m, s) in enumerate(zip(match, truth.shifted))]
+        out["shifts"] = rows
+        out["shifts_called_correctly"] = sum(r["planted_shift"] == r["called_shift"] for r in rows if r["planted_shift"] != "none")
+        out["shifts_planted"] = sum(r["planted_shift"] != "none" for r in rows)
+        out["shifts_false"] = sum(r["called_shift"] != "none" and r["planted_shift"] != r["called_shift"] for r in rows)
+    return out
 
 
+# -- the run ---------------------------------------------------------------------------
 def config_yaml(cfg: DictConfig) -> str:
     """The resolved run configuration as YAML (without Hydra's own settings)."""
     return OmegaConf.to_yaml({k: cfg[k] for k in cfg if k != "hydra"}, resolve=True)
 
 
-# -- the run ---------------------------------------------------------------------------
-def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Run the configured stages and write every output into ``run_dir``; return the metrics."""
+def _baseline_from(cfg: DictConfig) -> Baseline | None:
+    source = cfg.get("stage1_from")
+    if not source:
+        return None
+    baseline = load_stage1(source)
+    if len(baseline.names) != cfg.K:
+        log.warning("stage1_from has %d baseline programs; K=%d is ignored", len(baseline.names), cfg.K)
+    return baseline
+
+
+def _control_usage_from(baseline: Baseline, prepared: PreparedData) -> np.ndarray:
+    cells = prepared.obs.index[prepared.is_control]
+    missing = cells.difference(baseline.usage.index)
+    if len(missing):
+        raise InputError(f"stage1_from: {len(missing)} control cells of this dataset are not in {baseline.source} "
+                         f"(e.g. {list(missing[:3])}); use the same data and data.control as that run")
+    return baseline.usage.loc[cells].to_numpy(dtype=np.float32)
+
+
+def run(cfg: DictConfig, run_dir: str | Path, adata: ad.AnnData | None = None) -> RunResult:
+    """Run the configured stages and write every output into ``run_dir``.
+
+    ``adata`` replaces reading ``data.path`` (the Python API passes its AnnData).
+    """
     run_dir = Path(run_dir)
     start = time.perf_counter()
+    stage = cfg.stage.name
+    if stage not in STAGES:
+        raise InputError(f"stage={stage!r} is not one of {STAGES}")
+    twostage = stage == "twostage"
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    baseline = _baseline_from(cfg)
     resource = instantiate(cfg.resource) if cfg.get("resource") else None
-    adata = load_data(cfg.data)
-    prepared = prepare_data(adata, cfg.data, use_case=False, resource=resource)
-    graph = None if resource is None else resource.graph(list(prepared.var_names))
+    if adata is None:
+        adata = load_data(cfg.data)
+    prepared = prepare_data(adata, cfg.data, use_case=twostage, resource=resource, baseline=baseline)
+    graph = None if resource is None else resource.graph(list(prepared.var.index))
 
-    stage1 = fit_stage1(prepared.control, cfg, run_dir, graph)
+    metrics: dict = {"stage": stage, "K": cfg.K, "gene_counts": prepared.gene_counts, "n_genes": prepared.n_genes}
+    if baseline is None:
+        stage1 = fit_stage1(prepared.control, cfg, run_dir, graph)
+        metrics["stage1"] = stage1.stats
+    else:
+        stage1 = StageFit(baseline.programs, _control_usage_from(baseline, prepared), baseline.names,
+                          {**baseline.stats, "from": baseline.source})
+        metrics["stage1"] = stage1.stats
+        log.info("stage 1: reusing %d baseline programs from %s", len(baseline.names), baseline.source)
 
-    metrics = {"stage1": stage1.stats, "gene_counts": prepared.gene_counts,
-               "n_genes": prepared.n_genes, "K": cfg.K}
-    found = recovery(prepared, stage1)
+    tables: dict[str, pd.DataFrame] = {}
+    n_base = stage1.programs.shape[1]
+    if twostage:
+        stage2 = fit_stage2(prepared.case, stage1.programs, stage1.names, cfg, run_dir, graph)
+        metrics["stage2"] = stage2.stats
+        metrics["K_case"] = cfg.K_case
+        programs, names = stage2.programs, stage2.names
+        control_usage = np.hstack([stage1.usage, np.zeros((stage1.usage.shape[0], cfg.K_case), np.float32)])
+        usage = np.vstack([control_usage, stage2.usage])
+        tables, refit = case_control_tables(prepared, programs, names, n_base, cfg)
+    else:
+        programs, names, usage, refit = stage1.programs, stage1.names, stage1.usage, None
+
+    found = recovery(prepared, programs, n_base, tables.get("usage_shift"), tables.get("case_programs"))
     if found is not None:
         metrics["recovery"] = found
-    metrics["wall_time_s"] = time.perf_counter() - start
 
     var = prepared.var.copy()
     var["deltanmf_gene_scale"] = prepared.gene_scale
+    kinds = ["baseline"] * n_base + ["case"] * (len(names) - n_base)
     uns = {
         "config": config_yaml(cfg),
         "gene_counts": prepared.gene_counts,
-        "loss": stage1.stats["loss"],
+        "loss": {s: metrics[s]["loss"] for s in ("stage1", "stage2") if s in metrics and "loss" in metrics[s]},
         "stage1": {k: v for k, v in stage1.stats.items() if k != "loss"},
         "gene_scale_key": "deltanmf_gene_scale",
     }
-    result = results_anndata(prepared.obs, var, stage1.programs, stage1.usage, stage1.names,
-                             ["baseline"] * len(stage1.names), uns)
-    write_outputs(run_dir, standard_files(result, metrics, cfg.data.get("symbol_key")))
+    if twostage:
+        uns["stage2"] = {k: v for k, v in metrics["stage2"].items() if k != "loss"}
+    result = results_anndata(prepared.obs, var, programs, usage, names, kinds, uns)
+    if twostage:
+        result.obs["deltanmf_novelty"] = casecontrol.novelty(usage, n_base)
+        result.obsm["X_deltanmf_refit"] = refit.astype(np.float32)
+    metrics["wall_time_s"] = time.perf_counter() - start
+
+    symbol_key = cfg.data.get("symbol_key")
+    files = standard_files(result, metrics, symbol_key)
+    files.update(_table_files(tables))
+    files.update(_plot_files(result, tables, n_base, symbol_key))
+    write_outputs(run_dir, files)
     log.info("results written to %s", run_dir)
-    return metrics
+    return RunResult(result, tables, metrics)
+
+
+def case_control_tables(prepared: PreparedData, programs: np.ndarray, names: list[str], n_base: int,
+                        cfg: DictConfig) -> tuple[dict[str, pd.DataFrame], np.ndarray]:
+    """usage_shift, case_programs and (with data.group_key) group_usage, from usage refitted by
+    NNLS on all programs for every cell, so controls and cases are measured the same way."""
+    report = cfg.report
+    device = torch.device("cuda") if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") \
+        else torch.device("cpu")
+    matrix = CellMatrix(prepared.X, batch_size=cfg.data.get("batch_size"), device=device)
+    refit = refit_usage(matrix, torch.from_numpy(programs)).cpu().numpy()
+    ctrl, case = refit[prepared.is_control], refit[~prepared.is_control]
+    symbols = None
+    if cfg.data.get("symbol_key") and cfg.data.symbol_key in prepared.var:
+        symbols = prepared.var[cfg.data.symbol_key].to_numpy()
+    tables = {
+        "usage_shift": casecontrol.usage_shift_table(ctrl, case, names, n_base, report.q_threshold,
+                                                     report.min_log2fc),
+        "case_programs": casecontrol.case_program_table(ctrl, case, names, n_base, programs, prepared.var.index,
+                                                        symbols, report.share_threshold, report.q_threshold,
+                                                        report.emergence_log2fc),
+    }
+    group_key = cfg.data.get("group_key")
+    if group_key:
+        if group_key not in prepared.obs:
+            raise InputError(f"data.group_key={group_key!r} is not a column of .obs; columns: {list(prepared.obs.columns)}")
+        tables["group_usage"] = casecontrol.group_usage_table(refit, prepared.obs[group_key].to_numpy(),
+                                                              prepared.is_control, names, n_base,
+                                                              report.q_threshold, report.min_log2fc)
+    return tables, refit
+
+
+def _table_files(tables: dict[str, pd.DataFrame]) -> dict:
+    return {f"{name}.csv": (lambda path, t=table: t.to_csv(path, index=False)) for name, table in tables.items()}
+
+
+def _plot_files(result: ad.AnnData, tables: dict, n_base: int, symbol_key: str | None) -> dict:
+    names = list(result.uns["deltanmf"]["program_names"])
+    programs = np.asarray(result.varm["deltanmf_programs"])
+    labels = result.var[symbol_key] if symbol_key and symbol_key in result.var else result.var_names
+    files = {"top_genes.png": lambda p: plots.top_genes_plot(p, programs, names, labels)}
+    if "usage_shift" in tables:
+        files["usage_share.png"] = lambda p: plots.usage_share_plot(p, tables["usage_shift"], tables["case_programs"])
+        cos = cosine_matrix(programs[:, :n_base], programs[:, n_base:])
+        files["program_similarity.png"] = lambda p: plots.similarity_plot(p, cos, names[:n_base], names[n_base:])
+    if tables.get("group_usage") is not None and len(tables["group_usage"]):
+        files["group_usage.png"] = lambda p: plots.group_usage_plot(p, tables["group_usage"])
+    return files
 
 
 def main(cfg: DictConfig) -> float:
-    """Entry point of ``train.py``: run into Hydra's output directory; bad input exits with one message."""
+    """Entry point of ``train.py``: run into Hydra's output directory; bad input exits with one message.
+
+    Returns the final relative reconstruction error (of stage 2 when it ran), the value a
+    Hydra sweeper would minimise.
+    """
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        metrics = run(cfg, run_dir)
+        result = run(cfg, run_dir)
     except InputError as err:
         log.error("%s", err)
         print(f"deltanmf: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    return float(metrics["stage1"]["relative_error"])
+    last = result.metrics.get("stage2", result.metrics["stage1"])
+    return float(last.get("relative_error", float("nan")))

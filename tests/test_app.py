@@ -23,15 +23,17 @@ OUTPUTS = ["results.h5ad", "programs.csv", "usage.csv", "top_genes.csv", "metric
 def test_config_composes_with_overrides(make_cfg):
     cfg, _ = make_cfg("K=7", "data.batch_size=128", "model.lr=0.005", "stage=onestage")
     assert cfg.K == 7 and cfg.data.batch_size == 128
-    assert cfg.model.stage1.lr == 0.005  # interpolated from model.lr
+    assert cfg.model.stage1.lr == 0.005 and cfg.model.stage2.lr == 0.005  # interpolated from model.lr
     assert cfg.trainer.accelerator == "cpu"
     assert cfg.resource is None and cfg.stage.name == "onestage"
+    cfg, _ = make_cfg()
+    assert cfg.stage.name == "twostage" and cfg.K_case == 3 and cfg.stage1_from is None
     assert cfg.data.path is None and cfg.data.simulation.n_programs == 5
 
 
-def test_demo_run_writes_every_output(make_cfg):
-    cfg, run_dir = make_cfg()
-    metrics = run(cfg, run_dir)
+def test_onestage_demo_run_writes_every_output(make_cfg):
+    cfg, run_dir = make_cfg("stage=onestage")
+    metrics = run(cfg, run_dir).metrics
     for name in OUTPUTS:
         assert (run_dir / name).is_file(), name
     assert not list(run_dir.glob(".staging-*"))
@@ -46,7 +48,7 @@ def test_demo_run_writes_every_output(make_cfg):
     assert list(info["program_kind"]) == ["baseline"] * 5
     assert "K: 5" in info["config"]
     assert info["gene_counts"]["input"] == 300 and info["gene_counts"]["min_cells"] == result.n_vars
-    assert set(info["loss"]) >= {"recon", "total"}
+    assert set(info["loss"]["stage1"]) >= {"recon", "total"}
     assert (result.var["deltanmf_gene_scale"] > 0).all()
 
     programs = pd.read_csv(run_dir / "programs.csv", index_col=0)
@@ -72,13 +74,36 @@ def test_demo_run_writes_every_output(make_cfg):
 def test_tensorboard_has_the_loss_terms(make_cfg):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg, run_dir = make_cfg()
+    cfg, run_dir = make_cfg("model.stage2.rel_gamma=0.1")
     run(cfg, run_dir)
-    acc = EventAccumulator(str(run_dir / "tensorboard" / "stage1"))
-    acc.Reload()
-    tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/recon"} <= tags
-    assert len(acc.Scalars("train/loss")) >= 2
+    for stage, terms in (("stage1", {"train/loss", "train/recon"}),
+                         ("stage2", {"train/loss", "train/recon", "train/ortho"})):
+        acc = EventAccumulator(str(run_dir / "tensorboard" / stage))
+        acc.Reload()
+        assert terms <= set(acc.Tags()["scalars"]), stage
+        assert len(acc.Scalars("train/loss")) >= 2
+
+
+def test_twostage_demo_run_writes_every_output(make_cfg):
+    cfg, run_dir = make_cfg()
+    metrics = run(cfg, run_dir).metrics
+    for name in [*OUTPUTS, "checkpoints/stage2.ckpt", "usage_shift.csv", "case_programs.csv", "group_usage.csv",
+                 "usage_share.png", "group_usage.png", "top_genes.png", "program_similarity.png"]:
+        assert (run_dir / name).is_file(), name
+    result = ad.read_h5ad(run_dir / "results.h5ad")
+    assert result.n_obs == 500 and result.obsm["X_deltanmf"].shape == (500, 8)
+    assert list(result.uns["deltanmf"]["program_kind"]) == ["baseline"] * 5 + ["case"] * 3
+    assert "deltanmf_novelty" in result.obs and "stage2" in result.uns["deltanmf"]
+    shift = pd.read_csv(run_dir / "usage_shift.csv")
+    assert list(shift["program"]) == [f"baseline_{i}" for i in range(1, 6)]
+    assert {"control_share", "case_share", "log2_fold_change", "p_value", "q_value", "control_total_share",
+            "case_total_share", "shift"} <= set(shift.columns)
+    groups = pd.read_csv(run_dir / "group_usage.csv")
+    assert len(groups) == 3 * 8 and set(groups["group"]) == {"TARGET1", "TARGET2", "TARGET3"}
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved["stage2"]["explained_variance_gain"] > 0
+    assert saved["recovery"]["shifts_planted"] == 3 and "case_matched_cosine" in saved["recovery"]
+    assert metrics["stage2"]["steps"] > 0
 
 
 def _train(*args, cwd=ROOT, env_extra=None):

@@ -100,7 +100,7 @@ def test_shapes_dtypes_and_annotations(adata, truth):
     assert info["params"]["n_genes"] == SMALL["n_genes"]
     np.testing.assert_allclose(info["params"]["case_share"], [0.3, 0.7])
     assert truth.shifted.shape == (k,)
-    assert sorted(truth.shifted[truth.shifted != 0].tolist()) == [-1, 1, 1]
+    assert sorted(truth.shifted[truth.shifted != 0].tolist()) == [-1, -1, 1]
 
 
 def test_library_size_median_and_counts(adata):
@@ -160,14 +160,18 @@ def test_shifted_programs_change_usage(adata, truth):
         assert base[is_case, prog].mean() < base[~is_case, prog].mean()
 
 
-def test_shift_is_large_with_strong_factor():
-    # With one shifted program the up-shift dominates; checks its size, not just its sign.
-    ad = simulate_case_control(**{**SMALL, "n_shifted": 1}, shift_factor=5.0, seed=3)
+def test_shifts_are_large_and_leave_unshifted_programs_alone():
+    # One down and one up program: the up program takes what the down one gives away,
+    # so the shares of the unshifted programs do not move (shares are compositional).
+    ad = simulate_case_control(**{**SMALL, "n_shifted": 2, "n_control": 4000, "n_case": 4000}, shift_factor=5.0, seed=3)
     tr = simulation_truth(ad)
-    prog = int(np.flatnonzero(tr.shifted == 1)[0])
+    k = SMALL["n_programs"]
+    share = tr.usage[:, :k] / tr.usage[:, :k].sum(axis=1, keepdims=True)
     is_case = (ad.obs["condition"] == "case").to_numpy()
-    ratio = tr.usage[is_case, prog].mean() / tr.usage[~is_case, prog].mean()
-    assert ratio > 2.0
+    ratio = share[is_case].mean(axis=0) / share[~is_case].mean(axis=0)
+    assert ratio[tr.shifted == -1][0] < 0.35
+    assert ratio[tr.shifted == 1][0] > 1.5
+    np.testing.assert_allclose(ratio[tr.shifted == 0], 1.0, atol=0.2)
 
 
 def test_case_programs_only_in_their_group(adata, truth):

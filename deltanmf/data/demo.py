@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from .simulate import simulate_case_control
+from .simulate import SIMULATOR_VERSION, simulate_case_control
 
 log = logging.getLogger(__name__)
 
@@ -20,12 +20,13 @@ def default_cache_dir() -> Path:
 def demo_path(simulation: dict, cache_dir: str | Path | None = None) -> Path:
     """Path of the demo h5ad for these simulation parameters, simulating and caching it if needed.
 
-    The file name carries a hash of the parameters, so changing any of them gives a new
-    file rather than a stale one. The file is written under a temporary name and renamed.
+    The file name carries a hash of the parameters and of the simulator's version, so
+    changing either gives a new file rather than a stale one. The file is written under a temporary name and renamed.
     """
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     params = dict(simulation)
-    key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    keyed = {**params, "simulator_version": SIMULATOR_VERSION}
+    key = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
     path = cache / f"demo-{key}.h5ad"
     if path.exists():
         return path

@@ -197,6 +197,8 @@ def prepare(
     use_case: bool = True,
     resource_genes: Sequence[str] | None = None,
     gene_ids: Sequence[str] | None = None,
+    genes: Sequence[str] | None = None,
+    gene_scale: np.ndarray | None = None,
 ) -> PreparedData:
     """Select cells and genes and normalise, as described in the module docstring.
 
@@ -224,6 +226,10 @@ def prepare(
         Genes of a similarity resource; genes absent from it are dropped.
     gene_ids
         IDs to match against ``remove_genes`` and ``resource_genes`` (defaults to ``.var_names``).
+    genes, gene_scale
+        Reuse a finished fit's genes (exactly these, in this order; the filters are
+        skipped) and its per-gene scale, so new cells are put in the same units as the
+        programs that fit was trained in (``stage1_from``).
     """
     if normalize not in NORMALIZE:
         raise InputError(f"data.normalize={normalize!r} is not one of {NORMALIZE}")
@@ -241,20 +247,29 @@ def prepare(
 
     ids = np.asarray(adata.var_names if gene_ids is None else gene_ids).astype(str)
     counts = {"input": int(x.shape[1])}
-    keep = detected_cells(x) >= min_cells
-    counts["min_cells"] = int(keep.sum())
-    if remove_genes is not None and len(remove_genes):
-        keep &= ~np.isin(ids, np.asarray(list(remove_genes), dtype=str))
-    counts["remove_genes"] = int(keep.sum())
-    if resource_genes is not None:
-        keep &= np.isin(ids, np.asarray(list(resource_genes), dtype=str))
-        counts["resource"] = int(keep.sum())
+    if genes is not None:
+        position = {g: i for i, g in enumerate(ids)}
+        missing = [g for g in genes if g not in position]
+        if missing:
+            raise InputError(f"{len(missing)} genes of the stage-1 result are not in this dataset (e.g. {missing[:3]}); "
+                             "stage1_from must come from a fit of the same genes")
+        keep_index = np.array([position[g] for g in genes], dtype=np.int64)
+        counts["stage1_genes"] = len(keep_index)
+    else:
+        keep = detected_cells(x) >= min_cells
+        counts["min_cells"] = int(keep.sum())
+        if remove_genes is not None and len(remove_genes):
+            keep &= ~np.isin(ids, np.asarray(list(remove_genes), dtype=str))
+        counts["remove_genes"] = int(keep.sum())
+        if resource_genes is not None:
+            keep &= np.isin(ids, np.asarray(list(resource_genes), dtype=str))
+            counts["resource"] = int(keep.sum())
+        keep_index = np.flatnonzero(keep)
     log.info("genes kept after each step: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
-    if not keep.any():
+    if len(keep_index) == 0:
         raise InputError(f"no genes left after filtering (genes left per step: {counts}); "
                          "lower data.min_cells or check data.remove_genes and the resource's gene IDs")
-    genes = np.flatnonzero(keep)
-    x = x[:, genes]
+    x = x[:, keep_index]
 
     totals = np.asarray(x.sum(axis=1)).ravel().astype(np.float64)
     cell_scale = np.ones(x.shape[0])
@@ -262,13 +277,19 @@ def prepare(
         target = float(np.median(totals[totals > 0])) if normalize == "median" else float(target_sum or 1e4)
         cell_scale = np.divide(target, totals, out=np.zeros_like(totals), where=totals > 0)
         x = _scale_rows(x, cell_scale)
-    gene_scale = np.ones(x.shape[1])
-    if scale_genes:
+    if gene_scale is not None:
+        gene_scale = np.asarray(gene_scale, dtype=np.float64)
+        if gene_scale.shape != (x.shape[1],) or not np.all(gene_scale > 0):
+            raise InputError(f"the given gene scale must hold {x.shape[1]} positive values")
+        x = _scale_columns(x, 1.0 / gene_scale)
+    elif scale_genes:
         sd = gene_std(x)
         gene_scale = np.where(sd > 0, sd, 1.0)
         x = _scale_columns(x, 1.0 / gene_scale)
+    else:
+        gene_scale = np.ones(x.shape[1])
 
-    source = adata[cells][:, genes]
+    source = adata[cells][:, keep_index]
     obs = source.obs.copy()
     var = source.var.copy()
     return PreparedData(

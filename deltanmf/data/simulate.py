@@ -31,9 +31,14 @@ Usage
 
     Case cells are split as evenly as possible into ``n_groups`` perturbation
     groups (``TARGET1`` ...).  ``n_shifted`` randomly chosen baseline programs
-    have their Dirichlet concentration multiplied by ``shift_factor`` in all
-    case cells, alternating in the order drawn: up (times ``shift_factor``),
-    down (divided by ``shift_factor``), up, ...
+    change their Dirichlet concentration in all case cells, alternating in the
+    order drawn: down, up, down, ...  A "down" program's concentration is
+    divided by ``shift_factor``; the concentration it gives up is shared among
+    the "up" programs, so the total concentration is unchanged and every
+    unshifted program keeps its expected usage share (shares are compositional:
+    raising one program without this would lower all the others).  A single
+    shifted program (``n_shifted=1``, a "down" one) cannot be balanced: the
+    other programs' shares then rise a little.
 
     Case program ``c`` is active in group ``c mod n_groups``: a random
     ``case_fraction`` of that group's cells give it a share
@@ -81,6 +86,8 @@ _BACKGROUND_SIGMA = 2.0
 # marker dominating its program.
 _MARKER_SHAPE = 2.0
 # Bound on the dense rate matrix held at once when drawing counts (elements).
+# Bump when the generative model changes, so cached demo files are not reused.
+SIMULATOR_VERSION = 2
 _CHUNK_ELEMENTS = 4_000_000
 
 _UNS_KEY = "simulation"
@@ -231,8 +238,17 @@ def _make_usage(
 
     shifted = np.zeros(n_programs, dtype=np.int64)
     chosen = rng.choice(n_programs, size=n_shifted, replace=False)
-    shifted[chosen] = np.where(np.arange(n_shifted) % 2 == 0, 1, -1)
-    case_alpha = base_alpha * np.power(shift_factor, shifted.astype(float))
+    shifted[chosen] = np.where(np.arange(n_shifted) % 2 == 0, -1, 1)
+    case_alpha = base_alpha.copy()
+    down, up = shifted == -1, shifted == 1
+    case_alpha[down] /= shift_factor
+    if down.any() and up.any():
+        # The up programs take exactly the concentration the down programs gave away, so
+        # the total stays put and every unshifted program keeps its expected share.
+        gained = (base_alpha[down] - case_alpha[down]).sum()
+        case_alpha[up] += gained * base_alpha[up] / base_alpha[up].sum()
+    else:
+        case_alpha[up] *= shift_factor
     case_usage = rng.dirichlet(case_alpha, size=n_case)
 
     # Round-robin then shuffle gives group sizes that differ by at most one.

@@ -94,7 +94,7 @@ def kmeans(points: torch.Tensor, k: int, seed: int, restarts: int = 10, iteratio
     best_labels, best_inertia = None, float("inf")
     for _ in range(restarts):
         first = int(torch.randint(n, (1,), generator=gen))
-        centers = points[first:first + 1]
+        centers = points[first:first + 1].clone()  # a view would let the updates write into points
         for _ in range(1, k):
             d2 = torch.cdist(points, centers).min(dim=1).values ** 2
             probs = (d2 / d2.sum()) if d2.sum() > 0 else torch.full_like(d2, 1.0 / n)
@@ -137,7 +137,9 @@ def silhouette(points: torch.Tensor, labels: torch.Tensor) -> float:
     return float(s.mean())
 
 
-def _usage_all(matrix: CellMatrix, programs: torch.Tensor, nnls_iter: int) -> torch.Tensor:
+def refit_usage(matrix, programs: torch.Tensor, nnls_iter: int = 200) -> torch.Tensor:
+    """NNLS usage of every cell of ``matrix`` given ``programs`` (genes x K); cells x K."""
+    programs = programs.to(matrix.device, matrix.dtype)
     usage = torch.empty(matrix.n_cells, programs.shape[1], dtype=programs.dtype, device=programs.device)
     for index, x in matrix.batches():
         usage[torch.as_tensor(index, device=programs.device)] = nnls_usage(x, programs, max_iter=nnls_iter)
@@ -198,13 +200,13 @@ def consensus_init(
 
     # Refinement: usage given the consensus, usage normalised per cell, programs given
     # that usage, and usage again given the refined programs.
-    usage = _usage_all(matrix, centers, nnls_iterations)
+    usage = refit_usage(matrix, centers, nnls_iterations)
     usage = usage / usage.sum(dim=1, keepdim=True).clamp_min(_EPS)
     gram = usage.T @ usage
     cross = torch.zeros(matrix.n_genes, k, dtype=usage.dtype, device=usage.device)
     for index, x in matrix.batches():
         cross += x.T @ usage[torch.as_tensor(index, device=usage.device)]
     programs = nnls_programs(gram, cross, max_iter=nnls_iterations)
-    usage = _usage_all(matrix, programs, nnls_iterations)
+    usage = refit_usage(matrix, programs, nnls_iterations)
     stability = silhouette(pool, labels) if k > 1 else float("nan")
     return ConsensusResult(programs, usage, spectra, kept, labels, stability)

@@ -63,6 +63,14 @@ def laplacian_penalty(graph: GeneGraph, programs: torch.Tensor) -> torch.Tensor:
     return graph.trace(programs) / programs.numel()
 
 
+def orthogonality_penalty(baseline: torch.Tensor, case: torch.Tensor) -> torch.Tensor:
+    """``mean((B^T C)^2)`` of the column-L2-normalised programs: 0 when every case program
+    is orthogonal to every baseline program, 1 when they coincide."""
+    b = baseline / baseline.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    c = case / case.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    return torch.mean((b.T @ c) ** 2)
+
+
 def adaptive_strength(relative: float, reference: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
     """Strength ``a`` that makes ``a * penalty`` equal ``relative * reference`` right now.
 

@@ -1,0 +1,175 @@
+"""Case-control statistics of a two-stage fit: shifted usage and emerging programs.
+
+All functions take usage matrices (cells x programs, baseline programs first) and return
+pandas tables. Two kinds of share are used:
+
+- *baseline share*: a baseline program's usage over the cell's total **baseline** usage.
+  Case programs taking part of a case cell's usage therefore do not read as a drop of
+  every baseline program; this is the share the shift test uses.
+- *total share*: a program's usage over the cell's total usage (all programs); used for
+  case programs and reported beside the baseline share.
+
+Fold changes are ``log2((mean_case + eps) / (mean_control + eps))`` with ``eps = 1e-3``
+(shares live in [0, 1]); p-values are Mann-Whitney U tests; q-values are
+Benjamini-Hochberg over the programs of one table.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.stats import mannwhitneyu
+
+from ..nmf.metrics import cosine_matrix
+
+PSEUDO = 1e-3
+
+
+def bh_qvalues(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (NaN p-values stay NaN and are not counted)."""
+    p = np.asarray(p, dtype=float)
+    q = np.full_like(p, np.nan)
+    ok = np.isfinite(p)
+    n = int(ok.sum())
+    if n == 0:
+        return q
+    order = np.argsort(p[ok])
+    ranked = p[ok][order] * n / np.arange(1, n + 1)
+    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty(n)
+    out[order] = np.minimum(ranked, 1.0)
+    q[ok] = out
+    return q
+
+
+def _share(usage: np.ndarray, columns: slice | None = None) -> np.ndarray:
+    usage = np.asarray(usage, dtype=np.float64)
+    part = usage if columns is None else usage[:, columns]
+    total = part.sum(axis=1, keepdims=True)
+    return np.divide(part, total, out=np.zeros_like(part), where=total > 0)
+
+
+def baseline_share(usage: np.ndarray, n_baseline: int) -> np.ndarray:
+    """Each baseline program's share of the cell's baseline usage (cells x K)."""
+    return _share(usage, slice(0, n_baseline))
+
+
+def total_share(usage: np.ndarray) -> np.ndarray:
+    """Each program's share of the cell's total usage (cells x all programs)."""
+    return _share(usage)
+
+
+def novelty(usage: np.ndarray, n_baseline: int) -> np.ndarray:
+    """Per cell, the share of its usage that comes from case programs."""
+    return total_share(usage)[:, n_baseline:].sum(axis=1)
+
+
+def _log2fc(case_mean, control_mean):
+    return np.log2((np.asarray(case_mean) + PSEUDO) / (np.asarray(control_mean) + PSEUDO))
+
+
+def _mwu(case: np.ndarray, control: np.ndarray, alternative: str) -> np.ndarray:
+    """Column-wise Mann-Whitney U p-values; NaN where a column is constant in both groups."""
+    if len(case) == 0 or len(control) == 0:
+        return np.full(case.shape[1], np.nan)
+    p = np.full(case.shape[1], np.nan)
+    varying = (np.ptp(np.vstack([case, control]), axis=0) > 0)
+    if varying.any():
+        p[varying] = mannwhitneyu(case[:, varying], control[:, varying], alternative=alternative,
+                                  method="asymptotic", axis=0).pvalue
+    return p
+
+
+def usage_shift_table(control_usage: np.ndarray, case_usage: np.ndarray, names: list[str], n_baseline: int,
+                      q_threshold: float = 0.05, min_log2fc: float = 0.25) -> pd.DataFrame:
+    """Per baseline program: does its usage share shift between control and case cells?
+
+    Columns: ``program``, ``control_share``, ``case_share`` (mean baseline share),
+    ``log2_fold_change``, ``p_value`` (two-sided Mann-Whitney U on the baseline share),
+    ``q_value`` (BH), ``control_total_share``, ``case_total_share`` (mean total share),
+    ``shift`` (``up``/``down`` when ``q < q_threshold`` and ``|log2 FC| >= min_log2fc``,
+    else ``none``).
+    """
+    ctrl, case = baseline_share(control_usage, n_baseline), baseline_share(case_usage, n_baseline)
+    table = pd.DataFrame({"program": names[:n_baseline],
+                          "control_share": ctrl.mean(axis=0), "case_share": case.mean(axis=0)})
+    table["log2_fold_change"] = _log2fc(table["case_share"], table["control_share"])
+    table["p_value"] = _mwu(case, ctrl, "two-sided")
+    table["q_value"] = bh_qvalues(table["p_value"])
+    table["control_total_share"] = total_share(control_usage)[:, :n_baseline].mean(axis=0)
+    table["case_total_share"] = total_share(case_usage)[:, :n_baseline].mean(axis=0)
+    called = (table["q_value"] < q_threshold) & (table["log2_fold_change"].abs() >= min_log2fc)
+    table["shift"] = np.where(called, np.where(table["log2_fold_change"] > 0, "up", "down"), "none")
+    return table
+
+
+def case_program_table(control_usage: np.ndarray, case_usage: np.ndarray, names: list[str], n_baseline: int,
+                       programs: np.ndarray, genes, symbols=None, share_threshold: float = 0.1,
+                       q_threshold: float = 0.05, min_log2fc: float = 1.0, n_top: int = 10) -> pd.DataFrame:
+    """Per case program: how many case cells use it, how strongly, and is it case-specific?
+
+    ``control_usage`` must be the control cells' usage of **all** programs (baseline and
+    case, e.g. NNLS on the final programs): a case program that the controls use just as
+    much is not case-specific. A cell *uses* a program when its total share is at least
+    ``share_threshold``.
+
+    Columns: ``program``, ``case_fraction_using``, ``control_fraction_using``,
+    ``case_mean_share``, ``control_mean_share``, ``mean_share_when_used``,
+    ``log2_fold_change``, ``p_value`` (one-sided Mann-Whitney U, case > control),
+    ``q_value``, ``emergent`` (``q < q_threshold`` and log2 FC >= ``min_log2fc``),
+    ``closest_baseline`` and ``cosine_to_closest_baseline``, ``top_genes`` (";"-joined).
+    """
+    ctrl = total_share(control_usage)[:, n_baseline:]
+    case = total_share(case_usage)[:, n_baseline:]
+    case_names = names[n_baseline:]
+    used = case >= share_threshold
+    table = pd.DataFrame({
+        "program": case_names,
+        "case_fraction_using": used.mean(axis=0) if len(case) else np.nan,
+        "control_fraction_using": (ctrl >= share_threshold).mean(axis=0) if len(ctrl) else np.nan,
+        "case_mean_share": case.mean(axis=0),
+        "control_mean_share": ctrl.mean(axis=0),
+        "mean_share_when_used": [case[used[:, j], j].mean() if used[:, j].any() else 0.0
+                                 for j in range(case.shape[1])],
+    })
+    table["log2_fold_change"] = _log2fc(table["case_mean_share"], table["control_mean_share"])
+    table["p_value"] = _mwu(case, ctrl, "greater")
+    table["q_value"] = bh_qvalues(table["p_value"])
+    table["emergent"] = (table["q_value"] < q_threshold) & (table["log2_fold_change"] >= min_log2fc)
+    cos = cosine_matrix(programs[:, :n_baseline], programs[:, n_baseline:])
+    table["closest_baseline"] = [names[i] for i in cos.argmax(axis=0)] if n_baseline else ""
+    table["cosine_to_closest_baseline"] = cos.max(axis=0) if n_baseline else np.nan
+    labels = np.asarray(symbols if symbols is not None else genes).astype(str)
+    table["top_genes"] = [";".join(labels[np.argsort(-programs[:, n_baseline + j], kind="stable")[:n_top]])
+                          for j in range(len(case_names))]
+    return table
+
+
+def group_usage_table(usage: np.ndarray, groups, is_control: np.ndarray, names: list[str],
+                      n_baseline: int, q_threshold: float = 0.05, min_log2fc: float = 0.25) -> pd.DataFrame:
+    """Per perturbation group (among case cells) and program: share, shift against control, q-value.
+
+    A long table, one row per group x program, so hundreds of perturbations fit in one
+    file. Baseline programs use the baseline share, case programs the total share
+    (``share_kind``). p-values are two-sided Mann-Whitney U of the group's cells against
+    all control cells; q-values are BH over the whole table. ``called`` marks
+    ``q < q_threshold`` with ``|log2 FC| >= min_log2fc``.
+    """
+    groups = np.asarray(groups).astype(str)
+    shares = np.hstack([baseline_share(usage, n_baseline), total_share(usage)[:, n_baseline:]])
+    kinds = ["baseline"] * n_baseline + ["case"] * (len(names) - n_baseline)
+    control = shares[is_control]
+    rows = []
+    for group in pd.unique(groups[~is_control]):
+        members = shares[(groups == group) & ~is_control]
+        p = _mwu(members, control, "two-sided")
+        for j, name in enumerate(names):
+            rows.append({"group": group, "program": name, "program_kind": kinds[j], "n_cells": len(members),
+                         "share": members[:, j].mean(), "control_share": control[:, j].mean(), "p_value": p[j]})
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table["log2_fold_change"] = _log2fc(table["share"], table["control_share"])
+    table["q_value"] = bh_qvalues(table["p_value"])
+    table["called"] = (table["q_value"] < q_threshold) & (table["log2_fold_change"].abs() >= min_log2fc)
+    return table[["group", "program", "program_kind", "n_cells", "share", "control_share", "log2_fold_change",
+                  "p_value", "q_value", "called"]]

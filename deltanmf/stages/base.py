@@ -1,0 +1,106 @@
+"""What both stages' LightningModules share: the late-switching Laplacian prior, logging
+every loss term, the optimiser, and reading results back."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from ..nmf import GeneGraph, LazyAdam, LossTerms, NeuralNMF, adaptive_strength
+
+
+class NMFStageModule(L.LightningModule):
+    """Base of :class:`Stage1Module` and :class:`Stage2Module`.
+
+    Subclasses build ``self.model`` (a :class:`~deltanmf.nmf.NeuralNMF`) and implement
+    :meth:`loss_terms`, calling :meth:`prior_strength` for the Laplacian term's weight.
+
+    The Laplacian prior exists only with a gene graph and ``rel_alpha > 0``. It switches
+    on late, for the last ``laplacian_steps`` steps: when the rest of the loss has
+    converged (:meth:`advance_phase`, called by the convergence stop), or when the step
+    cap (``trainer.max_steps``) is that close. At that moment ``alpha`` is set so that
+    the term equals ``rel_alpha`` times the reconstruction loss.
+    """
+
+    model: NeuralNMF
+
+    def __init__(self, *, graph: GeneGraph | None, lr: float, rel_alpha: float, laplacian_steps: int):
+        super().__init__()
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if rel_alpha < 0:
+            raise ValueError(f"rel_alpha must be >= 0, got {rel_alpha}")
+        if laplacian_steps < 1:
+            raise ValueError(f"laplacian_steps must be >= 1, got {laplacian_steps}")
+        self.graph = graph
+        self.lr = lr
+        self.rel_alpha = rel_alpha
+        self.laplacian_steps = laplacian_steps
+        self.register_buffer("alpha", torch.zeros(()))
+        # step at which the Laplacian switched on; -1 while off (a buffer so checkpoints keep it)
+        self.register_buffer("prior_start", torch.tensor(-1))
+        self._switch_requested = False
+        self.converged = False
+
+    # -- the prior's phases ---------------------------------------------------------
+    @property
+    def has_prior(self) -> bool:
+        return self.graph is not None and self.rel_alpha > 0
+
+    @property
+    def prior_on(self) -> bool:
+        return int(self.prior_start) >= 0
+
+    def advance_phase(self) -> bool:
+        """Called on convergence: start the prior phase if there is one still to run."""
+        if self.has_prior and not self.prior_on:
+            self._switch_requested = True
+            return True
+        return False
+
+    def _cap_reached(self) -> bool:
+        cap = self.trainer.max_steps if self._trainer is not None else -1
+        return cap is not None and cap > 0 and self.global_step >= cap - self.laplacian_steps
+
+    def prior_strength(self, recon: torch.Tensor, laplacian: torch.Tensor) -> torch.Tensor:
+        """The Laplacian's weight this step (0 until it switches on)."""
+        if self.has_prior and not self.prior_on and (self._switch_requested or self._cap_reached()):
+            self.alpha.copy_(adaptive_strength(self.rel_alpha, recon, laplacian))
+            self.prior_start.fill_(self.global_step)
+            self._switch_requested = False
+        return self.alpha if self.prior_on else torch.zeros_like(self.alpha)
+
+    # -- Lightning hooks -------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.graph is not None:
+            self.graph = self.graph.to(self.device)
+
+    def loss_terms(self, x: torch.Tensor, index: torch.Tensor) -> LossTerms:
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        x, index = batch
+        terms = self.loss_terms(x, index)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, prog_bar=(name == "loss"), on_step=True, on_epoch=False,
+                     batch_size=x.shape[0])
+        if self.graph is not None:
+            self.log("train/alpha", self.alpha, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        return terms.total
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.prior_on and self.global_step - int(self.prior_start) >= self.laplacian_steps:
+            self.trainer.should_stop = True
+
+    def configure_optimizers(self):
+        return LazyAdam(self.parameters(), lr=self.lr)
+
+    # -- results ---------------------------------------------------------------------
+    @torch.no_grad()
+    def programs(self) -> torch.Tensor:
+        """All programs, genes x K (stage 2: baseline then case)."""
+        return self.model.programs().detach()
+
+    @torch.no_grad()
+    def usage(self) -> torch.Tensor:
+        """Usage of every cell, cells x K."""
+        return self.model.usage().detach()

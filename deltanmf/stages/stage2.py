@@ -1,0 +1,135 @@
+"""Stage 2: case-specific programs on the case cells, with the baseline frozen."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..nmf import (Activation, CellMatrix, GeneGraph, LossTerms, NeuralNMF, adaptive_strength, consensus_init,
+                   refit_usage)
+from ..nmf.losses import laplacian_penalty, orthogonality_penalty, reconstruction_loss
+from .base import NMFStageModule
+
+
+class ResidualMatrix:
+    """``max(0, X - U W^T)`` of a :class:`CellMatrix`, served by the same batches.
+
+    What the frozen baseline cannot explain in each case cell; only a batch is ever
+    dense (the whole matrix once in full-batch mode).
+    """
+
+    def __init__(self, matrix: CellMatrix, programs: torch.Tensor, usage: torch.Tensor):
+        self.matrix, self.programs, self.usage = matrix, programs, usage
+        self.device, self.dtype = matrix.device, matrix.dtype
+        self.n_cells, self.n_genes = matrix.n_cells, matrix.n_genes
+        self._full = None
+
+    def _residual(self, index, x):
+        u = self.usage[torch.as_tensor(index, device=self.usage.device)].to(x.device)
+        return (x - u @ self.programs.T).clamp_min(0)
+
+    def batches(self, shuffle: bool = False, generator=None):
+        if self.matrix.full_batch:
+            if self._full is None:
+                index, x = next(iter(self.matrix.batches()))
+                self._full = (index, self._residual(index, x))
+            yield self._full
+            return
+        for index, x in self.matrix.batches(shuffle=shuffle, generator=generator):
+            yield index, self._residual(index, x)
+
+    def squared_norm(self) -> float:
+        return sum(float(torch.sum(r**2)) for _, r in self.batches())
+
+
+def stage2_init(matrix: CellMatrix, baseline: torch.Tensor, k_case: int, seed: int = 0,
+                **consensus) -> tuple[torch.Tensor, torch.Tensor]:
+    """Starting case programs (genes x K_case) and joint usage (cells x (K + K_case)).
+
+    1. usage of the frozen baseline in the case cells by NNLS; 2. the non-negative
+    residual; 3. consensus NMF of the residual; 4. case programs rescaled so their median
+    L2 norm matches the baseline's; 5. joint NNLS usage on [baseline, case].
+    """
+    nnls_iter = consensus.get("nnls_iterations", 200)
+    baseline = baseline.to(matrix.device, matrix.dtype)
+    base_usage = refit_usage(matrix, baseline, nnls_iter)
+    residual = ResidualMatrix(matrix, baseline, base_usage)
+    case = consensus_init(residual, k_case, seed=seed, **consensus).programs
+    scale = torch.median(baseline.norm(dim=0)) / torch.median(case.norm(dim=0)).clamp_min(1e-12)
+    case = case * scale
+    usage = refit_usage(matrix, torch.cat([baseline, case], dim=1), nnls_iter)
+    return case, usage
+
+
+class Stage2Module(NMFStageModule):
+    """Neural NMF of the case cells with the baseline programs frozen.
+
+    ``X_case ~ [W_base, W_case] H``; W_base is a buffer (never a parameter, so it stays
+    bit-for-bit what stage 1 produced); only W_case and H are trained. Loss:
+    ``mean((X - [W_base, W_case] H)^2) + alpha * tr(W_case^T L W_case) / (n_genes K_case)
+    + gamma * mean((B^T C)^2)`` with B, C the column-L2-normalised baseline and case
+    programs. ``gamma`` is set at the first step so the orthogonality term equals
+    ``rel_gamma`` times the reconstruction loss; the Laplacian switches on late, as in
+    stage 1.
+
+    Build it from a trained stage 1 with :meth:`from_baseline`.
+
+    Parameters
+    ----------
+    baseline
+        Frozen W_base, genes x K.
+    case_programs
+        Initial W_case, genes x K_case.
+    usage
+        Initial usage of the case cells, cells x (K + K_case).
+    activation, beta, lr, graph, rel_alpha, laplacian_steps, minibatch
+        As for :class:`~deltanmf.stages.Stage1Module`.
+    rel_gamma
+        Relative strength of the orthogonality penalty (0 turns it off).
+    """
+
+    def __init__(self, baseline: torch.Tensor, case_programs: torch.Tensor, usage: torch.Tensor, *,
+                 activation: str = "softplus", beta: float = 5.0, lr: float = 0.01,
+                 graph: GeneGraph | None = None, rel_alpha: float = 0.0, rel_gamma: float = 0.0,
+                 laplacian_steps: int = 200, minibatch: bool = False):
+        super().__init__(graph=graph, lr=lr, rel_alpha=rel_alpha, laplacian_steps=laplacian_steps)
+        if rel_gamma < 0:
+            raise ValueError(f"rel_gamma must be >= 0, got {rel_gamma}")
+        self.save_hyperparameters(dict(activation=activation, beta=beta, lr=lr, rel_alpha=rel_alpha,
+                                       rel_gamma=rel_gamma, laplacian_steps=laplacian_steps, minibatch=minibatch))
+        self.model = NeuralNMF(case_programs, usage, Activation(activation, beta), sparse_usage_grad=minibatch,
+                               fixed_programs=baseline)
+        self.rel_gamma = rel_gamma
+        # set from the first batch (NaN until then; a buffer so checkpoints keep it)
+        self.register_buffer("gamma", torch.full((), math.nan))
+        self._gamma_ready = False
+
+    @classmethod
+    def from_baseline(cls, matrix: CellMatrix, baseline: torch.Tensor, k_case: int, *, seed: int = 0,
+                      consensus: dict | None = None, **kwargs) -> "Stage2Module":
+        """Initialise from a trained stage 1's programs (see :func:`stage2_init`) and build the module."""
+        case, usage = stage2_init(matrix, baseline, k_case, seed=seed, **(consensus or {}))
+        return cls(baseline, case, usage, **kwargs)
+
+    @property
+    def baseline(self) -> torch.Tensor:
+        return self.model.fixed_programs
+
+    def loss_terms(self, x: torch.Tensor, index: torch.Tensor) -> LossTerms:
+        case = self.model.trainable_programs()
+        programs = torch.cat([self.baseline, case], dim=1)
+        recon = reconstruction_loss(x, programs, self.model.usage(index))
+        total = recon
+        ortho = None
+        if self.rel_gamma > 0:
+            ortho = orthogonality_penalty(self.baseline, case)
+            if not self._gamma_ready:  # one host sync, on the first step only
+                if torch.isnan(self.gamma):
+                    self.gamma.copy_(adaptive_strength(self.rel_gamma, recon, ortho))
+                self._gamma_ready = True
+            total = total + self.gamma * ortho
+        laplacian = None
+        if self.graph is not None:
+            laplacian = laplacian_penalty(self.graph, case)
+            total = total + self.prior_strength(recon, laplacian) * laplacian
+        return LossTerms(total=total, recon=recon, laplacian=laplacian, ortho=ortho)

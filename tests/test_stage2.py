@@ -1,0 +1,161 @@
+"""Stage 2 and the case-control answer, on simulated data with a known truth."""
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import deltanmf
+from deltanmf.nmf import CellMatrix
+from deltanmf.stages import Stage2Module
+
+FAST = ["trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "model.consensus.replicates=3",
+        "model.consensus.iterations=100", "trainer.max_steps=600"]
+
+
+def _simulate(**kw):
+    args = dict(n_genes=300, n_programs=5, n_case_programs=2, n_control=300, n_case=300, n_groups=2,
+                markers_per_program=30, seed=1)
+    args.update(kw)
+    return deltanmf.simulate_case_control(**args)
+
+
+@pytest.fixture(scope="module")
+def twostage(tmp_path_factory):
+    adata = _simulate()
+    out = tmp_path_factory.mktemp("twostage")
+    result = deltanmf.fit_twostage(adata, K=5, K_case=2, group_key="perturbation", out_dir=out, overrides=FAST)
+    return adata, result, out
+
+
+def test_case_programs_and_shifts_are_recovered(twostage):
+    _, result, _ = twostage
+    rec = result.metrics["recovery"]
+    assert min(rec["baseline_matched_cosine"]) >= 0.95
+    assert min(rec["case_matched_cosine"]) >= 0.9
+    assert all(rec["planted_case_programs_emergent"])
+    shift = result.usage_shift.set_index("program")
+    for row in rec["shifts"]:
+        if row["planted_shift"] != "none":
+            assert row["called_shift"] == row["planted_shift"], row
+            assert shift.loc[row["fitted"], "q_value"] < 0.05
+    assert rec["shifts_false"] == 0
+
+
+def test_results_cover_all_cells_and_programs(twostage):
+    adata, result, out = twostage
+    res = result.results
+    names = [f"baseline_{i}" for i in range(1, 6)] + ["case_1", "case_2"]
+    assert list(res.uns["deltanmf"]["program_names"]) == names
+    assert list(res.uns["deltanmf"]["program_kind"]) == ["baseline"] * 5 + ["case"] * 2
+    assert res.n_obs == 600 and res.varm["deltanmf_programs"].shape == (res.n_vars, 7)
+    is_control = (res.obs["condition"] == "control").to_numpy()
+    usage = res.obsm["X_deltanmf"]
+    assert np.all(usage[is_control, 5:] == 0)  # controls carry zero case usage
+    assert np.all(res.obs["deltanmf_novelty"].to_numpy()[is_control] == 0)
+    novelty = res.obs["deltanmf_novelty"].to_numpy()[~is_control]
+    np.testing.assert_allclose(novelty, usage[~is_control, 5:].sum(1) / usage[~is_control].sum(1), rtol=1e-5)
+    # case programs are used by the cells the simulator gave them to
+    truth = deltanmf.simulation_truth(adata)
+    planted_users = truth.usage[~is_control, 5:].sum(1) > 0
+    assert novelty[planted_users].mean() > 5 * novelty[~planted_users].mean()
+    # written back into the user's AnnData, scanpy style
+    np.testing.assert_array_equal(adata.obsm["X_deltanmf"], usage)
+    assert "deltanmf" in adata.uns and "X_deltanmf_refit" in adata.obsm
+    for name in ["results.h5ad", "usage_shift.csv", "case_programs.csv", "group_usage.csv", "usage_share.png",
+                 "group_usage.png", "top_genes.png", "program_similarity.png", "checkpoints/stage1.ckpt",
+                 "checkpoints/stage2.ckpt"]:
+        assert (out / name).is_file(), name
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cases = pd.read_csv(out / "case_programs.csv")
+    assert {"case_fraction_using", "case_mean_share", "top_genes", "emergent", "q_value"} <= set(cases.columns)
+
+
+def test_group_table_places_each_case_program_in_its_group(twostage):
+    adata, result, _ = twostage
+    truth = deltanmf.simulation_truth(adata[:, result.results.var_names])
+    rec = result.metrics["recovery"]
+    groups = result.group_usage
+    assert set(groups["group"]) == {"TARGET1", "TARGET2"}  # control cells are the reference, not a group
+    fitted = deltanmf.nmf.metrics.matching(
+        result.programs.to_numpy()[:, 5:] * result.results.var["deltanmf_gene_scale"].to_numpy()[:, None],
+        truth.case_programs)
+    for planted, group in enumerate(truth.case_program_groups):
+        name = f"case_{fitted[planted] + 1}"
+        rows = groups[groups["program"] == name].set_index("group")
+        assert rows.loc[group, "called"] and rows.loc[group, "log2_fold_change"] > 1
+        others = rows.drop(index=group)
+        assert (others["share"] < rows.loc[group, "share"] / 3).all()
+    assert rec["case_min"] >= 0.9
+
+
+def test_control_versus_control_calls_nothing():
+    adata = _simulate(n_control=600, n_case=0 + 1, n_case_programs=0, n_shifted=0)
+    adata = adata[adata.obs["condition"] == "control"].copy()
+    rng = np.random.default_rng(0)
+    adata.obs["split"] = np.where(rng.random(adata.n_obs) < 0.5, "A", "B")
+    result = deltanmf.fit_twostage(adata, K=5, K_case=2, condition_key="split", control="A", overrides=FAST)
+    assert (result.usage_shift["shift"] == "none").all(), result.usage_shift
+    assert not result.case_programs["emergent"].any(), result.case_programs
+
+
+def test_baseline_is_a_frozen_buffer_and_stays_bit_identical():
+    adata = _simulate()
+    x = adata.X[(adata.obs["condition"] == "case").to_numpy()].toarray()
+    x = x / np.maximum(x.std(0), 1e-6)
+    baseline = torch.from_numpy(np.abs(np.random.default_rng(0).random((x.shape[1], 5), dtype=np.float32)))
+    before = baseline.clone()
+    matrix = CellMatrix(x)
+    module = Stage2Module.from_baseline(matrix, baseline, 2, seed=0, rel_gamma=0.5,
+                                        consensus=dict(replicates=2, iterations=30))
+    names = [n for n, _ in module.named_parameters()]
+    assert not any("fixed" in n for n in names) and len(names) == 2
+    case_before = module.model.trainable_programs().detach().clone()
+    from deltanmf.data import CellDataModule
+
+    trainer = L.Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, CellDataModule(x, steps_per_epoch=10))
+    programs = module.programs()
+    assert torch.equal(programs[:, :5], before)          # bit for bit
+    assert torch.equal(module.baseline, before)
+    assert not torch.equal(programs[:, 5:], case_before)  # the case programs did train
+    assert torch.isfinite(module.gamma) and module.gamma > 0
+
+
+def test_raising_rel_gamma_lowers_baseline_case_similarity():
+    adata = _simulate(seed=2)
+    cos = {}
+    for gamma in (0.0, 2.0):
+        result = deltanmf.fit_twostage(adata, K=5, K_case=2, overrides=[*FAST, f"model.stage2.rel_gamma={gamma}"])
+        w = result.programs.to_numpy()
+        w = w / np.linalg.norm(w, axis=0)
+        cos[gamma] = float(np.mean((w[:, :5].T @ w[:, 5:]) ** 2))
+        if gamma:
+            assert result.metrics["stage2"]["ortho_gamma"] > 0 and "ortho" in result.metrics["stage2"]["loss"]
+    assert cos[2.0] < 0.7 * cos[0.0], cos
+
+
+def test_stage1_from_gives_the_same_stage2(tmp_path):
+    adata = _simulate(seed=4)
+    first = deltanmf.fit_twostage(adata.copy(), K=5, K_case=2, out_dir=tmp_path / "a", overrides=FAST)
+    again = deltanmf.fit_twostage(adata.copy(), K=5, K_case=2, stage1_from=tmp_path / "a",
+                                  out_dir=tmp_path / "b", overrides=FAST)
+    np.testing.assert_array_equal(again.programs.to_numpy()[:, :5], first.programs.to_numpy()[:, :5])
+    np.testing.assert_allclose(again.programs.to_numpy(), first.programs.to_numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(again.usage.to_numpy(), first.usage.to_numpy(), rtol=1e-4, atol=1e-6)
+    pd.testing.assert_frame_equal(again.usage_shift, first.usage_shift, rtol=1e-4)
+    assert "from" in again.metrics["stage1"] and not (tmp_path / "b" / "checkpoints" / "stage1.ckpt").exists()
+    # a different number of case programs from the same baseline
+    more = deltanmf.fit_twostage(adata.copy(), K=5, K_case=3, stage1_from=tmp_path / "a", overrides=FAST)
+    assert more.programs.shape[1] == 8
+    np.testing.assert_array_equal(more.programs.to_numpy()[:, :5], first.programs.to_numpy()[:, :5])
+
+
+def test_stage1_from_errors_name_the_problem(tmp_path):
+    adata = _simulate()
+    with pytest.raises(ValueError, match="no results.h5ad"):
+        deltanmf.fit_twostage(adata, K=5, K_case=2, stage1_from=tmp_path, overrides=FAST)
