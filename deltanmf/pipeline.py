@@ -429,7 +429,8 @@ def case_control_tables(prepared: PreparedData, programs: np.ndarray, names: lis
             raise InputError(f"data.group_key={group_key!r} is not a column of .obs; columns: {list(prepared.obs.columns)}")
         tables["group_usage"] = casecontrol.group_usage_table(refit, prepared.obs[group_key].to_numpy(),
                                                               prepared.is_control, names, n_base,
-                                                              report.q_threshold, report.min_log2fc)
+                                                              report.q_threshold, report.min_log2fc,
+                                                              report.emergence_log2fc)
     return tables, refit
 
 

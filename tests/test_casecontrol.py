@@ -323,11 +323,6 @@ def test_case_program_taking_almost_all_usage_creates_no_shift():
     assert not g.loc[g["program_kind"] == "baseline", "called"].any()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cells whose baseline usage is exactly 0 (a case program took all of it) get a baseline share "
-    "of 0 for every baseline program and are still averaged into the shift test, so every baseline "
-    "program reads as 'down' - the very artefact the baseline share is meant to remove; "
-    "s=0.999 calls nothing, s=1.0 calls all K programs down"))
 def test_case_program_taking_all_usage_creates_no_shift():
     ctrl, case = _taken_over(1.0)
     assert (case[: len(case) // 4, :K] == 0).all()
@@ -335,9 +330,6 @@ def test_case_program_taking_all_usage_creates_no_shift():
     assert (table["shift"] == "none").all()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "group_usage_table: same artefact as usage_shift_table - cells with zero baseline usage count "
-    "as a baseline share of 0, so every baseline program of the group is called down"))
 def test_group_case_program_taking_all_usage_creates_no_baseline_call():
     ctrl, case = _taken_over(1.0)
     groups = np.array(["ctrl"] * len(ctrl) + ["G"] * len(case))

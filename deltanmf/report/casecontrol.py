@@ -5,7 +5,9 @@ pandas tables. Two kinds of share are used:
 
 - *baseline share*: a baseline program's usage over the cell's total **baseline** usage.
   Case programs taking part of a case cell's usage therefore do not read as a drop of
-  every baseline program; this is the share the shift test uses.
+  every baseline program; this is the share the shift test uses. A cell with no
+  baseline usage at all has no baseline composition and is left out of those means
+  and tests (its share is NaN there).
 - *total share*: a program's usage over the cell's total usage (all programs); used for
   case programs and reported beside the baseline share.
 
@@ -67,16 +69,29 @@ def _log2fc(case_mean, control_mean):
     return np.log2((np.asarray(case_mean) + PSEUDO) / (np.asarray(control_mean) + PSEUDO))
 
 
+def _defined_baseline_share(usage: np.ndarray, n_baseline: int) -> np.ndarray:
+    """Baseline share with NaN rows for cells without any baseline usage."""
+    share = baseline_share(usage, n_baseline)
+    share[np.asarray(usage)[:, :n_baseline].sum(axis=1) <= 0] = np.nan
+    return share
+
+
 def _mwu(case: np.ndarray, control: np.ndarray, alternative: str) -> np.ndarray:
-    """Column-wise Mann-Whitney U p-values; NaN where a column is constant in both groups."""
-    if len(case) == 0 or len(control) == 0:
-        return np.full(case.shape[1], np.nan)
+    """Column-wise Mann-Whitney U p-values over the non-NaN cells of each column; NaN where
+    a group is empty or the column is constant in both groups."""
     p = np.full(case.shape[1], np.nan)
-    varying = (np.ptp(np.vstack([case, control]), axis=0) > 0)
-    if varying.any():
-        p[varying] = mannwhitneyu(case[:, varying], control[:, varying], alternative=alternative,
-                                  method="asymptotic", axis=0).pvalue
+    for j in range(case.shape[1]):
+        a, b = case[:, j], control[:, j]
+        a, b = a[~np.isnan(a)], b[~np.isnan(b)]
+        if len(a) and len(b) and np.ptp(np.concatenate([a, b])) > 0:
+            p[j] = mannwhitneyu(a, b, alternative=alternative, method="asymptotic").pvalue
     return p
+
+
+def _mean(x: np.ndarray) -> np.ndarray:
+    """Column means over the non-NaN cells (NaN for a column without any)."""
+    count = (~np.isnan(x)).sum(axis=0)
+    return np.divide(np.nansum(x, axis=0), count, out=np.full(x.shape[1], np.nan), where=count > 0)
 
 
 def usage_shift_table(control_usage: np.ndarray, case_usage: np.ndarray, names: list[str], n_baseline: int,
@@ -89,9 +104,9 @@ def usage_shift_table(control_usage: np.ndarray, case_usage: np.ndarray, names: 
     ``shift`` (``up``/``down`` when ``q < q_threshold`` and ``|log2 FC| >= min_log2fc``,
     else ``none``).
     """
-    ctrl, case = baseline_share(control_usage, n_baseline), baseline_share(case_usage, n_baseline)
-    table = pd.DataFrame({"program": names[:n_baseline],
-                          "control_share": ctrl.mean(axis=0), "case_share": case.mean(axis=0)})
+    ctrl = _defined_baseline_share(control_usage, n_baseline)
+    case = _defined_baseline_share(case_usage, n_baseline)
+    table = pd.DataFrame({"program": names[:n_baseline], "control_share": _mean(ctrl), "case_share": _mean(case)})
     table["log2_fold_change"] = _log2fc(table["case_share"], table["control_share"])
     table["p_value"] = _mwu(case, ctrl, "two-sided")
     table["q_value"] = bh_qvalues(table["p_value"])
@@ -145,31 +160,38 @@ def case_program_table(control_usage: np.ndarray, case_usage: np.ndarray, names:
 
 
 def group_usage_table(usage: np.ndarray, groups, is_control: np.ndarray, names: list[str],
-                      n_baseline: int, q_threshold: float = 0.05, min_log2fc: float = 0.25) -> pd.DataFrame:
+                      n_baseline: int, q_threshold: float = 0.05, min_log2fc: float = 0.25,
+                      emergence_log2fc: float = 1.0) -> pd.DataFrame:
     """Per perturbation group (among case cells) and program: share, shift against control, q-value.
 
     A long table, one row per group x program, so hundreds of perturbations fit in one
     file. Baseline programs use the baseline share, case programs the total share
-    (``share_kind``). p-values are two-sided Mann-Whitney U of the group's cells against
+    (see ``program_kind``). p-values are two-sided Mann-Whitney U of the group's cells against
     all control cells; q-values are BH over the whole table. ``called`` marks
-    ``q < q_threshold`` with ``|log2 FC| >= min_log2fc``.
+    ``q < q_threshold`` with ``|log2 FC| >= min_log2fc`` for baseline programs, and with
+    ``log2 FC >= emergence_log2fc`` for case programs (as for ``case_program_table``: a
+    case program barely used in a group is not called there).
     """
     groups = np.asarray(groups).astype(str)
-    shares = np.hstack([baseline_share(usage, n_baseline), total_share(usage)[:, n_baseline:]])
+    is_control = np.asarray(is_control, dtype=bool)
+    shares = np.hstack([_defined_baseline_share(usage, n_baseline), total_share(usage)[:, n_baseline:]])
     kinds = ["baseline"] * n_baseline + ["case"] * (len(names) - n_baseline)
     control = shares[is_control]
     rows = []
     for group in pd.unique(groups[~is_control]):
         members = shares[(groups == group) & ~is_control]
         p = _mwu(members, control, "two-sided")
+        share, control_share = _mean(members), _mean(control)
         for j, name in enumerate(names):
             rows.append({"group": group, "program": name, "program_kind": kinds[j], "n_cells": len(members),
-                         "share": members[:, j].mean(), "control_share": control[:, j].mean(), "p_value": p[j]})
+                         "share": share[j], "control_share": control_share[j], "p_value": p[j]})
     table = pd.DataFrame(rows)
     if table.empty:
         return table
     table["log2_fold_change"] = _log2fc(table["share"], table["control_share"])
     table["q_value"] = bh_qvalues(table["p_value"])
-    table["called"] = (table["q_value"] < q_threshold) & (table["log2_fold_change"].abs() >= min_log2fc)
+    fc = table["log2_fold_change"]
+    strong = np.where(table["program_kind"] == "case", fc >= emergence_log2fc, fc.abs() >= min_log2fc)
+    table["called"] = (table["q_value"] < q_threshold) & strong
     return table[["group", "program", "program_kind", "n_cells", "share", "control_share", "log2_fold_change",
                   "p_value", "q_value", "called"]]
