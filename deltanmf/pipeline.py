@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .data import CellDataModule, InputError, PreparedData, demo_path, prepare, read_h5ad, simulation_truth
-from .nmf import CellMatrix, GeneGraph, consensus_init, matched_cosine, refit_usage
+from .nmf import CellMatrix, GeneGraph, consensus_init, matched_cosine, orthogonality_penalty, refit_usage
 from .nmf.metrics import cosine_matrix, fit_error, matching, normalize_programs
 from .report import casecontrol, plots
 from .report.outputs import results_anndata, standard_files, write_outputs
@@ -133,7 +133,7 @@ def _trainer(cfg: DictConfig, run_dir: Path, version: str) -> L.Trainer:
 def _save_checkpoint(trainer: L.Trainer, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    trainer.save_checkpoint(tmp)
+    trainer.save_checkpoint(tmp, weights_only=False)  # full state, so a run can be resumed
     tmp.replace(path)
 
 
@@ -237,7 +237,7 @@ def fit_stage2(x_case, baseline: np.ndarray, baseline_names: list[str], cfg: Dic
     baseline_only = fit_error(matrix, frozen, refit_usage(matrix, frozen).cpu())
     loss = _loss_summary(module, error["recon"], case)
     if module.rel_gamma > 0:
-        loss["ortho"] = float(casecontrol_ortho(frozen, case))
+        loss["ortho"] = float(orthogonality_penalty(frozen, case))
         loss["total"] += float(module.gamma) * loss["ortho"]
     stats = {
         "loss": loss,
@@ -258,12 +258,6 @@ def fit_stage2(x_case, baseline: np.ndarray, baseline_names: list[str], cfg: Dic
              stats["baseline_only_relative_error"])
     names = list(baseline_names) + [f"case_{i + 1}" for i in range(cfg.K_case)]
     return StageFit(programs.numpy(), usage.numpy(), names, stats)
-
-
-def casecontrol_ortho(baseline: torch.Tensor, case: torch.Tensor) -> torch.Tensor:
-    from .nmf import orthogonality_penalty
-
-    return orthogonality_penalty(baseline, case)
 
 
 # -- evaluation against a planted truth ------------------------------------------------
@@ -368,7 +362,8 @@ def run(cfg: DictConfig, run_dir: str | Path, adata: ad.AnnData | None = None) -
         programs, names = stage2.programs, stage2.names
         control_usage = np.hstack([stage1.usage, np.zeros((stage1.usage.shape[0], cfg.K_case), np.float32)])
         usage = np.vstack([control_usage, stage2.usage])
-        tables, refit = case_control_tables(prepared, programs, names, n_base, cfg)
+        tables, refit = case_control_tables(prepared, programs, names, n_base, cfg,
+                                            torch.device(stage2.stats["device"]))
     else:
         programs, names, usage, refit = stage1.programs, stage1.names, stage1.usage, None
 
@@ -404,12 +399,11 @@ def run(cfg: DictConfig, run_dir: str | Path, adata: ad.AnnData | None = None) -
 
 
 def case_control_tables(prepared: PreparedData, programs: np.ndarray, names: list[str], n_base: int,
-                        cfg: DictConfig) -> tuple[dict[str, pd.DataFrame], np.ndarray]:
+                        cfg: DictConfig, device: torch.device) -> tuple[dict[str, pd.DataFrame], np.ndarray]:
     """usage_shift, case_programs and (with data.group_key) group_usage, from usage refitted by
-    NNLS on all programs for every cell, so controls and cases are measured the same way."""
+    NNLS on all programs for every cell (on ``device``), so controls and cases are measured
+    the same way."""
     report = cfg.report
-    device = torch.device("cuda") if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") \
-        else torch.device("cpu")
     matrix = CellMatrix(prepared.X, batch_size=cfg.data.get("batch_size"), device=device)
     refit = refit_usage(matrix, torch.from_numpy(programs)).cpu().numpy()
     ctrl, case = refit[prepared.is_control], refit[~prepared.is_control]

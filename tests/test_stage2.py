@@ -159,3 +159,12 @@ def test_stage1_from_errors_name_the_problem(tmp_path):
     adata = _simulate()
     with pytest.raises(ValueError, match="no results.h5ad"):
         deltanmf.fit_twostage(adata, K=5, K_case=2, stage1_from=tmp_path, overrides=FAST)
+
+
+def test_minibatch_two_stage_recovers_the_truth():
+    adata = _simulate(seed=6)
+    result = deltanmf.fit_twostage(adata, K=5, K_case=2, batch_size=128, overrides=FAST)
+    rec = result.metrics["recovery"]
+    assert rec["baseline_min"] >= 0.95 and rec["case_min"] >= 0.9, rec
+    assert rec["shifts_called_correctly"] == rec["shifts_planted"] and rec["shifts_false"] == 0
+    assert result.metrics["stage2"]["steps"] > 0
