@@ -18,6 +18,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,6 +27,7 @@ from .nmf import CellMatrix, GeneGraph, consensus_init, matched_cosine, orthogon
 from .nmf.metrics import cosine_matrix, fit_error, matching, normalize_programs
 from .report import casecontrol, plots
 from .report.outputs import results_anndata, standard_files, write_outputs
+from .resources import strip_version
 from .stages import ConvergenceStop, Stage1Module, Stage2Module
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,26 @@ def load_data(data_cfg: DictConfig) -> ad.AnnData:
     return read_h5ad(path)
 
 
+def gene_ids(adata: ad.AnnData, data_cfg: DictConfig) -> list[str]:
+    """The IDs genes are matched by: ``data.gene_id_column`` or ``.var_names``, Ensembl versions stripped."""
+    column = data_cfg.get("gene_id_column")
+    if column:
+        if column not in adata.var:
+            raise InputError(f"data.gene_id_column={column!r} is not a column of .var; columns: {list(adata.var.columns)}")
+        return [strip_version(g) for g in adata.var[column].astype(str)]
+    return [strip_version(g) for g in adata.var_names.astype(str)]
+
+
+def instantiate_input(node, **kwargs):
+    """``hydra.utils.instantiate``, letting an :class:`InputError` from the target through unwrapped."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, InputError):
+            raise err.__cause__ from None
+        raise
+
+
 def prepare_data(adata: ad.AnnData, data_cfg: DictConfig, use_case: bool, resource=None,
                  baseline: "Baseline | None" = None) -> PreparedData:
     return prepare(
@@ -81,6 +103,7 @@ def prepare_data(adata: ad.AnnData, data_cfg: DictConfig, use_case: bool, resour
         scale_genes=data_cfg.scale_genes,
         use_case=use_case,
         resource_genes=None if resource is None or baseline is not None else resource.gene_list(),
+        gene_ids=gene_ids(adata, data_cfg),
         genes=None if baseline is None else baseline.genes,
         gene_scale=None if baseline is None else baseline.gene_scale,
     )
@@ -337,13 +360,21 @@ def run(cfg: DictConfig, run_dir: str | Path, adata: ad.AnnData | None = None) -
     twostage = stage == "twostage"
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     baseline = _baseline_from(cfg)
-    resource = instantiate(cfg.resource) if cfg.get("resource") else None
+    resource = instantiate_input(cfg.resource) if cfg.get("resource") else None
     if adata is None:
         adata = load_data(cfg.data)
+    coverage = None
+    if resource is not None:
+        ids = gene_ids(adata, cfg.data)
+        if hasattr(resource, "bind"):  # resources read from the data itself (resource=demo)
+            resource.bind(adata, ids)
+        coverage = resource.coverage(ids)
     prepared = prepare_data(adata, cfg.data, use_case=twostage, resource=resource, baseline=baseline)
-    graph = None if resource is None else resource.graph(list(prepared.var.index))
+    graph = None if resource is None else resource.graph(list(prepared.gene_ids))
 
     metrics: dict = {"stage": stage, "K": cfg.K, "gene_counts": prepared.gene_counts, "n_genes": prepared.n_genes}
+    if coverage is not None:
+        metrics["resource"] = coverage
     if baseline is None:
         stage1 = fit_stage1(prepared.control, cfg, run_dir, graph)
         metrics["stage1"] = stage1.stats
@@ -381,6 +412,8 @@ def run(cfg: DictConfig, run_dir: str | Path, adata: ad.AnnData | None = None) -
         "stage1": {k: v for k, v in stage1.stats.items() if k != "loss"},
         "gene_scale_key": "deltanmf_gene_scale",
     }
+    if coverage is not None:
+        uns["resource"] = coverage
     if twostage:
         uns["stage2"] = {k: v for k, v in metrics["stage2"].items() if k != "loss"}
     result = results_anndata(prepared.obs, var, programs, usage, names, kinds, uns)

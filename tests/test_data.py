@@ -882,9 +882,8 @@ def test_resource_missing_files(tmp_path):
         FileResource(str(missing), str(tmp_path / "genes.json"))
     assert str(missing) in str(err.value) and "not found" in str(err.value)
     absent_genes = tmp_path / "absent.json"
-    res = FileResource(str(tmp_path / "S.npy"), str(absent_genes))
-    with pytest.raises(InputError) as err:
-        res.graph(["G1"])
+    with pytest.raises(InputError) as err:  # both files are checked when the resource is opened
+        FileResource(str(tmp_path / "S.npy"), str(absent_genes))
     assert str(absent_genes) in str(err.value) and "not found" in str(err.value)
 
 

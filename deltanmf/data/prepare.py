@@ -42,6 +42,9 @@ class PreparedData:
         Per-gene divisor applied by unit-variance scaling (ones when scaling is off).
     cell_scale
         Per-cell factor applied by normalisation (ones when off).
+    gene_ids
+        IDs of the kept genes used for matching (``gene_ids`` given to :func:`prepare`,
+        else ``.var_names``), e.g. to align a similarity resource.
     gene_counts
         Genes left after each filter step, in order.
     source
@@ -55,6 +58,7 @@ class PreparedData:
     is_control: np.ndarray
     gene_scale: np.ndarray
     cell_scale: np.ndarray
+    gene_ids: np.ndarray | None = None
     gene_counts: dict[str, int] = field(default_factory=dict)
     source: ad.AnnData | None = None
 
@@ -248,7 +252,7 @@ def prepare(
     ids = np.asarray(adata.var_names if gene_ids is None else gene_ids).astype(str)
     counts = {"input": int(x.shape[1])}
     if genes is not None:
-        position = {g: i for i, g in enumerate(ids)}
+        position = {g: i for i, g in enumerate(np.asarray(adata.var_names).astype(str))}
         missing = [g for g in genes if g not in position]
         if missing:
             raise InputError(f"{len(missing)} genes of the stage-1 result are not in this dataset (e.g. {missing[:3]}); "
@@ -294,5 +298,5 @@ def prepare(
     var = source.var.copy()
     return PreparedData(
         X=x, obs=obs, var=var, is_control=is_control[cells], gene_scale=gene_scale, cell_scale=cell_scale,
-        gene_counts=counts, source=source,
+        gene_ids=ids[keep_index], gene_counts=counts, source=source,
     )

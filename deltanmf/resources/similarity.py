@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,65 @@ from ..data.errors import InputError
 from ..nmf import GeneGraph
 
 log = logging.getLogger(__name__)
+
+
+_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+_VERSIONED_ENSEMBL = re.compile(r"^(ENS[A-Z]*\d+)\.\d+$")
+
+
+def strip_version(gene_id: str) -> str:
+    """An Ensembl ID without its version suffix (``ENSG00000141510.16`` -> ``ENSG00000141510``).
+
+    Only Ensembl-looking IDs lose a ``.N`` suffix: symbols such as ``RP11-34P13.7`` keep
+    their dot, and GENCODE's ``ENSG....N_PAR_Y`` stays distinct from the X-chromosome copy.
+    """
+    match = _VERSIONED_ENSEMBL.match(gene_id)
+    return match.group(1) if match else gene_id
+
+
+def id_convention(ids) -> str:
+    """Describe a gene list's ID convention for error messages, with examples."""
+    ids = [str(g) for g in ids]
+    if not ids:
+        return "no genes"
+    share = sum(bool(_ENSEMBL.match(g)) for g in ids) / len(ids)
+    kind = "Ensembl IDs" if share > 0.9 else "gene symbols" if share < 0.1 else "a mix of Ensembl IDs and symbols"
+    return f"{kind} (e.g. {', '.join(ids[:3])})"
+
+
+class Resource:
+    """What the pipeline needs of a similarity resource.
+
+    ``gene_list()`` gives the resource's genes (version-stripped Ensembl IDs or
+    symbols); ``graph(genes)`` the similarity among the given genes, in that order;
+    ``coverage(data_genes)`` how many of a dataset's genes it covers, failing below
+    ``min_coverage`` with the ID conventions on both sides.
+    """
+
+    name = "resource"
+    min_coverage = 0.0
+
+    def gene_list(self) -> list[str]:
+        raise NotImplementedError
+
+    def graph(self, genes: Sequence[str]) -> GeneGraph:
+        raise NotImplementedError
+
+    def coverage(self, data_genes: Sequence[str]) -> dict:
+        resource_genes = self.gene_list()
+        shared = len(set(data_genes) & set(resource_genes))
+        report = {"name": self.name, "data_genes": len(data_genes), "resource_genes": len(resource_genes),
+                  "shared_genes": shared, "coverage": shared / max(len(data_genes), 1)}
+        log.info("resource %s covers %d of the data's %d genes (%.1f%%); it has %d genes", self.name, shared,
+                 len(data_genes), 100 * report["coverage"], len(resource_genes))
+        if report["coverage"] < self.min_coverage:
+            raise InputError(
+                f"resource {self.name!r} covers only {shared} of the data's {len(data_genes)} genes "
+                f"({100 * report['coverage']:.1f}% < resource.min_coverage={self.min_coverage:g}). "
+                f"The data's gene IDs are {id_convention(data_genes)}; the resource's are "
+                f"{id_convention(resource_genes)}. Use matching IDs: data.gene_id_column=<a .var column "
+                "with the resource's convention>, or rebuild the resource, or lower resource.min_coverage.")
+        return report
 
 
 def similarity_from_embeddings(embedding: np.ndarray) -> np.ndarray:
@@ -46,7 +106,7 @@ def read_gene_list(path: str | Path) -> list[str]:
     return genes
 
 
-class FileResource:
+class FileResource(Resource):
     """A similarity matrix on disk with its gene list.
 
     Parameters
@@ -57,19 +117,27 @@ class FileResource:
         JSON file listing the matrix's genes in row order.
     name
         Label used in logs and outputs.
+    min_coverage
+        Smallest share of the data's genes the resource must cover.
+    build_command
+        How to build the files, quoted in the error when they are missing.
     """
 
-    def __init__(self, matrix: str, genes: str, name: str = "custom"):
+    def __init__(self, matrix: str, genes: str, name: str = "custom", min_coverage: float = 0.0,
+                 build_command: str | None = None):
         self.matrix_path = Path(matrix).expanduser()
         self.genes_path = Path(genes).expanduser()
         self.name = name
-        if not self.matrix_path.exists():
-            raise InputError(f"resource.matrix: similarity matrix not found: {self.matrix_path}")
+        self.min_coverage = float(min_coverage)
+        hint = f" Build it with: {build_command}" if build_command else ""
+        for key, path in (("resource.matrix", self.matrix_path), ("resource.genes", self.genes_path)):
+            if not path.exists():
+                raise InputError(f"{key}: resource {name!r} file not found: {path}.{hint}")
         self._genes: list[str] | None = None
 
     def gene_list(self) -> list[str]:
         if self._genes is None:
-            self._genes = read_gene_list(self.genes_path)
+            self._genes = [strip_version(g) for g in read_gene_list(self.genes_path)]
         return self._genes
 
     def graph(self, genes: Sequence[str]) -> GeneGraph:
@@ -113,3 +181,30 @@ class FileResource:
         if values.size and (not np.all(np.isfinite(values)) or values.min() < 0):
             raise InputError(f"resource {self.name!r}: similarities must be finite and non-negative "
                              f"({self.matrix_path}); build S as max(0, corr(E))")
+
+
+class EmbeddingResource(Resource):
+    """Similarity from gene embeddings stored in the dataset itself (``.varm[key]``).
+
+    ``S = max(0, corr(E))`` over the genes in use; ``resource=demo`` uses the demo's
+    simulated embeddings this way. :meth:`bind` hands over the AnnData.
+    """
+
+    def __init__(self, key: str = "sim_embedding", name: str = "embedding", min_coverage: float = 0.0):
+        self.key, self.name, self.min_coverage = key, name, float(min_coverage)
+        self._embedding = None
+
+    def bind(self, adata, gene_ids: Sequence[str]) -> None:
+        if self.key not in adata.varm:
+            raise InputError(f"resource {self.name!r}: the data has no .varm[{self.key!r}] of gene embeddings "
+                             f"(.varm keys: {list(adata.varm)}); resource=demo needs data=demo")
+        self._embedding = dict(zip(gene_ids, np.asarray(adata.varm[self.key], dtype=np.float64)))
+
+    def gene_list(self) -> list[str]:
+        if self._embedding is None:
+            raise RuntimeError("EmbeddingResource.bind(adata, gene_ids) must be called first")
+        return list(self._embedding)
+
+    def graph(self, genes: Sequence[str]) -> GeneGraph:
+        embedding = np.stack([self._embedding[g] for g in genes])
+        return GeneGraph(torch.from_numpy(similarity_from_embeddings(embedding)))

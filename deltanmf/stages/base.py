@@ -51,9 +51,14 @@ class NMFStageModule(L.LightningModule):
         return int(self.prior_start) >= 0
 
     def advance_phase(self) -> bool:
-        """Called on convergence: start the prior phase if there is one still to run."""
+        """Called on convergence: start the prior phase if there is one still to run.
+
+        ``converged`` then records that the rest of the loss converged (the prior phase
+        that follows has a fixed length); a prior started by the step cap leaves it False.
+        """
         if self.has_prior and not self.prior_on:
             self._switch_requested = True
+            self.converged = True
             return True
         return False
 
