@@ -88,6 +88,9 @@ def _write_back(adata: ad.AnnData, result: ad.AnnData) -> None:
     programs = np.full((adata.n_vars, n_programs), np.nan, dtype=np.float32)
     programs[genes] = result.varm["deltanmf_programs"]
     adata.varm["deltanmf_programs"] = programs
+    scale = np.full(adata.n_vars, np.nan)
+    scale[genes] = result.var["deltanmf_gene_scale"].to_numpy()
+    adata.var["deltanmf_gene_scale"] = scale
     if "deltanmf_novelty" in result.obs:
         novelty = np.full(adata.n_obs, np.nan)
         novelty[cells] = result.obs["deltanmf_novelty"].to_numpy()
@@ -157,8 +160,8 @@ def fit_onestage(adata: ad.AnnData, K: int = 10, *, condition_key: str = "condit
     Notes
     -----
     Writes into ``adata``: ``.obsm["X_deltanmf"]`` (usage, cells x K; NaN for cells not
-    fitted), ``.varm["deltanmf_programs"]`` (genes x K; NaN for genes filtered out) and
-    ``.uns["deltanmf"]`` (program names and kinds, configuration, gene counts, losses).
+    fitted), ``.varm["deltanmf_programs"]`` (genes x K; NaN for genes filtered out),
+    ``.var["deltanmf_gene_scale"]`` (divisor of unit-variance scaling) and ``.uns["deltanmf"]`` (program names and kinds, configuration, gene counts, losses).
     """
     settings = dict(K=K, seed=seed, **{"data.condition_key": condition_key, "data.control": control,
                                         "data.layer": layer, "data.batch_size": batch_size})

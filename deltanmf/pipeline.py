@@ -29,6 +29,9 @@ from .report import casecontrol, plots
 from .report.outputs import results_anndata, standard_files, write_outputs
 from .resources import strip_version
 from .stages import ConvergenceStop, Stage1Module, Stage2Module
+from .sweeps import register_resolvers
+
+register_resolvers()  # before Hydra resolves hydra.sweep.subdir
 
 log = logging.getLogger(__name__)
 STAGES = ("onestage", "twostage")
@@ -55,10 +58,14 @@ class RunResult:
 
 # -- data ------------------------------------------------------------------------------
 def load_data(data_cfg: DictConfig) -> ad.AnnData:
-    """The input AnnData: ``data.path``, or the cached demo when ``data.path`` is null."""
+    """The input AnnData: the file ``data.path``, or the cached demo (``data=demo``)."""
+    demo = data_cfg.get("source") == "demo"
     if data_cfg.get("path"):
+        if demo:
+            raise InputError(f"data.path={data_cfg.path} was given with the demo's data settings; add data=h5ad "
+                             "to read your own file (python train.py data=h5ad data.path=...)")
         return read_h5ad(data_cfg.path)
-    if data_cfg.get("simulation") is None:
+    if not demo:
         raise InputError("data.path is not set: give your file with data.path=my.h5ad (or use data=demo)")
     sim = OmegaConf.to_container(data_cfg.simulation, resolve=True)
     try:
@@ -160,14 +167,6 @@ def _save_checkpoint(trainer: L.Trainer, path: Path) -> None:
     tmp.replace(path)
 
 
-def _check_k(k: int, what: str, matrix: CellMatrix, cells: str) -> None:
-    if k < 1:
-        raise InputError(f"{what}={k}: the number of programs must be at least 1")
-    if k >= min(matrix.n_cells, matrix.n_genes):
-        raise InputError(f"{what}={k} must be smaller than both the number of {cells} ({matrix.n_cells}) "
-                         f"and of genes ({matrix.n_genes})")
-
-
 def _train(module, datamodule, trainer: L.Trainer, run_dir: Path, name: str) -> float:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
@@ -198,7 +197,6 @@ def fit_stage1(x_control, cfg: DictConfig, run_dir: Path, graph: GeneGraph | Non
     trainer = _trainer(cfg, run_dir, "stage1")
     device = trainer.strategy.root_device
     matrix = CellMatrix(x_control, batch_size=cfg.data.get("batch_size"), device=device)
-    _check_k(cfg.K, "K", matrix, "control cells")
 
     start = time.perf_counter()
     init = consensus_init(matrix, cfg.K, seed=cfg.seed, **cfg.model.consensus)
@@ -239,7 +237,6 @@ def fit_stage2(x_case, baseline: np.ndarray, baseline_names: list[str], cfg: Dic
     trainer = _trainer(cfg, run_dir, "stage2")
     device = trainer.strategy.root_device
     matrix = CellMatrix(x_case, batch_size=cfg.data.get("batch_size"), device=device)
-    _check_k(cfg.K_case, "K_case", matrix, "case cells")
     k = baseline.shape[1]
     frozen = torch.from_numpy(np.ascontiguousarray(baseline, dtype=np.float32))
 
@@ -328,13 +325,41 @@ def config_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml({k: cfg[k] for k in cfg if k != "hydra"}, resolve=True)
 
 
+def validate(cfg: DictConfig, prepared: PreparedData, twostage: bool) -> None:
+    """Checks that would otherwise fail only after training: run before any fit."""
+    if cfg.K < 1:
+        raise InputError(f"K={cfg.K}: the number of baseline programs must be at least 1")
+    if twostage and cfg.K_case < 1:
+        raise InputError(f"K_case={cfg.K_case}: stage=twostage needs at least 1 case program "
+                         "(use stage=onestage for baseline programs only)")
+    n_control, n_case = int(prepared.is_control.sum()), int((~prepared.is_control).sum())
+    for k, what, cells in ((cfg.K, "K", n_control), (cfg.K_case if twostage else 0, "K_case", n_case)):
+        if k and k >= min(cells, prepared.n_genes):
+            kind = "control" if what == "K" else "case"
+            raise InputError(f"{what}={k} must be smaller than both the number of {kind} cells ({cells}) "
+                             f"and of genes ({prepared.n_genes})")
+    for key, frame, where in (("group_key", prepared.obs, ".obs"), ("symbol_key", prepared.var, ".var")):
+        column = cfg.data.get(key)
+        if column and column not in frame:
+            raise InputError(f"data.{key}={column!r} is not a column of {where}; columns: {list(frame.columns)} "
+                             f"(data.{key}=null to leave it out)")
+    report = cfg.get("report")
+    if twostage and report is not None:
+        if not 0 < report.q_threshold <= 1 or not 0 <= report.share_threshold <= 1:
+            raise InputError("report.q_threshold must be in (0, 1] and report.share_threshold in [0, 1]")
+
+
 def _baseline_from(cfg: DictConfig) -> Baseline | None:
     source = cfg.get("stage1_from")
     if not source:
         return None
     baseline = load_stage1(source)
     if len(baseline.names) != cfg.K:
-        log.warning("stage1_from has %d baseline programs; K=%d is ignored", len(baseline.names), cfg.K)
+        log.info("stage1_from: using its %d baseline programs (the configured K=%d does not apply)",
+                 len(baseline.names), cfg.K)
+    if cfg.data.get("remove_genes"):
+        log.warning("stage1_from: data.remove_genes is not applied; stage 2 uses exactly the genes of %s",
+                    baseline.source)
     return baseline
 
 
@@ -370,6 +395,12 @@ def run(cfg: DictConfig, run_dir: str | Path, adata: ad.AnnData | None = None) -
             resource.bind(adata, ids)
         coverage = resource.coverage(ids)
     prepared = prepare_data(adata, cfg.data, use_case=twostage, resource=resource, baseline=baseline)
+    if baseline is not None:  # the reused baseline fixes K; the saved config then says so
+        cfg.K = len(baseline.names)
+    validate(cfg, prepared, twostage)
+    log.info("cells: %d control, %d case%s; genes: %d", int(prepared.is_control.sum()),
+             int((~prepared.is_control).sum()), "" if twostage else " (not used by stage=onestage)",
+             prepared.n_genes)
     graph = None if resource is None else resource.graph(list(prepared.gene_ids))
 
     metrics: dict = {"stage": stage, "K": cfg.K, "gene_counts": prepared.gene_counts, "n_genes": prepared.n_genes}
@@ -427,6 +458,12 @@ def run(cfg: DictConfig, run_dir: str | Path, adata: ad.AnnData | None = None) -
     files.update(_table_files(tables))
     files.update(_plot_files(result, tables, n_base, symbol_key))
     write_outputs(run_dir, files)
+    if twostage:
+        shift = tables["usage_shift"]["shift"]
+        log.info("summary: %d of %d baseline programs shift usage (%d up, %d down); %d of %d case programs "
+                 "emergent (q < %g)", int((shift != "none").sum()), len(shift), int((shift == "up").sum()),
+                 int((shift == "down").sum()), int(tables["case_programs"]["emergent"].sum()),
+                 len(tables["case_programs"]), cfg.report.q_threshold)
     log.info("results written to %s", run_dir)
     return RunResult(result, tables, metrics)
 

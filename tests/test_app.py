@@ -142,6 +142,10 @@ def test_train_py_on_a_user_h5ad(tmp_path):
         (["data.condition_key=guide"], "data.condition_key='guide' is not a column of .obs"),
         (["data.control=NTC"], "data.control='NTC': no cell has this value"),
         (["K=5000"], "K=5000 must be smaller than"),
+        (["K_case=0"], "K_case=0: stage=twostage needs at least 1 case program"),
+        (["data.group_key=guide"], "data.group_key='guide' is not a column of .obs"),
+        (["data.symbol_key=symbol"], "data.symbol_key='symbol' is not a column of .var"),
+        (["data.path=/no/such/file.h5ad"], "was given with the demo's data settings; add data=h5ad"),
         (["data.simulation.n_genes=50"], "data.simulation: n_genes"),
     ],
 )
@@ -152,3 +156,15 @@ def test_bad_input_exits_with_one_clear_message(tmp_path, cache_dir, args, messa
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "results.h5ad").exists()
+    assert not (tmp_path / "out" / "checkpoints").exists()  # caught before any training
+
+
+def test_sweep_jobs_are_named_by_the_swept_keys(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    proc = _train("-m", "stage=onestage", "experiment=quick", "K=3,4", "model.consensus.replicates=2",
+                  "trainer.accelerator=cpu", f"data.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["K=3", "K=4"]
+    for job in ("K=3", "K=4"):
+        assert (sweep / job / "results.h5ad").is_file()
+        assert list((sweep / job / "tensorboard" / "stage1").glob("events.out.tfevents.*"))

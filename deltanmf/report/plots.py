@@ -50,6 +50,7 @@ def usage_share_plot(path: Path, shift: pd.DataFrame, case_programs: pd.DataFram
     for i, (s, q) in enumerate(zip(shift["shift"], shift["q_value"])):
         if s != "none":
             ax1.text(i, top[i] * 1.02, "↑" if s == "up" else "↓", ha="center", fontsize=11)
+    ax1.set_ylim(0, float(top.max()) * 1.15)  # room for the arrows
     ax1.set_xticks(x, shift["program"], rotation=60, ha="right", fontsize=8)
     ax1.set_ylabel("mean share of baseline usage")
     ax1.set_title("Baseline programs (arrow: called shift)", fontsize=10)
@@ -60,6 +61,8 @@ def usage_share_plot(path: Path, shift: pd.DataFrame, case_programs: pd.DataFram
     for i, e in enumerate(case_programs["emergent"]):
         if e:
             ax2.text(i, case_programs["case_mean_share"].iloc[i] * 1.02, "*", ha="center", fontsize=13)
+    ax2.set_ylim(0, max(float(np.maximum(case_programs["case_mean_share"], case_programs["control_mean_share"]).max()),
+                        1e-3) * 1.15)
     ax2.set_xticks(x, case_programs["program"], rotation=60, ha="right", fontsize=8)
     ax2.set_ylabel("mean share of total usage")
     ax2.set_title("Case programs (*: emergent)", fontsize=10)
@@ -78,7 +81,11 @@ def group_usage_plot(path: Path, table: pd.DataFrame) -> None:
         keep = wide.abs().max(axis=1).sort_values(ascending=False).index[:MAX_GROUPS]
         wide, called = wide.loc[keep], called.loc[keep]
         title += f"; {MAX_GROUPS} most changed of {len(table['group'].unique())} groups"
-    limit = max(float(np.nanmax(np.abs(wide.to_numpy()))), 0.5)
+    # scaled to the baseline programs' changes: emerging case programs (log2 FC of 5+) would
+    # otherwise wash out every baseline shift; they saturate instead
+    kinds = table.drop_duplicates("program").set_index("program")["program_kind"]
+    baseline = [p for p in programs if kinds[p] == "baseline"] or programs
+    limit = max(float(np.nanmax(np.abs(wide[baseline].to_numpy()))), 0.5)
     fig, ax = plt.subplots(figsize=(0.45 * len(programs) + 3, 0.3 * len(wide) + 1.8))
     image = ax.imshow(wide.to_numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     ys, xs = np.nonzero(called.to_numpy().astype(bool))
@@ -86,7 +93,7 @@ def group_usage_plot(path: Path, table: pd.DataFrame) -> None:
     ax.set_xticks(range(len(programs)), programs, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(wide)), wide.index, fontsize=8)
     ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label="log2 FC")
+    fig.colorbar(image, ax=ax, label="log2 FC (saturates beyond the scale)", extend="both")
     fig.tight_layout()
     _save(fig, path)
 
