@@ -128,3 +128,28 @@ def test_missing_resource_files_exit_with_the_build_command(tmp_path):
 def test_file_resource_errors():
     with pytest.raises(InputError, match="resource.matrix: resource 'x' file not found: /no/S.npy. Build it with: cmd"):
         FileResource("/no/S.npy", "/no/genes.json", name="x", build_command="cmd")
+
+
+@pytest.mark.parametrize("knn", [None, 30], ids=["dense", "knn"])
+def test_built_from_a_published_format_the_prior_lowers_the_laplacian(tmp_path, data, knn):
+    """TranscriptFormer HDF5 -> `deltanmf.resources` build -> resource=custom fit."""
+    import h5py
+
+    from deltanmf.resources.build import build
+
+    h5 = tmp_path / "tf.h5"
+    with h5py.File(h5, "w") as f:  # the released layout: keys + one vector per ID
+        f.create_dataset("keys", data=np.array([f"{g}.3" for g in data.var_names], dtype="S"))
+        arrays = f.create_group("arrays")
+        for g, vector in zip(data.var_names, data.varm["sim_embedding"]):
+            arrays.create_dataset(f"{g}.3", data=vector)
+    built = build("transcriptformer", tmp_path / "res", knn=knn, h5=h5)
+    matrix, genes = built.paths
+    trace = {}
+    for alpha in (0.0, 3.0):
+        res = deltanmf.fit_onestage(data.copy(), K=4, overrides=[
+            *FAST, "resource=custom", f"resource.matrix={matrix}", f"resource.genes={genes}",
+            f"model.stage1.rel_alpha={alpha}"])
+        assert res.metrics["resource"]["coverage"] == 1.0  # versions stripped on the resource side
+        trace[alpha] = res.metrics["stage1"]["loss"]["laplacian"]
+    assert trace[3.0] < 0.9 * trace[0.0], trace
