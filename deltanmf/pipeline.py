@@ -28,7 +28,7 @@ from .nmf.metrics import cosine_matrix, fit_error, matching, normalize_programs
 from .report import casecontrol, plots
 from .report.outputs import results_anndata, standard_files, write_outputs
 from .resources import strip_version
-from .stages import ConvergenceStop, Stage1Module, Stage2Module
+from .stages import ConvergenceStop, ProgressBar, Stage1Module, Stage2Module
 from .sweeps import register_resolvers
 
 register_resolvers()  # before Hydra resolves hydra.sweep.subdir
@@ -156,8 +156,10 @@ def _trainer(cfg: DictConfig, run_dir: Path, version: str) -> L.Trainer:
     logger = False
     if cfg.get("logger"):
         logger = instantiate(cfg.logger, save_dir=str(run_dir), version=version)
-    stop = ConvergenceStop(**cfg.model.stop)
-    return instantiate(cfg.trainer, logger=logger, callbacks=[stop], default_root_dir=str(run_dir))
+    callbacks = [ConvergenceStop(**cfg.model.stop)]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(ProgressBar())
+    return instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
 
 
 def _save_checkpoint(trainer: L.Trainer, path: Path) -> None:

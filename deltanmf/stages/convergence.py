@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 
 class ConvergenceStop(L.Callback):
@@ -62,3 +63,12 @@ class ConvergenceStop(L.Callback):
             else:
                 pl_module.converged = True
                 trainer.should_stop = True
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar without the logger version (``v_num``), which means nothing here."""
+
+    def get_metrics(self, trainer, pl_module):
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
