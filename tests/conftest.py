@@ -1,9 +1,12 @@
 """Shared fixtures: the real Hydra config, composed and shrunk for fast tests."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -58,3 +61,23 @@ def make_cfg(tmp_path, cache_dir):
         return cfg, run_dir
 
     return _make
+
+
+def write_similarity(folder: Path, genes, s, sparse: bool = False, name: str = "S") -> tuple[Path, Path]:
+    """Write a similarity resource as the loader reads it: ``S.npy`` (or ``S.npz``) and ``genes.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    genes_path = folder / "genes.json"
+    genes_path.write_text(json.dumps([str(g) for g in genes]))
+    if sparse:
+        path = folder / f"{name}.npz"
+        sp.save_npz(path, sp.csr_matrix(s))
+    else:
+        path = folder / f"{name}.npy"
+        np.save(path, s)
+    return path, genes_path
+
+
+@pytest.fixture
+def similarity_files():
+    """The :func:`write_similarity` writer, for tests that need resource files."""
+    return write_similarity

@@ -13,6 +13,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from conftest import write_similarity
 from deltanmf.data import (
     CellDataModule,
     InputError,
@@ -787,14 +788,8 @@ def _resource(tmp_path, n=12, seed=0, sparse=False, genes=None):
     s = ((s + s.T) / 2).astype(np.float32)
     np.fill_diagonal(s, 5.0)  # a non-zero diagonal the graph must zero
     names = genes or [f"G{i}" for i in range(n)]
-    (tmp_path / "genes.json").write_text(json.dumps(names))
-    if sparse:
-        path = tmp_path / "S.npz"
-        sp.save_npz(path, sp.csr_matrix(s))
-    else:
-        path = tmp_path / "S.npy"
-        np.save(path, s)
-    return s, names, FileResource(str(path), str(tmp_path / "genes.json"), name="test")
+    path, genes_path = write_similarity(tmp_path, names, s, sparse)
+    return s, names, FileResource(str(path), str(genes_path), name="test")
 
 
 SUBSET = ["G9", "G2", "G7", "G0", "G11", "G4"]
@@ -859,14 +854,8 @@ def test_resource_negative_values(tmp_path, sparse):
     rng = np.random.default_rng(0)
     s = rng.uniform(0.1, 1.0, size=(6, 6)).astype(np.float32)
     s[1, 3] = -0.5
-    (tmp_path / "genes.json").write_text(json.dumps([f"G{i}" for i in range(6)]))
-    if sparse:
-        path = tmp_path / "S.npz"
-        sp.save_npz(path, sp.csr_matrix(s))
-    else:
-        path = tmp_path / "S.npy"
-        np.save(path, s)
-    res = FileResource(str(path), str(tmp_path / "genes.json"))
+    path, genes_path = write_similarity(tmp_path, [f"G{i}" for i in range(6)], s, sparse)
+    res = FileResource(str(path), str(genes_path))
     with pytest.raises(InputError, match=r"non-negative"):
         res.graph(["G3", "G1", "G0"])
     s[1, 3] = np.nan

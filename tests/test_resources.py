@@ -36,21 +36,9 @@ def data():
                                           markers_per_program=40, embedding_noise=0.2, seed=2)
 
 
-def _write(tmp_path, genes, s, sparse=False):
-    genes_path = tmp_path / "genes.json"
-    genes_path.write_text(json.dumps(list(genes)))
-    if sparse:
-        path = tmp_path / "S.npz"
-        sp.save_npz(path, sp.csr_matrix(s))
-    else:
-        path = tmp_path / "S.npy"
-        np.save(path, s)
-    return path, genes_path
-
-
-def test_coverage_error_names_both_id_conventions(tmp_path, data):
+def test_coverage_error_names_both_id_conventions(tmp_path, data, similarity_files):
     s = similarity_from_embeddings(data.varm["sim_embedding"])
-    matrix, genes = _write(tmp_path, data.var_names, s)
+    matrix, genes = similarity_files(tmp_path, data.var_names, s)
     symbols = data.copy()
     symbols.var_names = symbols.var["gene_symbol"].astype(str)
     with pytest.raises(InputError) as err:
@@ -68,14 +56,12 @@ def test_coverage_error_names_both_id_conventions(tmp_path, data):
     assert res.metrics["stage1"]["laplacian_alpha"] > 0
 
 
-def test_dense_and_sparse_resources_give_the_same_fit(tmp_path, data):
+def test_dense_and_sparse_resources_give_the_same_fit(tmp_path, data, similarity_files):
     s = similarity_from_embeddings(data.varm["sim_embedding"])
     s[s < 0.3] = 0  # a sparse graph, stored both ways
     fits = {}
     for sparse in (False, True):
-        folder = tmp_path / ("sparse" if sparse else "dense")
-        folder.mkdir()
-        matrix, genes = _write(folder, data.var_names, s, sparse)
+        matrix, genes = similarity_files(tmp_path / ("sparse" if sparse else "dense"), data.var_names, s, sparse)
         fits[sparse] = deltanmf.fit_onestage(data.copy(), K=4, overrides=[
             *FAST, "resource=custom", f"resource.matrix={matrix}", f"resource.genes={genes}",
             "model.stage1.rel_alpha=1.0", "model.stage1.laplacian_steps=50"])
@@ -85,9 +71,9 @@ def test_dense_and_sparse_resources_give_the_same_fit(tmp_path, data):
         np.testing.assert_allclose(sparse[term], dense[term], rtol=1e-4)
 
 
-def test_the_prior_lowers_the_laplacian_through_the_pipeline(tmp_path, data):
+def test_the_prior_lowers_the_laplacian_through_the_pipeline(tmp_path, data, similarity_files):
     s = similarity_from_embeddings(data.varm["sim_embedding"])
-    matrix, genes = _write(tmp_path, data.var_names, s)
+    matrix, genes = similarity_files(tmp_path, data.var_names, s)
     graph = GeneGraph(torch.from_numpy(s))
     trace = {}
     for alpha in (0.0, 3.0):
