@@ -193,6 +193,26 @@ def _loss_summary(module, recon: float, programs: torch.Tensor) -> dict:
     return loss
 
 
+def _fit_stats(name: str, module, trainer: L.Trainer, matrix: CellMatrix, error: dict, loss: dict,
+               init_time: float, train_time: float, **extra) -> dict:
+    """The facts both stages report (metrics.json, .uns), logged in one line."""
+    stats = {
+        "loss": loss,
+        "relative_error": error["relative_error"],
+        **extra,
+        "steps": int(trainer.global_step),
+        "converged": bool(module.converged),
+        "laplacian_alpha": float(module.alpha),
+        "init_time_s": init_time,
+        "train_time_s": train_time,
+        "n_cells": matrix.n_cells,
+        "device": str(trainer.strategy.root_device),
+    }
+    log.info("%s: %d steps (%s), relative error %.4f", name, stats["steps"],
+             "converged" if stats["converged"] else "step cap", stats["relative_error"])
+    return stats
+
+
 def fit_stage1(x_control, cfg: DictConfig, run_dir: Path, graph: GeneGraph | None = None) -> StageFit:
     """Consensus initialisation, then the neural NMF of the control cells (stage 1)."""
     datamodule = _datamodule(x_control, cfg)
@@ -211,20 +231,8 @@ def fit_stage1(x_control, cfg: DictConfig, run_dir: Path, graph: GeneGraph | Non
 
     programs, usage = normalize_programs(module.programs().cpu(), module.usage().cpu())
     error = fit_error(matrix, programs, usage)
-    stats = {
-        "loss": _loss_summary(module, error["recon"], programs),
-        "relative_error": error["relative_error"],
-        "steps": int(trainer.global_step),
-        "converged": bool(module.converged),
-        "laplacian_alpha": float(module.alpha),
-        "consensus_stability": init.stability,
-        "init_time_s": init_time,
-        "train_time_s": train_time,
-        "n_cells": matrix.n_cells,
-        "device": str(device),
-    }
-    log.info("stage 1: %d steps (%s), relative error %.4f", stats["steps"],
-             "converged" if stats["converged"] else "step cap", stats["relative_error"])
+    stats = _fit_stats("stage 1", module, trainer, matrix, error, _loss_summary(module, error["recon"], programs),
+                       init_time, train_time, consensus_stability=init.stability)
     return StageFit(programs.numpy(), usage.numpy(), [f"baseline_{i + 1}" for i in range(cfg.K)], stats)
 
 
@@ -261,23 +269,11 @@ def fit_stage2(x_case, baseline: np.ndarray, baseline_names: list[str], cfg: Dic
     if module.rel_gamma > 0:
         loss["ortho"] = float(orthogonality_penalty(frozen, case))
         loss["total"] += float(module.gamma) * loss["ortho"]
-    stats = {
-        "loss": loss,
-        "relative_error": error["relative_error"],
-        "baseline_only_relative_error": baseline_only["relative_error"],
-        "explained_variance_gain": baseline_only["relative_error"] ** 2 - error["relative_error"] ** 2,
-        "steps": int(trainer.global_step),
-        "converged": bool(module.converged),
-        "laplacian_alpha": float(module.alpha),
-        "ortho_gamma": float(module.gamma) if module.rel_gamma > 0 else 0.0,
-        "init_time_s": init_time,
-        "train_time_s": train_time,
-        "n_cells": matrix.n_cells,
-        "device": str(device),
-    }
-    log.info("stage 2: %d steps (%s), relative error %.4f (baseline alone %.4f)", stats["steps"],
-             "converged" if stats["converged"] else "step cap", stats["relative_error"],
-             stats["baseline_only_relative_error"])
+    stats = _fit_stats("stage 2", module, trainer, matrix, error, loss, init_time, train_time,
+                       baseline_only_relative_error=baseline_only["relative_error"],
+                       explained_variance_gain=baseline_only["relative_error"] ** 2 - error["relative_error"] ** 2,
+                       ortho_gamma=float(module.gamma) if module.rel_gamma > 0 else 0.0)
+    log.info("stage 2: the baseline alone leaves relative error %.4f", stats["baseline_only_relative_error"])
     names = list(baseline_names) + [f"case_{i + 1}" for i in range(cfg.K_case)]
     return StageFit(programs.numpy(), usage.numpy(), names, stats)
 

@@ -8,7 +8,6 @@ tables recomputed here with pandas.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 import matplotlib

@@ -1,7 +1,6 @@
 """Similarity resources in use: gene-ID harmonisation, coverage, configs, dense vs sparse."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -9,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 
 import deltanmf
