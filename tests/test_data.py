@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -352,26 +353,15 @@ def test_normalize_median(sparse, use_case):
 
 
 @pytest.mark.parametrize("sparse", [False, True])
-@pytest.mark.parametrize("normalize", ["total", "median"])
-@pytest.mark.parametrize("scale_genes", [False, True])
-def test_zero_total_cell_stays_zero(sparse, normalize, scale_genes):
+def test_cells_left_empty_are_an_error(sparse):
     adata = make_adata(seed=5)
     x = adata.X.copy()
     rows = cells_in_use(adata)
-    zero_cell = rows[2]
-    x[zero_cell] = 0.0
+    x[rows[2]] = 0.0
     adata.X = sp.csr_matrix(x) if sparse else x
-    p = prepare(adata, "condition", "ctrl", normalize=normalize, min_cells=0, scale_genes=scale_genes)
-    out = dense(p.X)
-    assert np.isfinite(out).all()
-    np.testing.assert_array_equal(out[2], 0.0)
-    assert p.cell_scale[2] == 0.0
-    assert np.isfinite(p.cell_scale).all() and np.isfinite(p.gene_scale).all()
-    if not scale_genes:
-        others = np.delete(np.arange(len(rows)), 2)
-        totals = x[rows].astype(np.float64).sum(axis=1)
-        target = 1e4 if normalize == "total" else np.median(totals[totals > 0])
-        np.testing.assert_allclose(out[others].sum(axis=1), target, rtol=1e-5)
+    with pytest.raises(InputError, match=r"1 cells have no expression left in the \d+ kept genes") as err:
+        prepare(adata, "condition", "ctrl", normalize="total", min_cells=0)
+    assert repr(str(adata.obs_names[rows[2]])) in str(err.value) and "'input': 30" in str(err.value)
 
 
 # --------------------------------------------------------------------------------------
@@ -905,3 +895,50 @@ def test_similarity_from_embeddings_constant_row():
     assert np.isfinite(s).all()
     np.testing.assert_array_equal(s[2], 0.0)
     np.testing.assert_array_equal(s[:, 2], 0.0)
+
+
+# --------------------------------------------------------------------------------------
+# prepare: input checks that name what is wrong and where
+# --------------------------------------------------------------------------------------
+def test_duplicate_cell_and_gene_names_are_rejected():
+    adata = make_adata()
+    cells = adata.copy()
+    cells.obs_names = [cells.obs_names[0]] + list(cells.obs_names[1:-1]) + [cells.obs_names[0]]
+    with pytest.raises(InputError, match=r"1 cell names occur more than once .*obs_names_make_unique"):
+        prepare(cells, "condition", "ctrl")
+    genes = adata.copy()
+    genes.var_names = ["G0", "G0"] + list(genes.var_names[2:])
+    with pytest.raises(InputError, match=r"1 gene names occur more than once \(e.g. \['G0'\]\)"):
+        prepare(genes, "condition", "ctrl")
+    with pytest.raises(InputError, match=r"gene ID names occur more than once.*data.gene_id_column"):
+        prepare(adata, "condition", "ctrl", gene_ids=["X"] * adata.n_vars)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("value, kind", [(np.nan, "NaN or infinite"), (-2.0, "negative")])
+def test_bad_values_say_how_many_and_where(sparse, value, kind):
+    adata = make_adata()
+    x = np.asarray(dense(adata.X), dtype=np.float32)
+    rows = cells_in_use(adata)
+    x[rows[4], 7] = value
+    x[rows[9], 2] = value
+    adata.X = sp.csr_matrix(x) if sparse else x
+    with pytest.raises(InputError) as err:
+        prepare(adata, "condition", "ctrl")
+    first = min((rows[4], 7), (rows[9], 2))
+    assert f"2 {kind} values (the first in cell {str(adata.obs_names[first[0]])!r}, " \
+           f"gene {str(adata.var_names[first[1]])!r})" in str(err.value)
+
+
+def test_float64_is_converted_with_one_warning_and_integers_are_accepted():
+    adata = make_adata()
+    adata.X = np.asarray(dense(adata.X), dtype=np.float64)
+    with pytest.warns(UserWarning, match="float64; converting to float32") as record:
+        p = prepare(adata, "condition", "ctrl", min_cells=0)
+    assert len([w for w in record if "float64" in str(w.message)]) == 1 and p.X.dtype == np.float32
+    counts = adata.copy()
+    counts.X = sp.csr_matrix(np.asarray(dense(adata.X)).round().astype(np.int64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = prepare(counts, "condition", "ctrl", min_cells=0)
+    assert p.X.dtype == np.float32

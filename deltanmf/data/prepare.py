@@ -10,6 +10,7 @@ Sparse input stays sparse throughout.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,15 +129,35 @@ def split_conditions(obs: pd.DataFrame, condition_key: str, control, case=None) 
     return is_control, is_case
 
 
-def _check_values(x, what: str) -> None:
-    values = x.data if sp.issparse(x) else np.asarray(x)
-    n_bad = int(np.count_nonzero(~np.isfinite(values)))
-    if n_bad:
-        raise InputError(f"{what} holds {n_bad} NaN or infinite values; NMF needs finite, non-negative expression.")
-    n_neg = int(np.count_nonzero(values < 0))
-    if n_neg:
-        raise InputError(f"{what} holds {n_neg} negative values; NMF needs non-negative expression "
-                         "(use raw or normalised counts, not centred or log-ratio data).")
+def _first_position(x, bad: np.ndarray) -> tuple[int, int]:
+    """(row, column) of the first flagged stored value of ``x``."""
+    first = int(np.flatnonzero(bad)[0])
+    if sp.issparse(x):
+        csr = sp.csr_matrix(x)
+        row = int(np.searchsorted(csr.indptr, first, side="right") - 1)
+        return row, int(csr.indices[first])
+    return divmod(first, x.shape[1])
+
+
+def _check_values(x, what: str, cells, genes) -> None:
+    if sp.issparse(x):
+        x = sp.csr_matrix(x)
+        values = x.data
+    else:
+        values = np.asarray(x).ravel()
+    for bad, kind, need in ((~np.isfinite(values), "NaN or infinite", "finite, non-negative expression"),
+                            (values < 0, "negative", "non-negative expression (use raw or normalised counts, "
+                                                      "not centred or log-ratio data)")):
+        if bad.any():
+            row, col = _first_position(x, bad)
+            raise InputError(f"{what} holds {int(bad.sum())} {kind} values (the first in cell {cells[row]!r}, "
+                             f"gene {genes[col]!r}); NMF needs {need}.")
+
+
+def _check_unique(names: pd.Index, what: str, fix: str) -> None:
+    if not names.is_unique:
+        dup = names[names.duplicated()].unique()
+        raise InputError(f"{len(dup)} {what} names occur more than once (e.g. {list(dup[:3])}); {fix}")
 
 
 def _to_float32(x):
@@ -245,11 +266,18 @@ def prepare(
     if use_case and not is_case.any():
         raise InputError(f"no case cells: every cell in .obs[{condition_key!r}] is the control {control!r}")
 
+    _check_unique(adata.obs_names[cells], "cell", "make them unique first (adata.obs_names_make_unique())")
+    _check_unique(adata.var_names, "gene", "make them unique first (adata.var_names_make_unique())")
     x = _matrix(adata, layer)[cells]
-    _check_values(x, "data.layer=" + repr(layer) if layer else ".X")
+    _check_values(x, "data.layer=" + repr(layer) if layer else ".X", adata.obs_names[cells], adata.var_names)
+    if x.dtype == np.float64:
+        warnings.warn(f"{'data.layer=' + repr(layer) if layer else '.X'} is float64; converting to float32 "
+                      "(the precision the model trains in)", UserWarning, stacklevel=2)
     x = _to_float32(x)
 
     ids = np.asarray(adata.var_names if gene_ids is None else gene_ids).astype(str)
+    if gene_ids is not None:
+        _check_unique(pd.Index(ids), "gene ID", "choose a data.gene_id_column with one ID per gene")
     counts = {"input": int(x.shape[1])}
     if genes is not None:
         position = {g: i for i, g in enumerate(np.asarray(adata.var_names).astype(str))}
@@ -274,6 +302,12 @@ def prepare(
         raise InputError(f"no genes left after filtering (genes left per step: {counts}); "
                          "lower data.min_cells or check data.remove_genes and the resource's gene IDs")
     x = x[:, keep_index]
+    empty = np.asarray(x.sum(axis=1)).ravel() <= 0
+    if empty.any():
+        names = list(adata.obs_names[cells][empty][:3])
+        raise InputError(f"{int(empty.sum())} cells have no expression left in the {len(keep_index)} kept genes "
+                         f"(e.g. {names}; genes left per step: {counts}); remove empty cells first, or lower "
+                         "data.min_cells")
 
     totals = np.asarray(x.sum(axis=1)).ravel().astype(np.float64)
     cell_scale = np.ones(x.shape[0])
