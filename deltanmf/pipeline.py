@@ -28,7 +28,7 @@ from .nmf.metrics import cosine_matrix, fit_error, matching, normalize_programs
 from .report import casecontrol, plots
 from .report.outputs import results_anndata, standard_files, write_outputs
 from .resources import strip_version
-from .stages import ConvergenceStop, ProgressBar, Stage1Module, Stage2Module
+from .stages import ConvergenceStop, NonFiniteLossError, ProgressBar, Stage1Module, Stage2Module
 from .sweeps import register_resolvers
 
 register_resolvers()  # before Hydra resolves hydra.sweep.subdir
@@ -525,9 +525,9 @@ def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         result = run(cfg, run_dir)
-    except InputError as err:
+    except (InputError, NonFiniteLossError) as err:
         log.error("%s", err)
         print(f"deltanmf: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(2 if isinstance(err, InputError) else 3) from None
     last = result.metrics.get("stage2", result.metrics["stage1"])
     return float(last.get("relative_error", float("nan")))

@@ -79,3 +79,19 @@ def test_without_prior_the_convergence_stop_ends_training(make_cfg, dataset):
     fit = fit_stage1(prepared.control, cfg, run_dir)
     # a huge tolerance stops at the first possible check: 3 windows of 10 steps
     assert fit.stats["converged"] and fit.stats["steps"] == 30
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_term():
+    import lightning as L
+
+    from deltanmf.data import CellDataModule
+    from deltanmf.stages import ConvergenceStop, NonFiniteLossError, Stage1Module
+
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 30), dtype=np.float32)
+    x[5, 3] = 3e38  # its square overflows float32: the reconstruction loss is inf from the first step
+    module = Stage1Module(torch.rand(30, 3), torch.rand(40, 3))
+    trainer = L.Trainer(max_steps=100, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[ConvergenceStop()])
+    with pytest.raises(NonFiniteLossError, match=r"between steps 1 and 10 \(non-finite term: loss, recon\)"):
+        trainer.fit(module, CellDataModule(x, steps_per_epoch=10))

@@ -85,6 +85,8 @@ class NMFStageModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, index = batch
         terms = self.loss_terms(x, index)
+        # kept (detached, no sync) so a non-finite loss can be traced to its term
+        self.last_terms = {name: value.detach() for name, value in terms.items()}
         for name, value in terms.items():
             self.log(f"train/{name}", value, prog_bar=(name == "loss"), on_step=True, on_epoch=False,
                      batch_size=x.shape[0])

@@ -6,6 +6,10 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the message names the steps and the term."""
+
+
 class ConvergenceStop(L.Callback):
     """Stop when the loss's relative improvement stays below ``tol`` for ``patience`` checks.
 
@@ -15,7 +19,8 @@ class ConvergenceStop(L.Callback):
     comparing against the best, not the previous window, keeps minibatch noise from
     counting as progress for ever. Only one host-device synchronisation happens
     per window. When the module has a further phase (the late-switching Laplacian
-    prior), convergence starts that phase instead of stopping.
+    prior), convergence starts that phase instead of stopping. A window whose loss is
+    not finite stops training with :class:`NonFiniteLossError`.
 
     Parameters
     ----------
@@ -51,7 +56,13 @@ class ConvergenceStop(L.Callback):
         current = float(self._sum) / self._count
         self._sum, self._count = None, 0
         if not torch.isfinite(torch.tensor(current)):
-            return
+            terms = getattr(pl_module, "last_terms", {})
+            bad = [name for name, value in terms.items() if not torch.isfinite(value)] or ["loss"]
+            first = trainer.global_step - window + 1
+            raise NonFiniteLossError(
+                f"the loss became NaN or infinite between steps {max(first, 1)} and {trainer.global_step} "
+                f"(non-finite term: {', '.join(bad)}); no results were written. Lower model.lr, keep "
+                "data.scale_genes=true, or check the input for extreme values.")
         if self._best is None or (self._best - current) > self.tol * abs(self._best):
             self._best, self._stalled = current, 0
         else:
