@@ -381,6 +381,9 @@ def run(cfg: DictConfig, run_dir: str | Path, adata: ad.AnnData | None = None) -
     if stage not in STAGES:
         raise InputError(f"stage={stage!r} is not one of {STAGES}")
     twostage = stage == "twostage"
+    if (run_dir / "results.h5ad").exists() and not cfg.get("overwrite", False):
+        raise InputError(f"{run_dir} already holds the results of a run; choose another directory "
+                         "(hydra.run.dir=...) or replace them with overwrite=true")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     baseline = _baseline_from(cfg)
     resource = instantiate_input(cfg.resource) if cfg.get("resource") else None

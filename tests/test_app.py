@@ -168,3 +168,26 @@ def test_sweep_jobs_are_named_by_the_swept_keys(tmp_path, cache_dir):
     for job in ("K=3", "K=4"):
         assert (sweep / job / "results.h5ad").is_file()
         assert list((sweep / job / "tensorboard" / "stage1").glob("events.out.tfevents.*"))
+
+
+def test_results_are_not_overwritten_unless_asked(make_cfg):
+    cfg, run_dir = make_cfg("stage=onestage")
+    run(cfg, run_dir)
+    before = (run_dir / "results.h5ad").stat().st_mtime_ns
+    with pytest.raises(ValueError, match="already holds the results of a run.*overwrite=true"):
+        run(cfg, run_dir)
+    assert (run_dir / "results.h5ad").stat().st_mtime_ns == before
+    cfg, run_dir = make_cfg("stage=onestage", "overwrite=true")
+    run(cfg, run_dir)
+    assert (run_dir / "results.h5ad").stat().st_mtime_ns != before
+
+
+def test_same_seed_same_programs_other_seed_other_start(make_cfg):
+    import numpy as np
+
+    programs = {}
+    for i, seed in enumerate((0, 0, 1)):
+        cfg, run_dir = make_cfg("stage=onestage", f"seed={seed}", "logger=none")
+        programs[i] = run(cfg, run_dir / str(i)).results.varm["deltanmf_programs"]
+    np.testing.assert_array_equal(programs[0], programs[1])
+    assert not np.array_equal(programs[0], programs[2])
