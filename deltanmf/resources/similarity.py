@@ -156,7 +156,7 @@ class FileResource(Resource):
             sub.eliminate_zeros()
             self._check_values(sub.data)
             tensor = torch.sparse_coo_tensor(np.vstack([sub.row, sub.col]), sub.data.astype(np.float32),
-                                             size=sub.shape).coalesce().to_sparse_csr()
+                                             size=sub.shape, check_invariants=True).coalesce().to_sparse_csr()
         else:
             full = np.load(self.matrix_path, mmap_mode="r")
             self._check_shape(full.shape, n)
