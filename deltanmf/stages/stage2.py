@@ -116,8 +116,8 @@ class Stage2Module(NMFStageModule):
         return self.model.fixed_programs
 
     def loss_terms(self, x: torch.Tensor, index: torch.Tensor) -> LossTerms:
-        case = self.model.trainable_programs()
-        programs = torch.cat([self.baseline, case], dim=1)
+        programs = self.model.programs()  # [baseline, case]
+        case = programs[:, self.baseline.shape[1]:]
         recon = reconstruction_loss(x, programs, self.model.usage(index))
         total = recon
         ortho = None
