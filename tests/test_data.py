@@ -663,8 +663,9 @@ def test_full_batch(sparse, batch_size):
     batches = list(dm.train_dataloader())
     assert len(batches) == 4
     for block, index in batches:
-        assert isinstance(block, torch.Tensor) and block.dtype == torch.float32 and not block.is_sparse
-        np.testing.assert_array_equal(block.numpy(), x)
+        assert isinstance(block, torch.Tensor) and block.dtype == torch.float32
+        assert block.layout == (torch.sparse_csr if sparse else torch.strided)  # sparse stays sparse
+        np.testing.assert_array_equal(block.to_dense().numpy(), x)
         np.testing.assert_array_equal(index.numpy(), np.arange(50))
 
 
@@ -707,7 +708,7 @@ def test_minibatch_transfer_not_cached():
 
 def _epoch(dm_or_loader):
     loader = dm_or_loader.train_dataloader() if isinstance(dm_or_loader, CellDataModule) else dm_or_loader
-    return [(b.numpy().copy(), i.numpy().copy()) for b, i in loader]
+    return [(b.to_dense().numpy().copy(), i.numpy().copy()) for b, i in loader]
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -764,7 +765,8 @@ def test_datamodule_from_prepared_sparse():
     p = prepare(adata, "condition", "ctrl", normalize="total")
     dm = CellDataModule(p.control, batch_size=None, steps_per_epoch=1)
     (block, idx), = list(dm.train_dataloader())
-    np.testing.assert_allclose(block.numpy(), p.control.toarray())
+    assert block.layout == torch.sparse_csr
+    np.testing.assert_allclose(block.to_dense().numpy(), p.control.toarray())
     assert dm.n_cells == N_CTRL
 
 

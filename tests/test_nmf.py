@@ -491,14 +491,15 @@ def test_cell_matrix_dense_and_sparse_blocks_identical(batch_size):
     csc = CellMatrix(sp.csc_matrix(x), batch_size=batch_size)  # converted to CSR
     assert (dense.n_cells, dense.n_genes) == (sparse.n_cells, sparse.n_genes) == x.shape
     idx = np.array([4, 0, 17, 4])
-    for m in (sparse, csc):
-        assert torch.equal(dense.rows(idx), m.rows(idx))
-        assert torch.equal(dense.full(), m.full())
-    assert dense.full().dtype == torch.float32
+    for m in (sparse, csc):  # sparse input stays sparse: CSR blocks, the full matrix included
+        assert m.rows(idx).layout == m.full().layout == torch.sparse_csr
+        assert torch.equal(dense.rows(idx), m.rows(idx).to_dense())
+        assert torch.equal(dense.full(), m.full().to_dense())
+    assert dense.full().dtype == torch.float32 and dense.full().layout == torch.strided
     np.testing.assert_array_equal(dense.rows(idx).numpy(), x[idx].astype(np.float32))
     for (i_d, b_d), (i_s, b_s) in zip(dense.batches(), sparse.batches(), strict=True):
         np.testing.assert_array_equal(i_d, i_s)
-        assert torch.equal(b_d, b_s)
+        assert torch.equal(b_d, b_s.to_dense())
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -514,7 +515,8 @@ def test_cell_matrix_batches_cover_every_cell_once(batch_size, shuffle, sparse):
         n_batches += 1
         assert len(index) <= batch_size
         assert np.all(np.diff(index) > 0)  # sorted, no repeats
-        np.testing.assert_array_equal(block.numpy(), x[index].astype(np.float32))
+        assert (block.layout == torch.sparse_csr) == sparse
+        np.testing.assert_array_equal(block.to_dense().numpy(), x[index].astype(np.float32))
         seen.append(index)
     assert n_batches == math.ceil(x.shape[0] / batch_size)
     allidx = np.concatenate(seen)
@@ -540,7 +542,8 @@ def test_cell_matrix_full_batch_yields_one_block(batch_size):
     assert len(batches) == 1
     index, block = batches[0]
     np.testing.assert_array_equal(index, np.arange(x.shape[0]))
-    np.testing.assert_array_equal(block.numpy(), x.astype(np.float32))
+    assert block.layout == torch.sparse_csr  # never densified
+    np.testing.assert_array_equal(block.to_dense().numpy(), x.astype(np.float32))
     assert m.full() is m.full()  # cached
 
 

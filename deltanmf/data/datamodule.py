@@ -1,8 +1,12 @@
 """The LightningDataModule serving cells to a stage.
 
-Full-batch mode yields the whole matrix (cells x genes, dense) with all cell indices;
-it is densified and moved to the device once, then reused every step. Minibatch mode
-yields shuffled batches of cells, densifying only the batch from the sparse matrix.
+Full-batch mode yields the whole matrix (cells x genes) with all cell indices; it is
+moved to the device once, then reused every step. Minibatch mode yields shuffled
+batches of cells. Dense input gives dense blocks. Sparse input stays sparse: a scipy
+sparse matrix, or a *row source* (any object with ``.shape`` (cells, genes) and
+``read_rows(index) -> scipy.sparse.csr_matrix`` for a sorted int64 index, e.g. a file
+read on demand), gives torch sparse CSR blocks, the full batch included; the loss
+works on them directly (:func:`deltanmf.nmf.losses.squared_error`).
 """
 from __future__ import annotations
 
@@ -12,22 +16,50 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
+from ..nmf.matrix import canonical_csr, csr_tensor, is_row_source
+
 
 class _Rows(Dataset):
-    """Index with a list of cells; returns ``(dense block, cell indices)``."""
+    """Index with a list of cells; returns ``(block, cell indices)``, the block float32 and
+    dense for dense input, torch sparse CSR for scipy sparse input or a row source."""
 
     def __init__(self, data):
-        self.data = sp.csr_matrix(data) if sp.issparse(data) else np.asarray(data)
+        if sp.issparse(data):
+            self.data = canonical_csr(data)
+        elif is_row_source(data):
+            self.data = data
+        else:
+            self.data = np.asarray(data)
+        if len(self.data.shape) != 2:
+            raise ValueError(f"expression must be 2-D (cells x genes), got shape {tuple(self.data.shape)}")
+
+    @property
+    def sparse(self) -> bool:
+        return not isinstance(self.data, np.ndarray)
 
     def __len__(self) -> int:
-        return self.data.shape[0]
+        return int(self.data.shape[0])
+
+    def block(self, index: np.ndarray) -> torch.Tensor:
+        """Rows ``index`` (sorted, unique) as a float32 tensor."""
+        if is_row_source(self.data):
+            return csr_tensor(self.data.read_rows(index))
+        if self.sparse:
+            return csr_tensor(self.data[index])
+        return torch.as_tensor(np.asarray(self.data[index], dtype=np.float32))
+
+    def full(self) -> torch.Tensor:
+        """All cells as one float32 block (sparse data stays sparse; on the CPU float32 input
+        is shared, not copied)."""
+        if sp.issparse(self.data):
+            return csr_tensor(self.data)
+        if self.sparse:
+            return self.block(np.arange(len(self), dtype=np.int64))
+        return torch.as_tensor(np.asarray(self.data, dtype=np.float32))
 
     def __getitem__(self, index):
         index = np.sort(np.asarray(index, dtype=np.int64))
-        block = self.data[index]
-        if sp.issparse(block):
-            block = block.toarray()
-        return torch.as_tensor(np.asarray(block, dtype=np.float32)), torch.as_tensor(index)
+        return self.block(index), torch.as_tensor(index)
 
 
 class _Repeat(Dataset):
@@ -49,7 +81,8 @@ class CellDataModule(L.LightningDataModule):
     Parameters
     ----------
     data
-        cells x genes, numpy or scipy sparse (kept sparse).
+        cells x genes: numpy, scipy sparse (kept sparse), or a row source (``.shape`` and
+        ``read_rows(sorted int64 index) -> scipy.sparse.csr_matrix``; kept sparse).
     batch_size
         Cells per batch; ``None`` for full batch.
     num_workers
@@ -81,15 +114,35 @@ class CellDataModule(L.LightningDataModule):
     def full_batch(self) -> bool:
         return self.batch_size is None or self.batch_size >= self.n_cells
 
+    @property
+    def pin_memory(self) -> bool:
+        """Pinned host memory speeds copies to a GPU; torch pins dense tensors only."""
+        return torch.cuda.is_available() and not self.rows.sparse
+
     def train_dataloader(self) -> DataLoader:
         if self.full_batch:
-            full = self.rows[np.arange(self.n_cells)]
-            return DataLoader(_Repeat(full, self.steps_per_epoch), batch_size=None, shuffle=False)
+            return self._full_batch_loader()
+        return self._minibatch_loader()
+
+    def _full_batch_loader(self) -> DataLoader:
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            # DDP: each process holds its share of the cells (every world_size-th one); the
+            # averaged gradients are those of the whole matrix
+            full = self.rows[np.arange(trainer.global_rank, self.n_cells, trainer.world_size)]
+        else:
+            full = (self.rows.full(), torch.arange(self.n_cells))
+        return DataLoader(_Repeat(full, self.steps_per_epoch), batch_size=None, shuffle=False)
+
+    def _minibatch_loader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
         sampler = BatchSampler(RandomSampler(self.rows, generator=generator), self.batch_size, drop_last=False)
-        pin = torch.cuda.is_available()
+        if hasattr(self.rows.data, "batch_indices"):  # cells on disk: batches of a few contiguous runs, fast to read
+            from .backed import SourceBatchSampler
+
+            sampler = SourceBatchSampler(self.rows.data, self.batch_size, self.seed)
         return DataLoader(self.rows, sampler=sampler, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=pin, persistent_workers=self.num_workers > 0)
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         if not self.full_batch:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .matrix import CellMatrix
+from .matrix import matmul, t_matmul
 from .nnls import nnls_programs, nnls_usage
 
 _EPS = 1e-10
@@ -51,11 +51,14 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
-def multiplicative_nmf(matrix: CellMatrix, k: int, iterations: int, seed: int) -> torch.Tensor:
+def multiplicative_nmf(matrix, k: int, iterations: int, seed: int) -> torch.Tensor:
     """A short Frobenius NMF by multiplicative updates; returns W (genes x K), L1-normalised columns.
 
-    In minibatch mode each pass updates the batch's usage, then the programs from that
-    batch's statistics (an online variant), so no more than one batch is dense at a time.
+    In full-batch mode each pass is the exact full update (usage of every cell, then the
+    programs from statistics summed over the matrix's blocks, which may be several
+    bounded blocks, e.g. of a residual). In minibatch mode each batch updates its usage,
+    then the programs from that batch's statistics (an online variant). Either way no
+    more than one block is held at a time, and sparse blocks stay sparse.
     """
     gen = _generator(seed)
     device, dtype = matrix.device, matrix.dtype
@@ -65,12 +68,25 @@ def multiplicative_nmf(matrix: CellMatrix, k: int, iterations: int, seed: int) -
     usage = (torch.rand(matrix.n_cells, k, generator=gen, dtype=dtype) * scale).to(device)
     order_rng = np.random.default_rng(seed)
     for _ in range(iterations):
+        if matrix.full_batch:
+            gram_w = programs.T @ programs
+            cross = torch.zeros_like(programs)
+            gram_u = torch.zeros(k, k, dtype=dtype, device=device)
+            for index, x in matrix.batches():
+                idx = torch.as_tensor(index, device=device)
+                u = usage[idx]
+                u = u * matmul(x, programs) / (u @ gram_w).clamp_min(_EPS)
+                usage[idx] = u
+                cross += t_matmul(x, u).to(device)
+                gram_u += u.T @ u
+            programs = programs * cross / (programs @ gram_u).clamp_min(_EPS)
+            continue
         for index, x in matrix.batches(shuffle=True, generator=order_rng):
             idx = torch.as_tensor(index, device=device)
             u = usage[idx]
-            u = u * (x @ programs) / (u @ (programs.T @ programs)).clamp_min(_EPS)
+            u = u * matmul(x, programs) / (u @ (programs.T @ programs)).clamp_min(_EPS)
             usage[idx] = u
-            programs = programs * (x.T @ u) / (programs @ (u.T @ u)).clamp_min(_EPS)
+            programs = programs * t_matmul(x, u).to(device) / (programs @ (u.T @ u)).clamp_min(_EPS)
     return programs / programs.sum(dim=0, keepdim=True).clamp_min(_EPS)
 
 
@@ -138,7 +154,11 @@ def silhouette(points: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def refit_usage(matrix, programs: torch.Tensor, nnls_iter: int = 200) -> torch.Tensor:
-    """NNLS usage of every cell of ``matrix`` given ``programs`` (genes x K); cells x K."""
+    """NNLS usage of every cell of ``matrix`` given ``programs`` (genes x K); cells x K.
+
+    Runs over the matrix's blocks (all cells at once in full-batch mode: the NNLS works
+    on K x cells arrays only, and a sparse block stays sparse).
+    """
     programs = programs.to(matrix.device, matrix.dtype)
     usage = torch.empty(matrix.n_cells, programs.shape[1], dtype=programs.dtype, device=programs.device)
     for index, x in matrix.batches():
@@ -146,8 +166,28 @@ def refit_usage(matrix, programs: torch.Tensor, nnls_iter: int = 200) -> torch.T
     return usage
 
 
+def sample_cells(n_cells: int, max_cells: int | None, seed: int) -> np.ndarray | None:
+    """A seeded random subset of at most ``max_cells`` cells (sorted), or None for all cells.
+
+    Raises
+    ------
+    InputError
+        When ``max_cells`` is not a positive integer or None.
+    """
+    if max_cells is None:
+        return None
+    if isinstance(max_cells, bool) or not isinstance(max_cells, (int, np.integer)) or max_cells < 1:
+        from ..data.errors import InputError  # here: deltanmf.data imports this package
+
+        raise InputError(f"model.consensus.max_cells={max_cells!r} must be a positive integer, or null to "
+                         "initialise from all cells")
+    if n_cells <= max_cells:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n_cells, size=int(max_cells), replace=False))
+
+
 def consensus_init(
-    matrix: CellMatrix,
+    matrix,
     k: int,
     replicates: int = 5,
     iterations: int = 200,
@@ -155,14 +195,23 @@ def consensus_init(
     density_quantile: float = 0.95,
     kmeans_restarts: int = 10,
     nnls_iterations: int = 200,
+    max_cells: int | None = None,
     seed: int = 0,
 ) -> ConsensusResult:
     """Consensus programs and usage for a K-program NMF of ``matrix``.
 
+    With ``max_cells`` smaller than the number of cells, the replicates, the clustering
+    and the refinement of the programs use a seeded random subset of ``max_cells``
+    cells; only the final usage is computed for every cell (by blocks). The programs
+    given usage depend on the cells only through ``U^T U`` and ``X^T U``, sums over cells
+    that a random subset of tens of thousands of cells estimates closely, so a second
+    pass over all cells would cost as much as the final usage refit and change little.
+
     Parameters
     ----------
     matrix
-        Cells x genes expression.
+        Cells x genes expression (a :class:`CellMatrix` or anything serving blocks the
+        same way, with ``subset``).
     k
         Number of programs.
     replicates
@@ -177,13 +226,18 @@ def consensus_init(
         k-means restarts; the lowest-inertia clustering is kept.
     nnls_iterations
         Sweep cap of each NNLS refinement.
+    max_cells
+        Cells the replicates and the refinement run on (a random subset drawn with
+        ``seed``); None uses every cell.
     seed
         Replicate r uses ``seed + r``.
     """
     if replicates < 1:
         raise ValueError(f"consensus replicates must be >= 1, got {replicates}")
+    sample = sample_cells(matrix.n_cells, max_cells, seed)
+    fit_on = matrix if sample is None else matrix.subset(sample)
     spectra = torch.cat(
-        [multiplicative_nmf(matrix, k, iterations, seed + r).T for r in range(replicates)]
+        [multiplicative_nmf(fit_on, k, iterations, seed + r).T for r in range(replicates)]
     )
     spectra = spectra / spectra.norm(dim=1, keepdim=True).clamp_min(_EPS)
     if replicates > 1:
@@ -199,13 +253,14 @@ def consensus_init(
     centers = centers / centers.sum(dim=0, keepdim=True).clamp_min(_EPS)
 
     # Refinement: usage given the consensus, usage normalised per cell, programs given
-    # that usage, and usage again given the refined programs.
-    usage = refit_usage(matrix, centers, nnls_iterations)
+    # that usage (on the same cells as the replicates), and usage of every cell given
+    # the refined programs.
+    usage = refit_usage(fit_on, centers, nnls_iterations)
     usage = usage / usage.sum(dim=1, keepdim=True).clamp_min(_EPS)
     gram = usage.T @ usage
-    cross = torch.zeros(matrix.n_genes, k, dtype=usage.dtype, device=usage.device)
-    for index, x in matrix.batches():
-        cross += x.T @ usage[torch.as_tensor(index, device=usage.device)]
+    cross = torch.zeros(fit_on.n_genes, k, dtype=usage.dtype, device=usage.device)
+    for index, x in fit_on.batches():
+        cross += t_matmul(x, usage[torch.as_tensor(index, device=usage.device)]).to(usage.device)
     programs = nnls_programs(gram, cross, max_iter=nnls_iterations)
     usage = refit_usage(matrix, programs, nnls_iterations)
     stability = silhouette(pool, labels) if k > 1 else float("nan")

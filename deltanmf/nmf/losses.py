@@ -10,15 +10,39 @@ from dataclasses import dataclass
 
 import torch
 
-
-def reconstruction_loss(x: torch.Tensor, programs: torch.Tensor, usage: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the entries of the batch: ``mean((X - W H)^2)``."""
-    return torch.mean((x - usage @ programs.T) ** 2)
+from .matrix import as_csr_tensor, is_sparse_tensor, matmul
 
 
 def squared_error(x: torch.Tensor, programs: torch.Tensor, usage: torch.Tensor) -> torch.Tensor:
-    """Sum of squared errors of the batch, for relative errors accumulated over batches."""
-    return torch.sum((x - usage @ programs.T) ** 2)
+    """Sum of squared errors of the batch, ``||X - U W^T||_F^2``.
+
+    ``x`` may be dense or a torch sparse (CSR or COO) tensor. A sparse ``x`` is never
+    densified: the square is expanded as ``||X||^2 - 2<X W, U> + <W^T W, U^T U>``, so the
+    cost is ``nnz K + (genes + cells) K^2`` instead of ``genes x cells``. The three terms
+    are combined in float64 because they nearly cancel when the fit is good.
+    """
+    if not is_sparse_tensor(x):
+        return torch.sum((x - usage @ programs.T) ** 2)
+    x = as_csr_tensor(x)
+    if tuple(x.shape) != (usage.shape[0], programs.shape[0]):
+        raise ValueError(f"x is {tuple(x.shape)} but usage @ programs.T is {(usage.shape[0], programs.shape[0])}")
+    values = x.values()
+    norm = torch.dot(values, values)  # constant in the parameters
+    # a dot product, not sum(XW * U): no cells x K temporary beyond X W itself
+    cross = torch.dot(matmul(x, programs).reshape(-1), usage.reshape(-1))
+    gram = torch.sum((programs.T @ programs) * (usage.T @ usage))
+    total = norm.double() - 2 * cross.double() + gram.double()
+    return total.to(cross.dtype)
+
+
+def reconstruction_loss(x: torch.Tensor, programs: torch.Tensor, usage: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the entries of the batch: ``mean((X - W H)^2)``.
+
+    ``x`` may be dense or a torch sparse tensor (see :func:`squared_error`).
+    """
+    if not is_sparse_tensor(x):
+        return torch.mean((x - usage @ programs.T) ** 2)
+    return squared_error(x, programs, usage) / (x.shape[0] * x.shape[1])
 
 
 class GeneGraph:

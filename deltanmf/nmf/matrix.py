@@ -1,26 +1,173 @@
 """Access to an expression matrix by batches of cells, whatever its storage.
 
-The math in this package only ever needs dense blocks of cells (cells x genes) on a
-device. ``CellMatrix`` hands those out from a dense array or a scipy sparse matrix
-(kept sparse; only the requested rows are densified), so the consensus initialisation
-and the evaluation code run the same way in full-batch and minibatch mode.
+``CellMatrix`` hands out blocks of cells (cells x genes) on a device, so the consensus
+initialisation and the evaluation code run the same way in full-batch and minibatch
+mode. Dense input gives dense blocks. Sparse input stays sparse end to end: a scipy
+sparse matrix, or a *row source* (any object with ``.shape`` and ``read_rows``, e.g. a
+file on disk), gives torch sparse CSR blocks, and even the full matrix is only ever
+held in CSR form. The products the math needs from a sparse block (``X W`` and
+``X^T U``) are :func:`matmul` and :func:`t_matmul`.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+# Rows per read when a pass over a row source only needs a statistic (its norm).
+_SCAN_ROWS = 65536
+
+
+def is_row_source(data) -> bool:
+    """True for the row-source duck type: ``.shape`` (cells, genes) and
+    ``read_rows(sorted int64 index) -> scipy.sparse.csr_matrix``."""
+    return (hasattr(data, "read_rows") and hasattr(data, "shape") and not sp.issparse(data)
+            and not isinstance(data, (np.ndarray, torch.Tensor)))
+
+
+def is_sparse_tensor(x: torch.Tensor) -> bool:
+    return x.layout != torch.strided
+
+
+def canonical_csr(data) -> sp.csr_matrix:
+    """``data`` as a CSR matrix with sorted, unique column indices (torch's CSR invariant).
+
+    A CSR matrix already in canonical form is returned without copying its arrays.
+    """
+    csr = sp.csr_matrix(data)
+    if not csr.has_canonical_format:
+        csr = csr.copy()
+        csr.sum_duplicates()  # also sorts the indices
+    return csr
+
+
+def _numpy_dtype(dtype: torch.dtype):
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    # torch.from_numpy shares memory; a read-only array (e.g. memory-mapped) must be copied
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def csr_tensor(block, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A torch sparse CSR tensor of a scipy sparse matrix, on ``device``.
+
+    On the CPU, with matching dtypes, the tensor shares the scipy arrays (no copy).
+    """
+    block = canonical_csr(block)
+    index_dtype = np.int32 if block.indices.dtype == np.int32 and block.indptr.dtype == np.int32 else np.int64
+    values = block.data.astype(_numpy_dtype(dtype), copy=False)
+    tensor = csr_from_parts(_tensor(block.indptr.astype(index_dtype, copy=False)),
+                            _tensor(block.indices.astype(index_dtype, copy=False)), _tensor(values), block.shape)
+    return tensor.to(device)
+
+
+def csr_from_parts(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
+    """A torch sparse CSR tensor from arrays already known to be valid (no invariant check)."""
+    with warnings.catch_warnings():
+        # torch flags CSR support as "beta" once per process; the operations used here are covered by tests
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, values, size=tuple(shape), check_invariants=False)
+
+
+def as_csr_tensor(x: torch.Tensor) -> torch.Tensor:
+    """A sparse COO tensor converted to CSR; a CSR tensor unchanged."""
+    if x.layout == torch.sparse_csr:
+        return x
+    if x.layout == torch.sparse_coo:
+        return x.coalesce().to_sparse_csr()
+    raise ValueError(f"expected a sparse CSR or COO tensor, got layout {x.layout}")
+
+
+def _scipy_view(x: torch.Tensor) -> sp.csr_matrix:
+    """A scipy CSR matrix sharing the arrays of a CPU torch CSR tensor."""
+    return sp.csr_matrix((x.values().numpy(), x.col_indices().numpy(), x.crow_indices().numpy()),
+                         shape=tuple(x.shape), copy=False)
+
+
+def t_matmul(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``x^T @ dense`` for a block ``x`` (cells x genes, dense or sparse) and ``dense`` (cells x K).
+
+    torch computes the transposed sparse product by first converting the whole block
+    to CSR of its transpose (an extra copy of the non-zeros each call); on the CPU,
+    scipy's CSC kernel reads the CSR arrays as they are instead.
+    """
+    if not is_sparse_tensor(x):
+        return x.T @ dense
+    x = as_csr_tensor(x)
+    if x.device.type == "cpu":
+        out = _scipy_view(x).T @ dense.detach().contiguous().numpy()
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=_numpy_dtype(dense.dtype)))
+    return _t_matmul_torch(x, dense)
+
+
+def _t_matmul_torch(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """torch's own ``x^T @ dense`` for a CSR ``x`` (used off the CPU)."""
+    return x.t() @ dense
+
+
+class _SparseMatmul(torch.autograd.Function):
+    """``x @ w`` for a sparse CSR ``x`` (no gradient) and a dense ``w``; backward is ``x^T g``."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.x = x  # kept as an attribute: sparse CSR tensors are not saved as tensors for backward
+        return x @ w
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, t_matmul(ctx.x, grad)
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w`` for a block ``x`` (dense, sparse CSR or COO) and a dense ``w``, differentiable in ``w``."""
+    if not is_sparse_tensor(x):
+        return x @ w
+    x = as_csr_tensor(x)
+    if w.requires_grad:
+        return _SparseMatmul.apply(x, w)
+    return x @ w
+
+
+def reconstruction_at_nonzeros(x: torch.Tensor, programs: torch.Tensor, usage: torch.Tensor,
+                               chunk_nnz: int = 1 << 16) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(U W^T)`` at the non-zeros of a sparse block ``x``, by chunks of at most ``chunk_nnz``.
+
+    Yields ``(part, values)``: ``values`` are the reconstruction at ``x``'s non-zeros
+    ``part`` (a slice of its CSR values). Chunking bounds the ``nnz x K`` temporaries;
+    the reconstruction is never formed for all cells x genes.
+    """
+    x = as_csr_tensor(x)
+    crow, col = x.crow_indices(), x.col_indices()
+    bounds = crow.cpu().numpy()
+    n_rows, device = x.shape[0], crow.device
+    start = 0
+    while start < n_rows:
+        # rows [start, stop) hold at most chunk_nnz non-zeros (always at least one row)
+        stop = int(np.searchsorted(bounds, bounds[start] + chunk_nnz, side="right")) - 1
+        stop = min(max(stop, start + 1), n_rows)
+        lo, hi = int(bounds[start]), int(bounds[stop])
+        if hi > lo:
+            counts = (crow[start + 1:stop + 1] - crow[start:stop]).long()
+            rows = torch.repeat_interleave(torch.arange(start, stop, device=device), counts)
+            yield slice(lo, hi), torch.sum(usage[rows] * programs[col[lo:hi].long()], dim=1)
+        start = stop
+
 
 class CellMatrix:
-    """Cells x genes expression, served as dense torch blocks.
+    """Cells x genes expression, served as torch blocks of cells.
 
     Parameters
     ----------
     data
-        numpy array or scipy sparse matrix (CSR preferred), cells x genes.
+        numpy array (dense blocks), scipy sparse matrix (CSR preferred; sparse CSR blocks)
+        or a row source: an object with ``.shape`` (cells, genes) and
+        ``read_rows(index) -> scipy.sparse.csr_matrix`` for a sorted int64 ``index``
+        (sparse CSR blocks, rows read on demand).
     batch_size
         Cells per block; ``None`` serves all cells as one block.
     device
@@ -32,40 +179,62 @@ class CellMatrix:
     def __init__(self, data, batch_size: int | None = None, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):
         if sp.issparse(data):
-            data = sp.csr_matrix(data)
-        else:
+            data = canonical_csr(data)
+        elif not is_row_source(data):
             data = np.asarray(data)
-        if data.ndim != 2:
-            raise ValueError(f"expression must be 2-D (cells x genes), got shape {data.shape}")
+        if len(data.shape) != 2:
+            raise ValueError(f"expression must be 2-D (cells x genes), got shape {tuple(data.shape)}")
         self.data = data
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.dtype = dtype
         self._full: torch.Tensor | None = None
+        self._squared_norm: float | None = None
 
     @property
     def n_cells(self) -> int:
-        return self.data.shape[0]
+        return int(self.data.shape[0])
 
     @property
     def n_genes(self) -> int:
-        return self.data.shape[1]
+        return int(self.data.shape[1])
+
+    @property
+    def sparse(self) -> bool:
+        """Blocks are torch sparse CSR tensors."""
+        return not isinstance(self.data, np.ndarray)
 
     @property
     def full_batch(self) -> bool:
         return self.batch_size is None or self.batch_size >= self.n_cells
 
-    def rows(self, index: np.ndarray) -> torch.Tensor:
-        """Dense block of the given cells."""
-        block = self.data[index]
+    def _read(self, index: np.ndarray):
+        """Rows ``index`` as a numpy array or scipy CSR matrix (in the order given)."""
+        index = np.asarray(index, dtype=np.int64)
+        if not is_row_source(self.data):
+            return self.data[index]
+        unique, inverse = np.unique(index, return_inverse=True)
+        block = canonical_csr(self.data.read_rows(unique))
+        if block.shape != (len(unique), self.n_genes):
+            raise ValueError(f"read_rows returned shape {block.shape} for {len(unique)} rows of {self.n_genes} genes")
+        return block if len(unique) == len(index) and np.array_equal(unique, index) else block[inverse]
+
+    def _tensor(self, block) -> torch.Tensor:
         if sp.issparse(block):
-            block = block.toarray()
+            return csr_tensor(block, self.dtype, self.device)
         return torch.as_tensor(np.asarray(block), dtype=self.dtype).to(self.device)
 
+    def rows(self, index: np.ndarray) -> torch.Tensor:
+        """Block of the given cells: sparse CSR for sparse data, dense otherwise."""
+        return self._tensor(self._read(index))
+
     def full(self) -> torch.Tensor:
-        """All cells as one dense block, built once and kept on the device."""
+        """All cells as one block, built once and kept on the device (sparse data stays sparse)."""
         if self._full is None:
-            self._full = self.rows(np.arange(self.n_cells))
+            if sp.issparse(self.data) or isinstance(self.data, np.ndarray):
+                self._full = self._tensor(self.data)  # on the CPU this shares the input's memory
+            else:
+                self._full = self.rows(np.arange(self.n_cells))
         return self._full
 
     def batches(self, shuffle: bool = False, generator: np.random.Generator | None = None
@@ -81,8 +250,27 @@ class CellMatrix:
             index = np.sort(order[start:start + self.batch_size])
             yield index, self.rows(index)
 
+    def subset(self, index: np.ndarray) -> "CellMatrix":
+        """A :class:`CellMatrix` of the cells ``index`` only (read into memory), same settings."""
+        return CellMatrix(self._read(np.asarray(index, dtype=np.int64)), self.batch_size, self.device, self.dtype)
+
     def squared_norm(self) -> float:
-        """``||X||_F^2`` computed without densifying."""
-        if sp.issparse(self.data):
-            return float(np.sum(np.square(self.data.data, dtype=np.float64)))  # float64 before squaring: no overflow
-        return float(np.sum(np.square(self.data, dtype=np.float64)))
+        """``||X||_F^2`` computed without densifying (float64)."""
+        if self._squared_norm is None:
+            if sp.issparse(self.data):
+                total = _sum_of_squares(self.data.data)
+            elif isinstance(self.data, np.ndarray):
+                total = _sum_of_squares(self.data.reshape(-1))
+            else:
+                total = 0.0
+                for start in range(0, self.n_cells, _SCAN_ROWS):
+                    block = self._read(np.arange(start, min(start + _SCAN_ROWS, self.n_cells)))
+                    total += _sum_of_squares(block.data)
+            self._squared_norm = total
+        return self._squared_norm
+
+
+def _sum_of_squares(values: np.ndarray, chunk: int = 1 << 20) -> float:
+    """``sum(values**2)`` in float64 (no overflow of integer or float32 values), by chunks so
+    that no float64 copy of all values is made."""
+    return float(sum(np.sum(np.square(values[i:i + chunk], dtype=np.float64)) for i in range(0, values.size, chunk)))

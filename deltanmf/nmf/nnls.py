@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from .matrix import matmul
+
 _EPS = 1e-12
 
 
@@ -68,10 +70,12 @@ def nnls_gram(
 def nnls_usage(x: torch.Tensor, programs: torch.Tensor, init: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """Usage of each cell given programs: ``argmin_H>=0 ||X - W H||``.
 
-    ``x`` is cells x genes (dense), ``programs`` genes x K; returns cells x K.
+    ``x`` is cells x genes, dense or a torch sparse tensor (only ``X W`` and ``W^T W``
+    are needed, so a sparse block is never densified); ``programs`` genes x K; returns
+    cells x K.
     """
     gram = programs.T @ programs
-    cross = (x @ programs).T
+    cross = matmul(x, programs).T
     return nnls_gram(gram, cross, None if init is None else init.T, **kwargs).T
 
 

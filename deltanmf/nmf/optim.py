@@ -18,6 +18,27 @@ class LazyAdam(torch.optim.Optimizer):
         if not lr > 0:
             raise ValueError(f"learning rate must be > 0, got {lr}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+        # per parameter: a zero buffer that sums a sparse gradient's repeated rows (not state:
+        # it is all zeros between steps, so checkpoints need not carry it)
+        self._row_sums: dict[int, torch.Tensor] = {}
+
+    def _row_gradient(self, p: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of a sparse gradient and each row's total gradient (one entry per listed row).
+
+        ``coalesce()`` would do this, but on a GPU it reads the number of distinct rows back
+        to the host, a synchronisation every step; summing into a zero buffer and reading
+        the listed rows back does not.
+        """
+        if grad.is_coalesced():
+            return grad.indices()[0], grad.values()
+        rows, values = grad._indices()[0], grad._values()
+        sums = self._row_sums.get(id(p))
+        if sums is None or sums.shape != p.shape or sums.device != p.device:
+            sums = self._row_sums[id(p)] = torch.zeros_like(p)
+        sums.index_add_(0, rows, values)
+        total = sums[rows]
+        sums[rows] = 0
+        return rows, total
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -41,13 +62,13 @@ class LazyAdam(torch.optim.Optimizer):
                 correction1, correction2 = 1 - b1**t, 1 - b2**t
                 grad = p.grad
                 if grad.is_sparse:
-                    grad = grad.coalesce()
-                    rows, values = grad.indices()[0], grad.values()
+                    rows, values = self._row_gradient(p, grad)
+                    # a row listed twice gets the same values twice: the assignments below agree
                     m_rows = m[rows].mul_(b1).add_(values, alpha=1 - b1)
                     v_rows = v[rows].mul_(b2).addcmul_(values, values, value=1 - b2)
                     m[rows], v[rows] = m_rows, v_rows
                     denom = (v_rows / correction2).sqrt_().add_(eps)
-                    p.index_add_(0, rows, -(lr / correction1) * m_rows / denom)
+                    p[rows] = p[rows] - (lr / correction1) * m_rows / denom
                 else:
                     m.mul_(b1).add_(grad, alpha=1 - b1)
                     v.mul_(b2).addcmul_(grad, grad, value=1 - b2)

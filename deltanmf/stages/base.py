@@ -8,6 +8,11 @@ import torch
 from ..nmf import GeneGraph, LazyAdam, LossTerms, NeuralNMF, adaptive_strength
 
 
+def _forget_prior_start(module, incompatible_keys) -> None:
+    """A loaded state dict may carry another ``prior_start``: re-read it on next use."""
+    module._prior_start_host = None
+
+
 class NMFStageModule(L.LightningModule):
     """Base of :class:`Stage1Module` and :class:`Stage2Module`.
 
@@ -38,6 +43,9 @@ class NMFStageModule(L.LightningModule):
         self.register_buffer("alpha", torch.zeros(()))
         # step at which the Laplacian switched on; -1 while off (a buffer so checkpoints keep it)
         self.register_buffer("prior_start", torch.tensor(-1))
+        # its value on the host, so the per-step checks never read the device (None: read it once)
+        self._prior_start_host: int | None = -1
+        self.register_load_state_dict_post_hook(_forget_prior_start)
         self._switch_requested = False
         self.converged = False
 
@@ -48,7 +56,12 @@ class NMFStageModule(L.LightningModule):
 
     @property
     def prior_on(self) -> bool:
-        return int(self.prior_start) >= 0
+        return self._prior_start() >= 0
+
+    def _prior_start(self) -> int:
+        if self._prior_start_host is None:  # after loading a state dict: one read of the buffer
+            self._prior_start_host = int(self.prior_start)
+        return self._prior_start_host
 
     def advance_phase(self) -> bool:
         """Called on convergence: start the prior phase if there is one still to run.
@@ -71,6 +84,7 @@ class NMFStageModule(L.LightningModule):
         if self.has_prior and not self.prior_on and (self._switch_requested or self._cap_reached()):
             self.alpha.copy_(adaptive_strength(self.rel_alpha, recon, laplacian))
             self.prior_start.fill_(self.global_step)
+            self._prior_start_host = self.global_step
             self._switch_requested = False
         return self.alpha if self.prior_on else torch.zeros_like(self.alpha)
 
@@ -95,8 +109,14 @@ class NMFStageModule(L.LightningModule):
         return terms.total
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.prior_on and self.global_step - int(self.prior_start) >= self.laplacian_steps:
+        if self.prior_on and self.global_step - self._prior_start() >= self.laplacian_steps:
             self.trainer.should_stop = True
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["deltanmf"] = {"converged": self.converged}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.converged = bool(checkpoint.get("deltanmf", {}).get("converged", False))
 
     def configure_optimizers(self):
         return LazyAdam(self.parameters(), lr=self.lr)

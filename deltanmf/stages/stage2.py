@@ -3,43 +3,96 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..nmf import (Activation, CellMatrix, GeneGraph, LossTerms, NeuralNMF, adaptive_strength, consensus_init,
                    refit_usage)
+from ..nmf.consensus import sample_cells
+from ..nmf.matrix import as_csr_tensor, csr_from_parts, is_sparse_tensor, reconstruction_at_nonzeros
 from ..nmf.losses import laplacian_penalty, orthogonality_penalty, reconstruction_loss
 from .base import NMFStageModule
 
 
-class ResidualMatrix:
-    """``max(0, X - U W^T)`` of a :class:`CellMatrix`, served by the same batches.
+# Cells per dense residual block: only this many cells of a dense residual exist at once,
+# whatever the batch size (full-batch mode included).
+RESIDUAL_BLOCK_CELLS = 4096
 
-    What the frozen baseline cannot explain in each case cell; only a batch is ever
-    dense (the whole matrix once in full-batch mode).
+
+def sparse_residual(x: torch.Tensor, programs: torch.Tensor, usage: torch.Tensor) -> torch.Tensor:
+    """``max(0, X - U W^T)`` of a sparse CSR block, as a CSR tensor with X's pattern.
+
+    With non-negative U and W the reconstruction is >= 0, so the residual is 0 wherever
+    X is: it is computed at X's non-zeros only and stays sparse.
+    """
+    values = x.values()
+    out = torch.empty_like(values)
+    for part, recon in reconstruction_at_nonzeros(x, programs, usage):
+        out[part] = (values[part] - recon).clamp_min(0)
+    return csr_from_parts(x.crow_indices(), x.col_indices(), out, x.shape)
+
+
+class ResidualMatrix:
+    """``max(0, X - U W^T)`` of a :class:`CellMatrix`, served by blocks as the matrix serves them.
+
+    What the frozen baseline (W, with usage U >= 0) cannot explain in each case cell.
+    For sparse X the residual is sparse with X's pattern (see :func:`sparse_residual`;
+    kept in full-batch mode). For dense X it is dense: in full-batch mode it is served
+    in blocks of at most ``block_cells`` cells, recomputed on each pass, so only one block
+    of it exists at a time; the consumers (multiplicative updates, NNLS) sum over blocks.
     """
 
-    def __init__(self, matrix: CellMatrix, programs: torch.Tensor, usage: torch.Tensor):
+    def __init__(self, matrix: CellMatrix, programs: torch.Tensor, usage: torch.Tensor,
+                 block_cells: int = RESIDUAL_BLOCK_CELLS):
+        if usage.shape != (matrix.n_cells, programs.shape[1]):
+            raise ValueError(f"usage is {tuple(usage.shape)}, expected {(matrix.n_cells, programs.shape[1])}")
         self.matrix, self.programs, self.usage = matrix, programs, usage
+        self.block_cells = block_cells
         self.device, self.dtype = matrix.device, matrix.dtype
         self.n_cells, self.n_genes = matrix.n_cells, matrix.n_genes
         self._full = None
+        self._squared_norm = None
 
-    def _residual(self, index, x):
+    @property
+    def full_batch(self) -> bool:
+        return self.matrix.full_batch
+
+    def _residual(self, index: np.ndarray, x: torch.Tensor) -> torch.Tensor:
         u = self.usage[torch.as_tensor(index, device=self.usage.device)].to(x.device)
+        if is_sparse_tensor(x):
+            return sparse_residual(as_csr_tensor(x), self.programs.to(x.device), u)
         return (x - u @ self.programs.T).clamp_min(0)
 
     def batches(self, shuffle: bool = False, generator=None):
-        if self.matrix.full_batch:
+        """``(cell_index, residual block)`` pairs covering every cell once."""
+        if not self.full_batch:
+            for index, x in self.matrix.batches(shuffle=shuffle, generator=generator):
+                yield index, self._residual(index, x)
+            return
+        x = self.matrix.full()
+        if self.matrix.sparse:
             if self._full is None:
-                index, x = next(iter(self.matrix.batches()))
+                index = np.arange(self.n_cells)
                 self._full = (index, self._residual(index, x))
             yield self._full
             return
-        for index, x in self.matrix.batches(shuffle=shuffle, generator=generator):
-            yield index, self._residual(index, x)
+        for start in range(0, self.n_cells, self.block_cells):
+            index = np.arange(start, min(start + self.block_cells, self.n_cells))
+            yield index, self._residual(index, x[start:index[-1] + 1])
+
+    def subset(self, index: np.ndarray) -> "ResidualMatrix":
+        """The residual of the cells ``index`` only."""
+        rows = torch.as_tensor(np.asarray(index, dtype=np.int64), device=self.usage.device)
+        return ResidualMatrix(self.matrix.subset(index), self.programs, self.usage[rows], self.block_cells)
 
     def squared_norm(self) -> float:
-        return sum(float(torch.sum(r**2)) for _, r in self.batches())
+        if self._squared_norm is None:
+            total = 0.0
+            for _, r in self.batches():
+                values = r.values() if is_sparse_tensor(r) else r
+                total += float(torch.sum(values.double() ** 2))
+            self._squared_norm = total
+        return self._squared_norm
 
 
 def stage2_init(matrix: CellMatrix, baseline: torch.Tensor, k_case: int, seed: int = 0,
@@ -49,11 +102,16 @@ def stage2_init(matrix: CellMatrix, baseline: torch.Tensor, k_case: int, seed: i
     1. usage of the frozen baseline in the case cells by NNLS; 2. the non-negative
     residual; 3. consensus NMF of the residual; 4. case programs rescaled so their median
     L2 norm matches the baseline's; 5. joint NNLS usage on [baseline, case].
+
+    With ``max_cells`` (in ``consensus``) smaller than the number of cells, steps 1-3 run
+    on a seeded random subset of that many cells; step 5 covers every cell.
     """
     nnls_iter = consensus.get("nnls_iterations", 200)
     baseline = baseline.to(matrix.device, matrix.dtype)
-    base_usage = refit_usage(matrix, baseline, nnls_iter)
-    residual = ResidualMatrix(matrix, baseline, base_usage)
+    sample = sample_cells(matrix.n_cells, consensus.get("max_cells"), seed)
+    cells = matrix if sample is None else matrix.subset(sample)
+    base_usage = refit_usage(cells, baseline, nnls_iter)
+    residual = ResidualMatrix(cells, baseline, base_usage)
     case = consensus_init(residual, k_case, seed=seed, **consensus).programs
     scale = torch.median(baseline.norm(dim=0)) / torch.median(case.norm(dim=0)).clamp_min(1e-12)
     case = case * scale
