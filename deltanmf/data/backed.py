@@ -1,0 +1,540 @@
+"""Cells streamed from an ``.h5ad`` file on disk (``data.backed=true``).
+
+The expression matrix (``.X`` or a layer) is never loaded whole. :func:`open_h5ad` reads
+the small parts of the file (``.obs``, ``.var``, ``.uns``, ``.obsm``, ``.varm``) into memory;
+:func:`prepare_backed` is the streaming counterpart of :func:`~deltanmf.data.prepare.prepare`:
+two chunked passes over the matrix give the per-gene detection counts (``min_cells``),
+the value checks, the per-cell totals (normalisation) and the pooled per-gene variance
+(unit-variance scaling). Its ``PreparedData.X`` is an :class:`H5adRows`, a *row source*:
+
+- ``.shape`` (cells, genes) of the processed matrix;
+- ``read_rows(index)`` the processed rows ``index`` (sorted) as float32 CSR, equal to the
+  same rows of ``prepare()``'s matrix;
+- ``rows[index]`` a view of a subset of the cells (e.g. the controls), costing only the index;
+- ``batch_indices(batch_size, rng)`` one epoch of minibatches, each made of a few randomly
+  chosen runs of consecutive cells, so reading a batch is a few slices of the file instead
+  of one read per cell.
+
+The on-disk layout read here is anndata's (encoding ``csr_matrix``: a group with ``data``,
+``indices``, ``indptr`` and the ``shape`` attribute), read with h5py directly. A dense
+``.X`` is read by blocks of rows; CSC cannot be read by cells and is refused.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata.io import read_elem
+from torch.utils.data import Sampler
+
+from .errors import InputError
+from .prepare import NORMALIZE, PreparedData, _check_unique, _matrix, split_conditions
+
+log = logging.getLogger(__name__)
+
+# Cells per block of a preparation pass: ~40 MB of float32 when dense, far less as CSR.
+PASS_CELLS = 20_000
+# Minibatches are cut from runs of consecutive cells; this many runs make one batch.
+BLOCKS_PER_BATCH = 16
+# Rows further apart than this many stored values are read with separate slices
+# (below it one slice over the gap is cheaper than another HDF5 read call).
+GAP_VALUES = 16_384
+
+
+def _csr_help(what: str) -> str:
+    return (f"store {what} as CSR to stream it: adata.X = scipy.sparse.csr_matrix(adata.X); "
+            "adata.write_h5ad(path) (or use data.backed=false to load the file into memory)")
+
+
+class H5Matrix:
+    """One matrix of an h5ad file (``"X"`` or ``"layers/<name>"``), read by rows.
+
+    The file is opened lazily and once per process, so a DataLoader worker forked after
+    the first read opens its own handle (h5py handles must not cross a fork).
+
+    Parameters
+    ----------
+    path
+        The ``.h5ad`` file.
+    key
+        Location of the matrix inside it.
+    """
+
+    def __init__(self, path: str | Path, key: str):
+        self.path, self.key = str(path), key
+        self._file, self._pid, self._arrays = None, None, None
+        node = self._node()
+        if isinstance(node, h5py.Dataset):
+            if node.ndim != 2:
+                raise InputError(f"{key} in {path} is a {node.ndim}-D array, not cells x genes")
+            self.format, self.shape, self.dtype, self.indptr = "dense", tuple(node.shape), node.dtype, None
+            return
+        encoding = node.attrs.get("encoding-type", "")
+        encoding = encoding.decode() if isinstance(encoding, bytes) else str(encoding)
+        if encoding == "csc_matrix":
+            raise InputError(f"{key} in {path} is stored as CSC (by genes), which cannot be read by cells; "
+                             + _csr_help(key))
+        if encoding != "csr_matrix" or not {"data", "indices", "indptr"} <= set(node):
+            raise InputError(f"{key} in {path} is not a CSR matrix or a dense array (encoding {encoding!r}); "
+                             + _csr_help(key))
+        self.format = "csr"
+        self.shape = tuple(int(s) for s in node.attrs["shape"])
+        self.dtype = node["data"].dtype
+        # n_cells + 1 offsets (8 MB per million cells): every read needs them
+        self.indptr = node["indptr"][:].astype(np.int64)
+
+    def _node(self):
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
+            node = self._file[self.key]
+            # the arrays' handles, looked up once (a lookup costs about as much as a small read)
+            self._arrays = (node["data"], node["indices"]) if isinstance(node, h5py.Group) else None
+        return self._file[self.key]
+
+    def __getstate__(self):  # pickled into DataLoader workers: without the open handle
+        return {**self.__dict__, "_file": None, "_pid": None, "_arrays": None}
+
+    @property
+    def n_stored(self) -> int:
+        """Stored values (non-zeros of CSR, all entries when dense)."""
+        return int(self.indptr[-1]) if self.format == "csr" else self.shape[0] * self.shape[1]
+
+    def block(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start:stop`` in the file's dtype, one read per array."""
+        if self.format == "dense":
+            return sp.csr_matrix(self._node()[start:stop])
+        if self._file is None or self._pid != os.getpid():
+            self._node()
+        data, indices = self._arrays
+        a, b = self.indptr[start], self.indptr[stop]
+        return sp.csr_matrix((data[a:b], indices[a:b], self.indptr[start:stop + 1] - a),
+                             shape=(stop - start, self.shape[1]))
+
+    def rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        """The given rows (sorted, unique file positions); runs of nearby rows share one read."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return sp.csr_matrix((0, self.shape[1]), dtype=self.dtype)
+        if self.format == "dense":
+            breaks = np.flatnonzero(np.diff(rows) > max(1, GAP_VALUES // max(self.shape[1], 1))) + 1
+        else:
+            gap = self.indptr[rows[1:]] - self.indptr[rows[:-1] + 1]
+            breaks = np.flatnonzero(gap > GAP_VALUES) + 1
+        pieces = []
+        for run in np.split(rows, breaks):
+            first, last = int(run[0]), int(run[-1]) + 1
+            block = self.block(first, last)
+            pieces.append(block if len(run) == last - first else block[run - first])
+        return pieces[0] if len(pieces) == 1 else sp.vstack(pieces, format="csr")
+
+
+class H5adFile:
+    """An ``.h5ad`` file opened for streaming: the annotations in memory, the matrices on disk.
+
+    Has the parts of the AnnData interface the pipeline reads before preparation
+    (``obs``, ``var``, ``obs_names``, ``var_names``, ``uns``, ``obsm``, ``varm``,
+    ``n_obs``, ``n_vars``); ``layers`` maps each layer's name to its location in the file.
+    Use :func:`open_h5ad` to create one.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with h5py.File(self.path, "r") as f:
+            if "obs" not in f or "var" not in f or "encoding-type" not in f.attrs:
+                raise InputError(f"data.path: {self.path} is not an .h5ad file written by anndata >= 0.8 "
+                                 "(no encoding attributes); re-save it: anndata.read_h5ad(path).write_h5ad(path)")
+            parts = {k: read_elem(f[k]) for k in ("obs", "var", "uns", "obsm", "varm") if k in f}
+            self.x_key = "X" if "X" in f else None
+            self.layers = {name: f"layers/{name}" for name in f.get("layers", {})}
+        self.meta = ad.AnnData(**parts)
+
+    obs = property(lambda self: self.meta.obs)
+    var = property(lambda self: self.meta.var)
+    obs_names = property(lambda self: self.meta.obs_names)
+    var_names = property(lambda self: self.meta.var_names)
+    uns = property(lambda self: self.meta.uns)
+    obsm = property(lambda self: self.meta.obsm)
+    varm = property(lambda self: self.meta.varm)
+    n_obs = property(lambda self: self.meta.n_obs)
+    n_vars = property(lambda self: self.meta.n_vars)
+
+    def matrix(self, layer: str | None = None) -> H5Matrix:
+        """``.X`` (``layer=None``) or a layer, on disk; errors as :func:`prepare` gives them."""
+        key = _matrix(SimpleNamespace(X=self.x_key, layers=self.layers), layer)
+        matrix = H5Matrix(self.path, key)
+        if matrix.shape != (self.n_obs, self.n_vars):
+            raise InputError(f"{key} in {self.path} has shape {matrix.shape} but .obs/.var describe "
+                             f"{(self.n_obs, self.n_vars)} cells x genes")
+        return matrix
+
+    def __repr__(self) -> str:
+        return f"H5adFile({str(self.path)!r}, {self.n_obs} cells x {self.n_vars} genes, matrices on disk)"
+
+
+def open_h5ad(path: str | Path) -> H5adFile:
+    """Open an ``.h5ad`` file for ``data.backed=true``, with errors that name the path."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"data.path: file not found: {path}. Give the path to an .h5ad file (data.path=...).")
+    try:
+        return H5adFile(path)
+    except InputError:
+        raise
+    except Exception as exc:  # h5py/anndata raise many types for a file that is not an h5ad
+        raise InputError(f"data.path: cannot read {path} as an .h5ad file ({type(exc).__name__}: {exc}).") from exc
+
+
+def _generator(rng) -> np.random.Generator:
+    """A numpy Generator from a numpy Generator, a torch Generator or a seed."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None or isinstance(rng, (int, np.integer)):
+        return np.random.default_rng(rng)
+    import torch
+
+    if isinstance(rng, torch.Generator):
+        return np.random.default_rng(int(torch.randint(2**62, (1,), generator=rng)))
+    raise TypeError(f"expected a numpy or torch random generator or a seed, got {type(rng).__name__}")
+
+
+class H5adRows:
+    """Processed cells x genes of an h5ad matrix on disk, read by rows (a *row source*).
+
+    Row ``i`` is the file's row ``cells[i]`` restricted to the file columns ``genes``,
+    multiplied by ``cell_scale[i]`` and divided by ``gene_scale`` — in that order and in
+    float32, the operations :func:`~deltanmf.data.prepare.prepare` applies, so a row
+    equals the in-memory one bit for bit given the same scales.
+
+    Parameters
+    ----------
+    matrix
+        The matrix on disk.
+    cells
+        File row of each row (unique).
+    genes
+        File column of each column (unique).
+    cell_scale, gene_scale
+        Per-row factor and per-column divisor.
+    """
+
+    def __init__(self, matrix: H5Matrix, cells: np.ndarray, genes: np.ndarray, cell_scale: np.ndarray,
+                 gene_scale: np.ndarray):
+        self.matrix = matrix
+        self.cells = np.asarray(cells, dtype=np.int64)
+        self.genes = np.asarray(genes, dtype=np.int64)
+        self.cell_scale = np.asarray(cell_scale, dtype=np.float64)
+        self.gene_scale = np.asarray(gene_scale, dtype=np.float64)
+        if self.cell_scale.shape != self.cells.shape or self.gene_scale.shape != self.genes.shape:
+            raise ValueError("cell_scale/gene_scale must have one value per cell/gene")
+        self._cell_factor = self.cell_scale.astype(np.float32)
+        self._gene_factor = (1.0 / self.gene_scale).astype(np.float32)  # as prepare's _scale_columns
+        self._column = np.full(matrix.shape[1], -1, dtype=np.int64)
+        self._column[self.genes] = np.arange(len(self.genes))
+        self._sorted_genes = bool(np.all(np.diff(self.genes) > 0))
+        self._all_genes = len(self.genes) == matrix.shape[1] and self._sorted_genes
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.cells), len(self.genes)
+
+    @property
+    def dtype(self):
+        return np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def __getitem__(self, index) -> H5adRows:
+        """A view of some of the cells (integer positions or a boolean mask); reads nothing."""
+        index = np.asarray(index)
+        if index.dtype == bool:
+            index = np.flatnonzero(index)
+        view = H5adRows.__new__(H5adRows)
+        view.__dict__.update(self.__dict__)
+        view.cells, view.cell_scale, view._cell_factor = self.cells[index], self.cell_scale[index], \
+            self._cell_factor[index]
+        return view
+
+    def _process(self, raw: sp.csr_matrix, factor: np.ndarray) -> sp.csr_matrix:
+        """Keep the columns in use, renumbered, and scale by row and column (float32)."""
+        n = raw.shape[0]
+        row_factor = np.repeat(factor, np.diff(raw.indptr))  # one per stored value
+        values = raw.data.astype(np.float32, copy=False)
+        if self._all_genes:  # nothing to drop or renumber
+            column, indptr = raw.indices, raw.indptr
+        else:
+            column = self._column[raw.indices]
+            keep = column >= 0
+            kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
+            np.cumsum(keep, out=kept_before[1:])
+            indptr = kept_before[raw.indptr]
+            column, values, row_factor = column[keep], values[keep], row_factor[keep]
+        values = values * row_factor
+        values *= self._gene_factor[column]
+        out = sp.csr_matrix((values, column.astype(np.int32, copy=False), indptr), shape=(n, len(self.genes)))
+        if not self._sorted_genes:
+            out.sort_indices()
+        return out
+
+    def read_rows(self, index: np.ndarray) -> sp.csr_matrix:
+        """Processed rows ``index`` (positions in this source, sorted) as float32 CSR."""
+        index = np.asarray(index, dtype=np.int64)
+        rows = self.cells[index]
+        order = np.argsort(rows, kind="stable")
+        raw = self.matrix.rows(rows[order])
+        if np.any(np.diff(order) != 1):  # back from file order to the order asked for
+            raw = raw[np.argsort(order)]
+        return self._process(raw, self._cell_factor[index])
+
+    def blocks(self, size: int = PASS_CELLS) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+        """``(index, rows)`` for consecutive runs of ``size`` rows, covering every row once."""
+        for start in range(0, len(self), size):
+            index = np.arange(start, min(start + size, len(self)))
+            yield index, self.read_rows(index)
+
+    def batch_indices(self, batch_size: int, generator=None, blocks_per_batch: int = BLOCKS_PER_BATCH
+                      ) -> list[np.ndarray]:
+        """One epoch of minibatches (sorted positions), every row exactly once.
+
+        The rows are cut into runs of ``batch_size / blocks_per_batch`` consecutive rows,
+        with boundaries shifted by a random offset each epoch; the runs are shuffled and
+        dealt out in order, so each batch is ``blocks_per_batch`` runs from random places
+        in the file — read with that many slices — and no two epochs share their batches.
+        """
+        rng = _generator(generator)
+        n = len(self)
+        if batch_size >= n:
+            return [np.arange(n)]
+        block = max(1, batch_size // max(1, blocks_per_batch))
+        offset = int(rng.integers(block))
+        starts = np.concatenate([[0], np.arange(offset, n, block)]) if offset else np.arange(0, n, block)
+        starts = np.unique(starts)
+        stops = np.append(starts[1:], n)
+        order = rng.permutation(len(starts))
+        flat = np.concatenate([np.arange(starts[i], stops[i]) for i in order])
+        return [np.sort(flat[i:i + batch_size]) for i in range(0, n, batch_size)]
+
+    def to_memory(self) -> sp.csr_matrix:
+        """All rows as one in-memory CSR matrix (for a subset small enough to hold)."""
+        return self.read_rows(np.arange(len(self)))
+
+    def __repr__(self) -> str:
+        return f"H5adRows({len(self)} cells x {len(self.genes)} genes of {self.matrix.key} in {self.matrix.path})"
+
+
+def _passes(matrix: H5Matrix, cells: np.ndarray, size: int = PASS_CELLS
+            ) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+    """``(positions, rows)`` over the file in order: the raw rows in use of each block of the
+    file and their positions in ``cells`` (cells not in use are read and dropped)."""
+    position = np.full(matrix.shape[0], -1, dtype=np.int64)
+    position[cells] = np.arange(len(cells))
+    first, last = int(cells.min()), int(cells.max()) + 1
+    for start in range(first, last, size):
+        stop = min(start + size, last)
+        where = position[start:stop]
+        used = where >= 0
+        if not used.any():
+            continue
+        block = matrix.block(start, stop)
+        yield where[used], block if used.all() else block[np.flatnonzero(used)]
+
+
+class _Moments:
+    """Per-gene mean and sum of squared deviations over blocks of cells, combined in
+    float64 by Chan et al.'s pairwise update (no E[x^2] - E[x]^2 cancellation)."""
+
+    def __init__(self, n_genes: int):
+        self.n, self.mean, self.m2 = 0, np.zeros(n_genes), np.zeros(n_genes)
+
+    def add(self, values: np.ndarray, columns: np.ndarray, n_cells: int) -> None:
+        n_genes = len(self.mean)
+        mean = np.bincount(columns, weights=values, minlength=n_genes) / n_cells
+        stored = np.bincount(columns, minlength=n_genes)
+        m2 = np.bincount(columns, weights=(values - mean[columns]) ** 2, minlength=n_genes) \
+            + (n_cells - stored) * mean**2
+        total = self.n + n_cells
+        delta = mean - self.mean
+        self.m2 += m2 + delta**2 * (self.n * n_cells / total)
+        self.mean += delta * (n_cells / total)
+        self.n = total
+
+
+def prepare_backed(
+    data: H5adFile,
+    condition_key: str,
+    control,
+    case=None,
+    layer: str | None = None,
+    min_cells: int = 3,
+    remove_genes: Sequence[str] | None = None,
+    normalize: str = "none",
+    target_sum: float | None = None,
+    scale_genes: bool = True,
+    use_case: bool = True,
+    resource_genes: Sequence[str] | None = None,
+    gene_ids: Sequence[str] | None = None,
+    genes: Sequence[str] | None = None,
+    gene_scale: np.ndarray | None = None,
+    pass_cells: int = PASS_CELLS,
+) -> PreparedData:
+    """:func:`~deltanmf.data.prepare.prepare` for a file on disk, without loading its matrix.
+
+    Same parameters, steps and errors as ``prepare`` (see there), plus ``pass_cells``, the
+    cells read per block. Pass 1 over the matrix checks the values and counts each gene's
+    detections in the cells in use; pass 2 sums each cell over the kept genes and
+    accumulates the per-gene mean and variance of the normalised values (float64, pooled
+    over the cells in use). The returned ``X`` is an :class:`H5adRows`; ``source`` is the
+    annotations (no ``.X``) restricted to the cells and genes in use.
+    """
+    if normalize not in NORMALIZE:
+        raise InputError(f"data.normalize={normalize!r} is not one of {NORMALIZE}")
+    if min_cells < 0:
+        raise InputError(f"data.min_cells must be >= 0, got {min_cells}")
+    is_control, is_case = split_conditions(data.obs, condition_key, control, case)
+    cells = np.concatenate([np.flatnonzero(is_control), np.flatnonzero(is_case)]) if use_case \
+        else np.flatnonzero(is_control)
+    if use_case and not is_case.any():
+        raise InputError(f"no case cells: every cell in .obs[{condition_key!r}] is the control {control!r}")
+    _check_unique(data.obs_names[cells], "cell", "make them unique first (adata.obs_names_make_unique())")
+    _check_unique(data.var_names, "gene", "make them unique first (adata.var_names_make_unique())")
+    matrix = data.matrix(layer)
+    what = "data.layer=" + repr(layer) if layer else ".X"
+    if matrix.dtype == np.float64:
+        warnings.warn(f"{what} is float64; converting to float32 (the precision the model trains in)",
+                      UserWarning, stacklevel=2)
+    cell_names, gene_names = data.obs_names[cells], data.var_names
+    n_genes = matrix.shape[1]
+
+    # Pass 1: value checks and detections per gene over the cells in use.
+    detected = np.zeros(n_genes, dtype=np.int64)
+    bad = {"NaN or infinite": [0, None], "negative": [0, None]}  # count, first (cell position, gene)
+    for where, block in _passes(matrix, cells, pass_cells):
+        values = block.data
+        for kind, flags in (("NaN or infinite", ~np.isfinite(values)), ("negative", values < 0)):
+            if flags.any():
+                hit = np.flatnonzero(flags)
+                row = np.searchsorted(block.indptr, hit, side="right") - 1
+                first = min(zip(where[row].tolist(), block.indices[hit].tolist()))
+                bad[kind][0] += len(hit)
+                bad[kind][1] = first if bad[kind][1] is None else min(bad[kind][1], first)
+        detected += np.bincount(block.indices[values > 0], minlength=n_genes)
+    for kind, need in (("NaN or infinite", "finite, non-negative expression"),
+                       ("negative", "non-negative expression (use raw or normalised counts, not centred or "
+                                    "log-ratio data)")):
+        count, first = bad[kind]
+        if count:
+            raise InputError(f"{what} holds {count} {kind} values (the first in cell {cell_names[first[0]]!r}, "
+                             f"gene {gene_names[first[1]]!r}); NMF needs {need}.")
+
+    # Gene selection: the same steps and messages as prepare().
+    ids = np.asarray(data.var_names if gene_ids is None else gene_ids).astype(str)
+    if gene_ids is not None:
+        _check_unique(pd.Index(ids), "gene ID", "choose a data.gene_id_column with one ID per gene")
+    counts = {"input": int(n_genes)}
+    if genes is not None:
+        position = {g: i for i, g in enumerate(np.asarray(data.var_names).astype(str))}
+        missing = [g for g in genes if g not in position]
+        if missing:
+            raise InputError(f"{len(missing)} genes of the stage-1 result are not in this dataset (e.g. {missing[:3]}); "
+                             "stage1_from must come from a fit of the same genes")
+        keep_index = np.array([position[g] for g in genes], dtype=np.int64)
+        counts["stage1_genes"] = len(keep_index)
+    else:
+        keep = detected >= min_cells
+        counts["min_cells"] = int(keep.sum())
+        if remove_genes is not None and len(remove_genes):
+            keep &= ~np.isin(ids, np.asarray(list(remove_genes), dtype=str))
+        counts["remove_genes"] = int(keep.sum())
+        if resource_genes is not None:
+            keep &= np.isin(ids, np.asarray(list(resource_genes), dtype=str))
+            counts["resource"] = int(keep.sum())
+        keep_index = np.flatnonzero(keep)
+    log.info("genes kept after each step: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
+    if len(keep_index) == 0:
+        raise InputError(f"no genes left after filtering (genes left per step: {counts}); "
+                         "lower data.min_cells or check data.remove_genes and the resource's gene IDs")
+
+    # Pass 2: per-cell totals over the kept genes, and the moments of x / total (or x),
+    # which scale exactly by the normalisation target once it is known (the median of
+    # the totals needs the whole pass).
+    column = np.full(n_genes, -1, dtype=np.int64)
+    column[keep_index] = np.arange(len(keep_index))
+    totals = np.zeros(len(cells))
+    moments = _Moments(len(keep_index)) if gene_scale is None and scale_genes else None
+    for where, block in _passes(matrix, cells, pass_cells):
+        col = column[block.indices]
+        kept = col >= 0
+        row = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))[kept]
+        values = block.data[kept].astype(np.float32).astype(np.float64)  # the float32 values prepare sees
+        row_total = np.bincount(row, weights=values, minlength=block.shape[0])
+        totals[where] = row_total
+        if moments is not None:
+            if normalize != "none":
+                values = values * np.divide(1.0, row_total, out=np.zeros_like(row_total), where=row_total > 0)[row]
+            moments.add(values, col[kept], block.shape[0])
+    empty = totals <= 0
+    if empty.any():
+        names = list(cell_names[empty][:3])
+        raise InputError(f"{int(empty.sum())} cells have no expression left in the {len(keep_index)} kept genes "
+                         f"(e.g. {names}; genes left per step: {counts}); remove empty cells first, or lower "
+                         "data.min_cells")
+
+    cell_scale = np.ones(len(cells))
+    target = 1.0
+    if normalize != "none":
+        target = float(np.median(totals)) if normalize == "median" else float(target_sum or 1e4)
+        cell_scale = target / totals
+    if gene_scale is not None:
+        gene_scale = np.asarray(gene_scale, dtype=np.float64)
+        if gene_scale.shape != (len(keep_index),) or not np.all(gene_scale > 0):
+            raise InputError(f"the given gene scale must hold {len(keep_index)} positive values")
+    elif scale_genes:
+        mean = moments.mean * target
+        sd = np.sqrt(moments.m2 / moments.n) * target
+        sd = np.where(sd > 1e-6 * np.abs(mean), sd, 0.0)  # as gene_std: rounding noise of a constant gene
+        gene_scale = np.where(sd > 0, sd, 1.0)
+    else:
+        gene_scale = np.ones(len(keep_index))
+
+    source = data.meta[cells][:, keep_index]
+    return PreparedData(
+        X=H5adRows(matrix, cells, keep_index, cell_scale, gene_scale), obs=source.obs.copy(),
+        var=source.var.copy(), is_control=is_control[cells], gene_scale=gene_scale, cell_scale=cell_scale,
+        gene_ids=ids[keep_index], gene_counts=counts, source=source,
+    )
+
+
+class SourceBatchSampler(Sampler):
+    """Minibatches chosen by a row source's ``batch_indices`` (a new epoch on every pass).
+
+    For :class:`H5adRows` each batch is a few runs of consecutive cells, so reading it
+    takes a few slices of the file; a uniformly random batch would take one read per cell.
+
+    Parameters
+    ----------
+    source
+        Anything with ``.shape`` and ``batch_indices(batch_size, rng) -> list of index arrays``.
+    batch_size
+        Cells per batch.
+    seed
+        Seed of the batch order (the sequence of epochs is reproducible).
+    """
+
+    def __init__(self, source, batch_size: int, seed: int = 0):
+        self.source, self.batch_size = source, int(batch_size)
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return -(-int(self.source.shape[0]) // self.batch_size)
+
+    def __iter__(self):
+        yield from self.source.batch_indices(self.batch_size, self.rng)

@@ -1,0 +1,258 @@
+"""Streaming from an h5ad on disk (``data.backed=true``): the row source and the streamed
+preparation against the in-memory ``prepare``, the block-shuffled batches, a fit through the
+pipeline against the in-memory fit, and the large-file generator."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from omegaconf import OmegaConf
+
+from conftest import ROOT
+from deltanmf.data import (
+    CellDataModule,
+    H5adRows,
+    InputError,
+    open_h5ad,
+    prepare,
+    prepare_backed,
+    simulate_case_control,
+    simulation_truth,
+)
+from deltanmf.pipeline import load_data, run
+
+
+def _sim(seed: int = 1, shuffle: bool = True) -> ad.AnnData:
+    """500 cells (controls and cases interleaved when ``shuffle``) x 300 genes, with a raw-count layer."""
+    a = simulate_case_control(n_genes=300, n_programs=5, n_case_programs=2, n_control=250, n_case=250,
+                              markers_per_program=30, seed=seed)
+    if shuffle:
+        a = a[np.random.default_rng(seed).permutation(a.n_obs)].copy()
+    a.layers["counts"] = a.X.copy()
+    return a
+
+
+@pytest.fixture(scope="module")
+def sim_file(tmp_path_factory):
+    a = _sim()
+    path = tmp_path_factory.mktemp("backed") / "sim.h5ad"
+    a.write_h5ad(path)
+    return a, path
+
+
+def _dense(x) -> np.ndarray:
+    return x.toarray() if sp.issparse(x) else np.asarray(x)
+
+
+SETTINGS = [
+    dict(normalize="none"),
+    dict(normalize="total", target_sum=5000.0),
+    dict(normalize="median", use_case=False),
+    dict(normalize="total", scale_genes=False, min_cells=60, layer="counts"),
+    dict(normalize="none", remove_genes=["ENSG00000000003", "ENSG00000000010"], case="case"),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_streamed_preparation_equals_prepare(sim_file, settings):
+    adata, path = sim_file
+    ref = prepare(adata, "condition", "control", **settings)
+    got = prepare_backed(open_h5ad(path), "condition", "control", pass_cells=64, **settings)
+    assert isinstance(got.X, H5adRows)
+    assert got.X.shape == ref.X.shape
+    pd.testing.assert_index_equal(got.obs.index, ref.obs.index)
+    pd.testing.assert_index_equal(got.var.index, ref.var.index)
+    np.testing.assert_array_equal(got.is_control, ref.is_control)
+    assert got.gene_counts == ref.gene_counts
+    np.testing.assert_array_equal(got.gene_ids, ref.gene_ids)
+    # totals and variances: float64 streamed vs float32 in memory
+    np.testing.assert_allclose(got.cell_scale, ref.cell_scale, rtol=1e-6)
+    np.testing.assert_allclose(got.gene_scale, ref.gene_scale, rtol=1e-6)
+    index = np.sort(np.random.default_rng(0).choice(ref.X.shape[0], 97, replace=False))
+    np.testing.assert_allclose(_dense(got.X.read_rows(index)), _dense(ref.X[index]), rtol=2e-6, atol=0)
+    # the subset views the pipeline takes
+    np.testing.assert_allclose(_dense(got.control.to_memory()), _dense(ref.control), rtol=2e-6)
+    if settings.get("use_case", True):
+        np.testing.assert_allclose(_dense(got.case.to_memory()), _dense(ref.case), rtol=2e-6)
+    assert got.source.n_obs == ref.source.n_obs and "sim_usage" in got.source.obsm
+
+
+def test_rows_bit_for_bit_given_the_same_scales(sim_file):
+    """With prepare's own scales the streamed rows are identical, in any order of cells and genes."""
+    adata, path = sim_file
+    ref = prepare(adata, "condition", "control", normalize="total", scale_genes=True)
+    file = open_h5ad(path)
+    cells = adata.obs_names.get_indexer(ref.obs.index)
+    genes = adata.var_names.get_indexer(ref.var.index)
+    rows = H5adRows(file.matrix(), cells, genes, ref.cell_scale, ref.gene_scale)
+    x = rows.read_rows(np.arange(rows.shape[0]))
+    assert x.dtype == np.float32 and sp.isspmatrix_csr(x) and x.has_sorted_indices
+    np.testing.assert_array_equal(x.toarray(), ref.X.toarray())
+    # stage1_from: genes in a given (unsorted) order with a given scale
+    order = np.random.default_rng(3).permutation(len(ref.var))
+    again = prepare_backed(file, "condition", "control", normalize="total", genes=list(ref.var.index[order]),
+                           gene_scale=ref.gene_scale[order])
+    np.testing.assert_allclose(again.X.to_memory().toarray(), ref.X.toarray()[:, order], rtol=2e-6)
+    assert again.X.to_memory().has_sorted_indices
+
+
+def test_dense_matrix_on_disk_is_streamed_and_csc_refused(tmp_path):
+    adata = _sim(seed=2)
+    ref = prepare(adata, "condition", "control", normalize="total")
+    dense = adata.copy()
+    dense.X = adata.X.toarray()
+    dense.write_h5ad(tmp_path / "dense.h5ad")
+    got = prepare_backed(open_h5ad(tmp_path / "dense.h5ad"), "condition", "control", normalize="total",
+                         pass_cells=50)
+    np.testing.assert_allclose(got.X.to_memory().toarray(), ref.X.toarray(), rtol=2e-6)
+
+    csc = adata.copy()
+    csc.X = sp.csc_matrix(adata.X)
+    csc.write_h5ad(tmp_path / "csc.h5ad")
+    with pytest.raises(InputError, match=r"CSC.*csr_matrix\(adata.X\)"):
+        prepare_backed(open_h5ad(tmp_path / "csc.h5ad"), "condition", "control")
+
+
+def _message(fn, *args, **kwargs) -> str:
+    with pytest.raises(InputError) as err:
+        fn(*args, **kwargs)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("bad", ["nan", "negative", "empty_cell", "layer", "condition"])
+def test_errors_are_those_of_prepare(tmp_path, bad):
+    adata = _sim(seed=4, shuffle=True)
+    x = adata.X.tolil()
+    args = dict(condition_key="condition", control="control")
+    if bad == "nan":
+        x[7, 3], x[2, 10], x[400, 0] = np.nan, np.inf, np.nan
+    elif bad == "negative":
+        x[100, 5], x[30, 6] = -1.0, -2.0
+    elif bad == "empty_cell":
+        x[11, :] = 0
+    elif bad == "layer":
+        args["layer"] = "spliced"
+    else:
+        args["control"] = "NTC"
+    adata.X = sp.csr_matrix(x)
+    adata.write_h5ad(tmp_path / "bad.h5ad")
+    assert _message(prepare_backed, open_h5ad(tmp_path / "bad.h5ad"), pass_cells=64, **args) \
+        == _message(prepare, adata, **args)
+
+
+def test_backed_needs_a_batch_size_and_an_existing_file(tmp_path, sim_file):
+    _, path = sim_file
+    with pytest.raises(InputError, match="data.batch_size"):
+        load_data(OmegaConf.create({"source": "file", "path": str(path), "backed": True, "batch_size": None}))
+    with pytest.raises(InputError, match="file not found"):
+        open_h5ad(tmp_path / "missing.h5ad")
+    (tmp_path / "junk.h5ad").write_text("not hdf5")
+    with pytest.raises(InputError, match="cannot read"):
+        open_h5ad(tmp_path / "junk.h5ad")
+    data = load_data(OmegaConf.create({"source": "file", "path": str(path), "backed": True, "batch_size": 64}))
+    assert data.n_obs == 500 and list(data.layers) == ["counts"]
+
+
+def test_block_batches_cover_each_cell_once_from_few_runs(sim_file):
+    _, path = sim_file
+    rows = prepare_backed(open_h5ad(path), "condition", "control").X
+    rng = np.random.default_rng(0)
+    epochs = [rows.batch_indices(64, rng, blocks_per_batch=4) for _ in range(3)]
+    for batches in epochs:
+        assert len(batches) == -(-rows.shape[0] // 64)
+        flat = np.concatenate(batches)
+        np.testing.assert_array_equal(np.sort(flat), np.arange(rows.shape[0]))
+        for b in batches:
+            assert np.all(np.diff(b) > 0) and len(b) <= 64
+            # runs of consecutive cells: at most blocks_per_batch + 1 (a run cut at the batch's edge)
+            assert np.count_nonzero(np.diff(b) > 1) + 1 <= 5
+    assert not all(np.array_equal(a, b) for a, b in zip(epochs[0], epochs[1]))
+    # batches are spread over the whole file, not taken in order
+    firsts = [b[0] for b in epochs[0]]
+    assert not np.all(np.diff(firsts) > 0)
+
+
+def test_datamodule_serves_block_batches_from_disk(sim_file):
+    adata, path = sim_file
+    prepared = prepare_backed(open_h5ad(path), "condition", "control", normalize="total")
+    control = prepared.control
+    reference = prepare(adata, "condition", "control", normalize="total").control.toarray()
+    dm = CellDataModule(control, batch_size=40, seed=0)
+    seen = []
+    for block, index in dm.train_dataloader():
+        x = block.to_dense() if block.layout != torch.strided else block
+        np.testing.assert_allclose(x.numpy(), reference[index.numpy()], rtol=2e-6)
+        seen.append(index.numpy())
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(control.shape[0]))
+    assert len(seen) == len(dm.train_dataloader())
+
+
+@pytest.mark.parametrize("stage", ["onestage", pytest.param("twostage", marks=pytest.mark.slow)])
+def test_backed_fit_matches_in_memory_fit(make_cfg, stage):
+    """Same data, seed and batch size: streamed and in-memory fits recover the planted
+    programs equally well and reach the same error (batch order differs, so not bit-equal)."""
+    fits = {}
+    for backed in (False, True):
+        cfg, run_dir = make_cfg(f"stage={stage}", "data.batch_size=128", f"data.backed={str(backed).lower()}",
+                                "logger=none", "model.consensus.replicates=2", "model.consensus.iterations=40")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        fits[backed] = run(cfg, run_dir)
+        result = ad.read_h5ad(run_dir / "results.h5ad")
+        assert result.n_obs == (500 if stage == "twostage" else 250)
+        assert np.isfinite(result.obsm["X_deltanmf"]).all()
+    memory, streamed = (fits[b].metrics for b in (False, True))
+    assert streamed["recovery"]["baseline_min"] > 0.95
+    assert streamed["recovery"]["baseline_min"] > memory["recovery"]["baseline_min"] - 0.01
+    last = "stage2" if stage == "twostage" else "stage1"
+    assert streamed[last]["relative_error"] == pytest.approx(memory[last]["relative_error"], rel=0.01)
+    np.testing.assert_allclose(np.sort(np.asarray(fits[True].results.var["deltanmf_gene_scale"])),
+                               np.sort(np.asarray(fits[False].results.var["deltanmf_gene_scale"])), rtol=1e-6)
+    if stage == "twostage":
+        assert streamed["recovery"]["case_min"] > memory["recovery"]["case_min"] - 0.02
+        assert streamed["recovery"]["shifts_called_correctly"] == memory["recovery"]["shifts_called_correctly"]
+
+
+def _make_large():
+    spec = importlib.util.spec_from_file_location("make_large", ROOT / "benchmarks" / "make_large.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generator_writes_a_readable_file_with_the_planted_model(tmp_path):
+    path = tmp_path / "large.h5ad"
+    summary = _make_large().write_large(path, n_control=3000, n_case=1000, n_genes=800, n_programs=6,
+                                        n_case_programs=2, density=0.1, markers_per_program=40, chunk=700,
+                                        seed=5, verbose=False)
+    adata = ad.read_h5ad(path)
+    assert adata.shape == (4000, 800) and sp.issparse(adata.X) and adata.X.dtype == np.float32
+    assert adata.X.nnz == summary["nonzeros"]
+    assert (adata.obs["condition"] == "control").sum() == 3000
+    # controls and cases are interleaved, as in a real screen
+    assert set(adata.obs["condition"][:400]) == {"control", "case"}
+    assert abs(adata.X.nnz / (4000 * 800) - 0.1) < 0.01
+    truth = simulation_truth(adata)
+    assert truth.programs.shape == (800, 6) and truth.usage.shape == (4000, 8)
+    np.testing.assert_allclose(truth.usage.sum(axis=1), 1.0, atol=1e-5)
+    assert np.all(truth.usage[(adata.obs["condition"] == "control").to_numpy(), 6:] == 0)
+    # counts follow the planted model: E[x] = library * usage @ programs^T, per gene
+    expected = (adata.obs["library_size"].to_numpy()[:, None] * truth.usage) @ np.hstack(
+        [truth.programs, truth.case_programs]).T
+    observed = np.asarray(adata.X.sum(axis=0)).ravel()
+    big = expected.sum(axis=0) > 200  # genes with enough counts for a tight check
+    np.testing.assert_allclose(observed[big], expected.sum(axis=0)[big], rtol=0.2)
+    assert np.corrcoef(observed, expected.sum(axis=0))[0, 1] > 0.99
+    # the same file streamed reads the same rows
+    with h5py.File(path) as f:
+        assert f["X"].attrs["encoding-type"] == "csr_matrix"
+    rows = prepare_backed(open_h5ad(path), "condition", "control", normalize="none", scale_genes=False,
+                          min_cells=0, use_case=False).X
+    np.testing.assert_array_equal(rows.to_memory().toarray(), adata.X[(adata.obs["condition"] == "control")
+                                                                      .to_numpy()].toarray())
