@@ -1,20 +1,36 @@
-"""Names of Hydra multirun job folders: only the swept keys (``K=10``), never a path.
+"""Hydra multirun sweeps: job folder names, the HParams record of a run, and the end-of-sweep summary.
 
-Hydra's ``override_dirname`` joins every command-line override, so fixed settings such
-as ``data.path=/data/screen.h5ad`` end up in each job's folder name and their slashes nest
-folders. ``sweep_subdir`` keeps the overrides whose key is swept on the command line
-(a top-level comma, or a sweep function such as ``range(...)``); it is registered as the
-OmegaConf resolver ``deltanmf_sweep_subdir`` when :mod:`deltanmf.pipeline` is imported.
+Job folders are named by the swept keys only (``K=10``), never a path. Hydra's
+``override_dirname`` joins every command-line override, so fixed settings such as
+``data.path=/data/screen.h5ad`` end up in each job's folder name and their slashes nest
+folders. ``sweep_subdir`` keeps the overrides whose key is swept (a top-level comma, or a
+sweep function such as ``range(...)``); it is registered as the OmegaConf resolver
+``deltanmf_sweep_subdir`` when :mod:`deltanmf.pipeline` is imported.
+
+:class:`SweepCallback` (configured in ``conf/hydra/default.yaml``) tells the jobs which keys
+are swept, also when a launcher runs them in other processes or on other machines, and writes
+the K-selection summary (:mod:`deltanmf.select_k`) when the sweep ends.
 """
 from __future__ import annotations
 
+import logging
+import math
+import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
-from omegaconf import OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 _SWEEP_FUNCTION = re.compile(r"^\s*(range|choice|glob|interval|tag|shuffle|sort)\(")
+# Set by SweepCallback.on_multirun_start; inherited by launcher worker processes (joblib's loky
+# workers, submitit jobs), whose own sys.argv is not the user's command line.
+SWEPT_KEYS_ENV = "DELTANMF_SWEPT_KEYS"
 
 
 def _key(override: str) -> str:
@@ -44,9 +60,16 @@ def swept_keys(argv: Sequence[str]) -> set[str]:
     return {_key(arg) for arg in argv if "=" in arg and _is_sweep(arg.split("=", 1)[1])}
 
 
+def _current_swept_keys() -> set[str]:
+    recorded = os.environ.get(SWEPT_KEYS_ENV)
+    if recorded is not None:
+        return {k for k in recorded.split(",") if k}
+    return swept_keys(sys.argv[1:])
+
+
 def sweep_subdir(task_overrides: Sequence[str], job_num: int | str = 0) -> str:
     """Folder name of one job: its swept overrides joined by commas (``/`` made safe)."""
-    swept = swept_keys(sys.argv[1:])
+    swept = _current_swept_keys()
     parts = sorted(o for o in task_overrides if _key(o) in swept)
     name = ",".join(parts) if parts else f"job{job_num}"
     return name.replace("/", "_")
@@ -55,3 +78,114 @@ def sweep_subdir(task_overrides: Sequence[str], job_num: int | str = 0) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("deltanmf_sweep_subdir"):
         OmegaConf.register_new_resolver("deltanmf_sweep_subdir", sweep_subdir)
+
+
+# -- HParams --------------------------------------------------------------------------------
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def hparams_record(cfg: DictConfig, metrics: dict) -> tuple[dict[str, Any], dict[str, float]]:
+    """The hyperparameters and final metrics of a run, for TensorBoard's HParams tab.
+
+    Parameters
+    ----------
+    cfg
+        The run's configuration.
+    metrics
+        The run's ``metrics.json`` contents.
+
+    Returns
+    -------
+    (params, final)
+        ``params``: ``K``, ``K_case`` (two-stage), ``stage``, ``seed``, ``model/lr``,
+        ``model/replicates``, ``model/null_fit``, ``model/activation``,
+        ``model/stage1/rel_alpha``, ``model/stage2/rel_alpha``, ``model/stage2/rel_gamma``,
+        ``data/batch_size`` (``full`` for full batch), ``resource`` (its name or ``none``),
+        ``stage1_from``. ``final``: the finite values among ``final/stage1_relative_error``,
+        ``final/stage1_stability`` (replicate stability, else that of the consensus
+        initialisation), ``final/stage2_relative_error``, ``final/baseline_only_relative_error``,
+        ``final/explained_variance_gain``, ``final/null_explained_variance_gain``,
+        ``final/stage2_stability`` and, on simulated data, ``final/recovery_baseline_mean``
+        and ``final/recovery_case_mean``.
+    """
+    twostage = metrics.get("stage") == "twostage"
+    model = cfg.model
+    resource = cfg.get("resource")
+    batch = cfg.data.get("batch_size")
+    params: dict[str, Any] = {
+        "K": int(metrics.get("K", cfg.K)),
+        "stage": str(metrics.get("stage", cfg.stage.name)),
+        "seed": int(cfg.seed),
+        "model/lr": float(model.lr),
+        "model/replicates": int(model.get("replicates", 1)),
+        "model/null_fit": bool(model.get("null_fit", False)) and twostage,
+        "model/activation": str(model.activation),
+        "model/stage1/rel_alpha": float(model.stage1.rel_alpha),
+        "data/batch_size": "full" if batch is None else int(batch),
+        "resource": "none" if not resource else str(resource.get("name", "custom")),
+        "stage1_from": str(cfg.get("stage1_from") or ""),
+    }
+    if twostage:
+        params.update({"K_case": int(metrics.get("K_case", cfg.K_case)),
+                       "model/stage2/rel_alpha": float(model.stage2.rel_alpha),
+                       "model/stage2/rel_gamma": float(model.stage2.rel_gamma)})
+    s1, s2 = metrics.get("stage1", {}), metrics.get("stage2", {})
+    recovery = metrics.get("recovery") or {}
+    candidates = {
+        "final/stage1_relative_error": s1.get("relative_error"),
+        "final/stage1_stability": s1.get("replicate_stability", s1.get("consensus_stability")),
+        "final/stage2_relative_error": s2.get("relative_error"),
+        "final/baseline_only_relative_error": s2.get("baseline_only_relative_error"),
+        "final/explained_variance_gain": s2.get("explained_variance_gain"),
+        "final/null_explained_variance_gain": s2.get("null_explained_variance_gain"),
+        "final/stage2_stability": s2.get("replicate_stability"),
+        "final/recovery_baseline_mean": recovery.get("baseline_mean"),
+        "final/recovery_case_mean": recovery.get("case_mean"),
+    }
+    final = {k: float(v) for k, v in candidates.items() if _finite(v)}
+    return params, final
+
+
+# -- the Hydra callback -------------------------------------------------------------------------
+def _sweeper_keys(config: DictConfig) -> Iterable[str]:
+    params = OmegaConf.select(config, "hydra.sweeper.params")
+    return [] if params is None else [str(k) for k in params]
+
+
+class SweepCallback(Callback):
+    """Hydra callback of a multirun: names job folders by the swept keys, and summarises the sweep.
+
+    Parameters
+    ----------
+    select_k
+        Write ``k_selection.csv`` / ``k_selection.png`` into the sweep directory and log the
+        suggested K when all jobs have finished (:func:`deltanmf.select_k.select_k`).
+    margin, gain_tolerance
+        Passed to :func:`deltanmf.select_k.select_k`.
+    """
+
+    def __init__(self, select_k: bool = True, margin: float = 0.05, gain_tolerance: float = 0.02) -> None:
+        self.select_k = select_k
+        self.margin = margin
+        self.gain_tolerance = gain_tolerance
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        task = list(OmegaConf.select(config, "hydra.overrides.task") or [])
+        keys = swept_keys(task) | set(_sweeper_keys(config))
+        os.environ[SWEPT_KEYS_ENV] = ",".join(sorted(keys))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ.pop(SWEPT_KEYS_ENV, None)
+        if not self.select_k:
+            return
+        from .select_k import select_k  # imports matplotlib: only when a sweep ends
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            choice = select_k(sweep_dir, margin=self.margin, gain_tolerance=self.gain_tolerance)
+        except ValueError as err:  # e.g. no finished run: the sweep's own results stand
+            log.warning("K selection skipped: %s", err)
+            return
+        for line in choice.report().splitlines():
+            log.info("%s", line)
