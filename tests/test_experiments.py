@@ -1,0 +1,70 @@
+"""Experiment presets: ``experiment=published`` is the published schedule, run step for step."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from deltanmf.pipeline import _trainer, run
+
+from conftest import CONF
+
+
+def _compose(*overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("config", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def test_published_preset_is_the_published_schedule():
+    default = _compose()
+    cfg = _compose("experiment=published")
+    # Adam at lr 0.01 in both stages, a fixed 10,000 full-batch steps, no early stop
+    assert cfg.model.stage1.lr == 0.01 and cfg.model.stage2.lr == 0.01
+    assert cfg.trainer.max_steps == 10_000
+    assert cfg.data.batch_size is None
+    assert cfg.model.stop.enabled is False and default.model.stop.enabled is True
+    # the same initialisation and everything else as the defaults: the preset lists only the schedule
+    assert cfg.model.consensus == default.model.consensus
+    assert cfg.model.activation == default.model.activation and cfg.model.beta == default.model.beta
+    assert cfg.data.simulation == default.data.simulation and cfg.K == default.K
+    # command-line overrides still win over the preset
+    assert _compose("experiment=published", "trainer.max_steps=40").trainer.max_steps == 40
+
+
+def test_published_runs_exactly_max_steps_where_the_default_stops_early(make_cfg):
+    # tol=1 counts every check after the first as "no progress": the convergence stop ends each stage
+    # after 3 checks of 10 steps; with the stop disabled both stages run the full 45 steps
+    stall = ["logger=none", "model.stop.tol=1.0", "model.stop.patience=2", "model.stop.check_every=10",
+             "trainer.max_steps=45"]
+    cfg, run_dir = make_cfg(*stall)
+    stopped = run(cfg, run_dir).metrics
+    assert stopped["stage1"]["steps"] == 30 and stopped["stage2"]["steps"] == 30
+    assert stopped["stage1"]["converged"]
+
+    cfg, run_dir = make_cfg(*stall, "experiment=published", "overwrite=true")
+    assert cfg.trainer.max_steps == 45 and cfg.model.stop.enabled is False
+    metrics = run(cfg, run_dir).metrics
+    assert metrics["stage1"]["steps"] == 45 and metrics["stage2"]["steps"] == 45
+    assert not metrics["stage1"]["converged"] and not metrics["stage2"]["converged"]
+    # the extra steps refine the same start: the fit is no worse than the one stopped early
+    for stage in ("stage1", "stage2"):
+        assert metrics[stage]["relative_error"] <= stopped[stage]["relative_error"] + 1e-6
+    assert metrics["recovery"]["baseline_min"] > 0.9
+
+
+def test_published_schedule_still_stops_on_a_non_finite_loss(make_cfg):
+    from deltanmf.data import CellDataModule
+    from deltanmf.stages import NonFiniteLossError, Stage1Module
+
+    cfg, run_dir = make_cfg("logger=none", "experiment=published", "trainer.max_steps=100")
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 30), dtype=np.float32)
+    x[5, 3] = 3e38  # its square overflows float32: the loss is inf from the first step
+    module = Stage1Module(torch.rand(30, 3), torch.rand(40, 3))
+    with pytest.raises(NonFiniteLossError, match="between steps 1 and 10"):
+        _trainer(cfg, run_dir, "stage1").fit(module, CellDataModule(x, steps_per_epoch=10))
