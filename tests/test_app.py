@@ -191,3 +191,15 @@ def test_same_seed_same_programs_other_seed_other_start(make_cfg):
         programs[i] = run(cfg, run_dir / str(i)).results.varm["deltanmf_programs"]
     np.testing.assert_array_equal(programs[0], programs[1])
     assert not np.array_equal(programs[0], programs[2])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("Kk=5", "Key 'Kk' is not in struct"),                           # a misspelt key
+    ("model.stop.tolerance=0.1", "Key 'tolerance' is not in struct"),
+    ("stage=threestage", "Could not find 'stage/threestage'"),       # an unknown option of a group
+])
+def test_unknown_config_keys_and_options_are_named(tmp_path, override, message):
+    proc = _train(override, f"hydra.run.dir={tmp_path / 'out'}")
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not (tmp_path / "out" / "results.h5ad").exists()

@@ -36,6 +36,7 @@ class ConvergenceStop(L.Callback):
         if tol < 0 or patience < 1 or check_every < 1:
             raise ValueError("convergence needs tol >= 0, patience >= 1 and check_every >= 1")
         self.tol, self.patience, self.check_every = tol, patience, check_every
+        self._finished = False
         self._reset()
 
     def _reset(self) -> None:
@@ -43,6 +44,23 @@ class ConvergenceStop(L.Callback):
         self._count = 0
         self._best = None
         self._stalled = 0
+
+    # -- resuming: the window, the best loss and whether the stage already finished ---------
+    def state_dict(self) -> dict:
+        return {"sum": None if self._sum is None else float(self._sum), "count": self._count,
+                "best": self._best, "stalled": self._stalled, "finished": self._finished}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._sum = state["sum"]  # a float; adding the next step's loss makes it a tensor again
+        self._count, self._best, self._stalled = state["count"], state["best"], state["stalled"]
+        self._finished = state["finished"]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._finished:  # restored from a finished stage's checkpoint: nothing left to train
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._finished = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -53,7 +71,10 @@ class ConvergenceStop(L.Callback):
         window = -(-self.check_every // per_epoch) * per_epoch
         if self._count < window:
             return
-        current = float(self._sum) / self._count
+        # with several processes (DDP) every rank sees other cells: decide on the mean of all
+        # ranks, so they all stop at the same step (identity on one device)
+        mean = torch.as_tensor(self._sum, dtype=torch.float32, device=pl_module.device) / self._count
+        current = float(trainer.strategy.reduce(mean, reduce_op="mean"))
         self._sum, self._count = None, 0
         if not torch.isfinite(torch.tensor(current)):
             terms = getattr(pl_module, "last_terms", {})

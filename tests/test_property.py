@@ -1,0 +1,92 @@
+"""Property-based tests of the data layer: any small matrix either fits or is refused with a
+ValueError, never another crash, and nothing non-finite comes out."""
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import deltanmf
+from deltanmf.data import prepare
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+TINY = ["model.consensus.replicates=1", "model.consensus.iterations=10", "model.consensus.nnls_iterations=10",
+        "trainer.max_steps=15", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger=none",
+        "data.min_cells=1"]
+
+
+@st.composite
+def datasets(draw):
+    """A small AnnData with zeros, and sometimes NaN, inf, negatives, duplicate names, float64,
+    integer counts, sparse storage, or no cases at all."""
+    n_cells = draw(st.integers(3, 12))
+    n_genes = draw(st.integers(1, 8))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = rng.poisson(draw(st.floats(0.0, 5.0)), size=(n_cells, n_genes)).astype(np.float64)
+    corrupt = draw(st.integers(0, 3)) == 3  # a quarter of the matrices carry bad values
+    for bad in draw(st.lists(st.sampled_from([np.nan, np.inf, -1.0, -np.inf]), min_size=1, max_size=2)) if corrupt else []:
+        x[rng.integers(n_cells), rng.integers(n_genes)] = bad
+    dtype = draw(st.sampled_from([np.float32, np.float64, np.int64]))
+    if dtype is np.int64:
+        x = np.where(np.isfinite(x), x, 0).astype(np.int64)
+    else:
+        x = x.astype(dtype)
+    if draw(st.booleans()):
+        x = sp.csr_matrix(x)
+    conditions = draw(st.lists(st.sampled_from(["control", "case"]), min_size=n_cells, max_size=n_cells))
+    cells = [f"c{i}" for i in range(n_cells)]
+    genes = [f"g{j}" for j in range(n_genes)]
+    conditions[0] = "control"
+    if draw(st.integers(0, 4)) == 4 and n_cells > 1:
+        cells[1] = cells[0]
+    if draw(st.integers(0, 4)) == 4 and n_genes > 1:
+        genes[1] = genes[0]
+    with np.errstate(all="ignore"):
+        adata = ad.AnnData(x, obs=pd.DataFrame({"condition": conditions}, index=cells),
+                           var=pd.DataFrame(index=genes))
+    return adata
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(adata=datasets(), normalize=st.sampled_from(["none", "total", "median"]), scale=st.booleans())
+def test_prepare_returns_finite_data_or_raises_value_error(adata, normalize, scale):
+    before = adata.X.copy()
+    try:
+        prepared = prepare(adata, condition_key="condition", control="control", min_cells=1,
+                           normalize=normalize, scale_genes=scale)
+    except ValueError as err:
+        assert str(err)  # a message, not a bare error
+        event("refused")
+    else:
+        event("prepared")
+        x = prepared.X.data if sp.issparse(prepared.X) else prepared.X
+        assert np.isfinite(x).all() and (x >= 0).all()
+        assert np.isfinite(prepared.gene_scale).all() and (prepared.gene_scale > 0).all()
+        assert prepared.X.shape == (len(prepared.obs), len(prepared.var))
+    after = adata.X
+    if sp.issparse(before):  # the input is never modified
+        assert np.array_equal(before.indices, after.indices) and np.array_equal(before.indptr, after.indptr)
+        before, after = before.data, after.data
+    assert np.array_equal(before, after, equal_nan=True)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(adata=datasets(), k=st.integers(1, 2))
+def test_fit_returns_finite_programs_or_raises_value_error(adata, k):
+    try:
+        result = deltanmf.fit_onestage(adata, K=k, overrides=TINY)
+    except ValueError as err:
+        assert str(err)
+        event(f"refused: {str(err)[:45]}")
+    else:
+        event("fitted")
+        assert np.isfinite(result.programs.to_numpy()).all()
+        assert (result.programs.to_numpy() >= 0).all()
+        usage = adata.obsm["X_deltanmf"]
+        control = (adata.obs["condition"] == "control").to_numpy()
+        assert np.isfinite(usage[control]).all()

@@ -1,0 +1,163 @@
+"""Checkpoints and resuming: an interrupted run continues to the result of an uninterrupted one."""
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from deltanmf import pipeline
+from deltanmf.data import InputError
+from deltanmf.pipeline import run
+from deltanmf.stages import NonFiniteLossError
+from deltanmf.stages.checkpoint import TrainingInterrupted
+
+FAST = ("model.consensus.replicates=2", "model.consensus.iterations=50", "checkpoint.every_n_steps=10")
+
+
+class _AtStep(L.Callback):
+    """Does ``action(module)`` at the end of global step ``step`` of the stage named ``stage``."""
+
+    def __init__(self, step: int, action):
+        self.step, self.action = step, action
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.action(pl_module)
+
+
+@pytest.fixture
+def inject(monkeypatch):
+    """Add a callback to the trainer of one stage of the next run."""
+
+    def _inject(stage: str, callback: L.Callback):
+        original = pipeline._trainer
+
+        def trainer_with(cfg, run_dir, version):
+            trainer = original(cfg, run_dir, version)
+            if version == stage:
+                trainer.callbacks.append(callback)
+            return trainer
+
+        monkeypatch.setattr(pipeline, "_trainer", trainer_with)
+
+    return _inject
+
+
+def _boom(module):
+    raise RuntimeError("simulated crash")
+
+
+def _programs(result) -> np.ndarray:
+    return np.asarray(result.results.varm["deltanmf_programs"])
+
+
+@pytest.mark.parametrize("stage, interruption", [
+    ("stage2", "crash"),                       # a crash right after a periodic checkpoint
+    ("stage1", signal.SIGINT),                 # Ctrl+C
+    ("stage2", signal.SIGTERM),                # a scheduler's time limit
+])
+def test_interrupted_run_resumes_to_the_uninterrupted_result(make_cfg, inject, monkeypatch, stage, interruption):
+    cfg, run_dir = make_cfg(*FAST)
+    expected = run(cfg, run_dir.with_name("whole"))
+
+    cfg, run_dir = make_cfg(*FAST)
+    if interruption == "crash":
+        inject(stage, _AtStep(20, _boom))
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run(cfg, run_dir)
+    else:
+        inject(stage, _AtStep(15, lambda m: os.kill(os.getpid(), interruption)))
+        with pytest.raises(TrainingInterrupted, match=f"{interruption.name} received: stopped {stage} after step 16"):
+            run(cfg, run_dir)
+    assert (run_dir / "checkpoints" / f"{stage}-last.ckpt").is_file()
+    assert not (run_dir / "results.h5ad").exists()
+    assert signal.getsignal(signal.SIGINT) is not None  # handlers restored, not left pointing at a dead trainer
+    if stage == "stage2":
+        assert (run_dir / "checkpoints" / "stage1.ckpt").is_file()
+
+    monkeypatch.undo()
+    cfg, _ = make_cfg(*FAST, "resume=true")
+    resumed = run(cfg, run_dir)
+    np.testing.assert_allclose(_programs(resumed), _programs(expected), rtol=1e-5, atol=1e-7)
+    for key in ("stage1", "stage2"):
+        assert resumed.metrics[key]["steps"] == expected.metrics[key]["steps"]
+        assert resumed.metrics[key]["converged"] == expected.metrics[key]["converged"]
+    assert not list((run_dir / "checkpoints").glob("*-last.ckpt"))  # superseded by the final ones
+
+
+def test_ckpt_path_continues_into_a_new_run_directory(make_cfg, inject, monkeypatch):
+    cfg, run_dir = make_cfg(*FAST, "stage=onestage")
+    expected = run(cfg, run_dir.with_name("whole"))
+    inject("stage1", _AtStep(20, _boom))
+    with pytest.raises(RuntimeError):
+        run(cfg, run_dir)
+    monkeypatch.undo()
+    cfg, _ = make_cfg(*FAST, "stage=onestage", f"ckpt_path={run_dir / 'checkpoints' / 'stage1-last.ckpt'}")
+    resumed = run(cfg, run_dir.with_name("continued"))
+    np.testing.assert_allclose(_programs(resumed), _programs(expected), rtol=1e-5, atol=1e-7)
+
+
+def test_a_non_finite_loss_keeps_the_last_finite_checkpoint(make_cfg, inject):
+    def poison(module):
+        with torch.no_grad():
+            module.model.programs_raw.fill_(float("nan"))
+
+    cfg, run_dir = make_cfg(*FAST, "stage=onestage")
+    inject("stage1", _AtStep(25, poison))
+    with pytest.raises(NonFiniteLossError, match="last checkpoint with a finite loss is .*stage1-last.ckpt"):
+        run(cfg, run_dir)
+    state = torch.load(run_dir / "checkpoints" / "stage1-last.ckpt", weights_only=False)
+    assert state["global_step"] == 20
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    assert not (run_dir / "results.h5ad").exists()
+
+
+def test_resume_errors_name_the_problem(make_cfg, tmp_path):
+    cfg, run_dir = make_cfg("resume=true")
+    with pytest.raises(InputError, match=r"resume=true: no checkpoints in .*hydra.run.dir"):
+        run(cfg, run_dir)
+    cfg, run_dir = make_cfg(f"ckpt_path={tmp_path / 'nope.ckpt'}")
+    with pytest.raises(InputError, match="ckpt_path=.*nope.ckpt: no such file"):
+        run(cfg, run_dir)
+    (tmp_path / "model.ckpt").write_bytes(b"")
+    cfg, run_dir = make_cfg(f"ckpt_path={tmp_path / 'model.ckpt'}")
+    with pytest.raises(InputError, match="not a DeltaNMF stage checkpoint"):
+        run(cfg, run_dir)
+
+
+def test_resume_refuses_changed_settings_and_finished_runs(make_cfg, inject, monkeypatch):
+    cfg, run_dir = make_cfg(*FAST, "stage=onestage")
+    inject("stage1", _AtStep(10, _boom))
+    with pytest.raises(RuntimeError):
+        run(cfg, run_dir)
+    monkeypatch.undo()
+    cfg, _ = make_cfg(*FAST, "stage=onestage", "resume=true", "K=4")
+    with pytest.raises(InputError, match=r"different settings \(K\)"):
+        run(cfg, run_dir)
+    cfg, _ = make_cfg(*FAST, "stage=onestage", "resume=true")
+    run(cfg, run_dir)
+    with pytest.raises(InputError, match="has already finished"):
+        run(cfg, run_dir)
+
+
+def test_minibatch_resume_reaches_an_equally_good_fit(make_cfg, inject, monkeypatch):
+    """Batches after resuming are reshuffled (the loader's position is not saved), so the
+    continued fit is not bit-identical, but it is the same solution."""
+    from deltanmf.nmf.metrics import matched_cosine
+
+    args = (*FAST, "stage=onestage", "data.batch_size=100")
+    cfg, run_dir = make_cfg(*args)
+    expected = run(cfg, run_dir.with_name("whole"))
+    inject("stage1", _AtStep(20, _boom))
+    with pytest.raises(RuntimeError):
+        run(cfg, run_dir)
+    monkeypatch.undo()
+    cfg, _ = make_cfg(*args, "resume=true")
+    resumed = run(cfg, run_dir)
+    assert matched_cosine(_programs(resumed), _programs(expected)).min() > 0.99
+    error, reference = (r.metrics["stage1"]["relative_error"] for r in (resumed, expected))
+    assert abs(error - reference) < 0.01 * reference
