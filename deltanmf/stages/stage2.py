@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from ..nmf import (Activation, CellMatrix, GeneGraph, LossTerms, NeuralNMF, adaptive_strength, consensus_init,
@@ -50,7 +51,7 @@ class ResidualMatrix:
         self.block_cells = block_cells
         self.device, self.dtype = matrix.device, matrix.dtype
         self.n_cells, self.n_genes = matrix.n_cells, matrix.n_genes
-        self._full = None
+        self._blocks = None
         self._squared_norm = None
 
     @property
@@ -65,20 +66,37 @@ class ResidualMatrix:
 
     def batches(self, shuffle: bool = False, generator=None):
         """``(cell_index, residual block)`` pairs covering every cell once."""
+        if self.matrix.sparse and not shuffle:
+            # a sparse residual costs no more memory than X: compute it once, not on every
+            # pass of the multiplicative updates
+            if self._blocks is None:
+                self._blocks = [(index, self._residual(index, x)) for index, x in self.matrix.batches()]
+            yield from self._blocks
+            return
         if not self.full_batch:
             for index, x in self.matrix.batches(shuffle=shuffle, generator=generator):
                 yield index, self._residual(index, x)
             return
         x = self.matrix.full()
-        if self.matrix.sparse:
-            if self._full is None:
-                index = np.arange(self.n_cells)
-                self._full = (index, self._residual(index, x))
-            yield self._full
-            return
         for start in range(0, self.n_cells, self.block_cells):
             index = np.arange(start, min(start + self.block_cells, self.n_cells))
             yield index, self._residual(index, x[start:index[-1] + 1])
+
+    def to_cell_matrix(self) -> CellMatrix:
+        """A sparse residual computed once, as a :class:`CellMatrix` served like X (shuffled
+        batches included): the multiplicative updates then do not recompute it every pass.
+        It has X's pattern, so it costs no more memory than X."""
+        parts, order = [], []
+        for index, r in self.batches():
+            r = r.to("cpu")
+            parts.append(sp.csr_matrix((r.values().numpy(), r.col_indices().numpy(), r.crow_indices().numpy()),
+                                       shape=tuple(r.shape)))
+            order.append(index)
+        csr = sp.vstack(parts, format="csr")
+        order = np.concatenate(order)
+        if not np.array_equal(order, np.arange(len(order))):
+            csr = csr[np.argsort(order)]
+        return CellMatrix(csr, batch_size=self.matrix.batch_size, device=self.device, dtype=self.dtype)
 
     def subset(self, index: np.ndarray) -> "ResidualMatrix":
         """The residual of the cells ``index`` only."""
@@ -112,6 +130,8 @@ def stage2_init(matrix: CellMatrix, baseline: torch.Tensor, k_case: int, seed: i
     cells = matrix if sample is None else matrix.subset(sample)
     base_usage = refit_usage(cells, baseline, nnls_iter)
     residual = ResidualMatrix(cells, baseline, base_usage)
+    if cells.sparse:
+        residual = residual.to_cell_matrix()
     case = consensus_init(residual, k_case, seed=seed, **consensus).programs
     scale = torch.median(baseline.norm(dim=0)) / torch.median(case.norm(dim=0)).clamp_min(1e-12)
     case = case * scale
