@@ -31,13 +31,12 @@ from types import SimpleNamespace
 import anndata as ad
 import h5py
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem
 from torch.utils.data import Sampler
 
 from .errors import InputError
-from .prepare import NORMALIZE, PreparedData, _check_unique, _matrix, split_conditions
+from .prepare import PreparedData, _matrix, cells_in_use, check_no_empty_cells, select_genes
 
 log = logging.getLogger(__name__)
 
@@ -395,17 +394,8 @@ def prepare_backed(
     over the cells in use). The returned ``X`` is an :class:`H5adRows`; ``source`` is the
     annotations (no ``.X``) restricted to the cells and genes in use.
     """
-    if normalize not in NORMALIZE:
-        raise InputError(f"data.normalize={normalize!r} is not one of {NORMALIZE}")
-    if min_cells < 0:
-        raise InputError(f"data.min_cells must be >= 0, got {min_cells}")
-    is_control, is_case = split_conditions(data.obs, condition_key, control, case)
-    cells = np.concatenate([np.flatnonzero(is_control), np.flatnonzero(is_case)]) if use_case \
-        else np.flatnonzero(is_control)
-    if use_case and not is_case.any():
-        raise InputError(f"no case cells: every cell in .obs[{condition_key!r}] is the control {control!r}")
-    _check_unique(data.obs_names[cells], "cell", "make them unique first (adata.obs_names_make_unique())")
-    _check_unique(data.var_names, "gene", "make them unique first (adata.var_names_make_unique())")
+    is_control, is_case, cells = cells_in_use(data.obs, data.var_names, condition_key, control, case, use_case,
+                                              normalize, min_cells)
     matrix = data.matrix(layer)
     what = "data.layer=" + repr(layer) if layer else ".X"
     if matrix.dtype == np.float64:
@@ -436,32 +426,8 @@ def prepare_backed(
                              f"gene {gene_names[first[1]]!r}); NMF needs {need}.")
 
     # Gene selection: the same steps and messages as prepare().
-    ids = np.asarray(data.var_names if gene_ids is None else gene_ids).astype(str)
-    if gene_ids is not None:
-        _check_unique(pd.Index(ids), "gene ID", "choose a data.gene_id_column with one ID per gene")
-    counts = {"input": int(n_genes)}
-    if genes is not None:
-        position = {g: i for i, g in enumerate(np.asarray(data.var_names).astype(str))}
-        missing = [g for g in genes if g not in position]
-        if missing:
-            raise InputError(f"{len(missing)} genes of the stage-1 result are not in this dataset (e.g. {missing[:3]}); "
-                             "stage1_from must come from a fit of the same genes")
-        keep_index = np.array([position[g] for g in genes], dtype=np.int64)
-        counts["stage1_genes"] = len(keep_index)
-    else:
-        keep = detected >= min_cells
-        counts["min_cells"] = int(keep.sum())
-        if remove_genes is not None and len(remove_genes):
-            keep &= ~np.isin(ids, np.asarray(list(remove_genes), dtype=str))
-        counts["remove_genes"] = int(keep.sum())
-        if resource_genes is not None:
-            keep &= np.isin(ids, np.asarray(list(resource_genes), dtype=str))
-            counts["resource"] = int(keep.sum())
-        keep_index = np.flatnonzero(keep)
-    log.info("genes kept after each step: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
-    if len(keep_index) == 0:
-        raise InputError(f"no genes left after filtering (genes left per step: {counts}); "
-                         "lower data.min_cells or check data.remove_genes and the resource's gene IDs")
+    keep_index, counts, kept_ids = select_genes(detected, data.var_names, gene_ids, genes, min_cells, remove_genes,
+                                      resource_genes)
 
     # Pass 2: per-cell totals over the kept genes, and the moments of x / total (or x),
     # which scale exactly by the normalisation target once it is known (the median of
@@ -482,11 +448,7 @@ def prepare_backed(
                 values = values * np.divide(1.0, row_total, out=np.zeros_like(row_total), where=row_total > 0)[row]
             moments.add(values, col[kept], block.shape[0])
     empty = totals <= 0
-    if empty.any():
-        names = list(cell_names[empty][:3])
-        raise InputError(f"{int(empty.sum())} cells have no expression left in the {len(keep_index)} kept genes "
-                         f"(e.g. {names}; genes left per step: {counts}); remove empty cells first, or lower "
-                         "data.min_cells")
+    check_no_empty_cells(empty, cell_names, len(keep_index), counts)
 
     cell_scale = np.ones(len(cells))
     target = 1.0
@@ -509,7 +471,7 @@ def prepare_backed(
     return PreparedData(
         X=H5adRows(matrix, cells, keep_index, cell_scale, gene_scale), obs=source.obs.copy(),
         var=source.var.copy(), is_control=is_control[cells], gene_scale=gene_scale, cell_scale=cell_scale,
-        gene_ids=ids[keep_index], gene_counts=counts, source=source,
+        gene_ids=kept_ids, gene_counts=counts, source=source,
     )
 
 

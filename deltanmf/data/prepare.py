@@ -208,6 +208,71 @@ def _scale_columns(x, factor: np.ndarray):
     return x * factor[None, :].astype(np.float32)
 
 
+def cells_in_use(obs: pd.DataFrame, var_names: pd.Index, condition_key: str, control, case, use_case: bool,
+                 normalize: str, min_cells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Check the options and names, split the conditions; ``(is_control, is_case, cells)``
+    with ``cells`` the positions in use, controls first (shared by the in-memory and
+    streamed preparation)."""
+    if normalize not in NORMALIZE:
+        raise InputError(f"data.normalize={normalize!r} is not one of {NORMALIZE}")
+    if min_cells < 0:
+        raise InputError(f"data.min_cells must be >= 0, got {min_cells}")
+    is_control, is_case = split_conditions(obs, condition_key, control, case)
+    cells = np.concatenate([np.flatnonzero(is_control), np.flatnonzero(is_case)]) if use_case \
+        else np.flatnonzero(is_control)
+    if use_case and not is_case.any():
+        raise InputError(f"no case cells: every cell in .obs[{condition_key!r}] is the control {control!r}")
+    _check_unique(obs.index[cells], "cell", "make them unique first (adata.obs_names_make_unique())")
+    _check_unique(var_names, "gene", "make them unique first (adata.var_names_make_unique())")
+    return is_control, is_case, cells
+
+
+def select_genes(detected: np.ndarray, var_names: pd.Index, gene_ids, genes, min_cells: int, remove_genes,
+                 resource_genes) -> tuple[np.ndarray, dict[str, int], np.ndarray]:
+    """The kept genes' positions, the genes left after each filter step, and the kept
+    genes' IDs (``gene_ids``, else ``var_names``).
+
+    ``detected`` is each gene's number of cells with a positive value. With ``genes``
+    (a finished fit's genes) exactly those are kept, in that order.
+    """
+    ids = np.asarray(var_names if gene_ids is None else gene_ids).astype(str)
+    if gene_ids is not None:
+        _check_unique(pd.Index(ids), "gene ID", "choose a data.gene_id_column with one ID per gene")
+    counts = {"input": int(len(var_names))}
+    if genes is not None:
+        position = {g: i for i, g in enumerate(np.asarray(var_names).astype(str))}
+        missing = [g for g in genes if g not in position]
+        if missing:
+            raise InputError(f"{len(missing)} genes of the stage-1 result are not in this dataset (e.g. {missing[:3]}); "
+                             "stage1_from must come from a fit of the same genes")
+        keep_index = np.array([position[g] for g in genes], dtype=np.int64)
+        counts["stage1_genes"] = len(keep_index)
+    else:
+        keep = detected >= min_cells
+        counts["min_cells"] = int(keep.sum())
+        if remove_genes is not None and len(remove_genes):
+            keep &= ~np.isin(ids, np.asarray(list(remove_genes), dtype=str))
+        counts["remove_genes"] = int(keep.sum())
+        if resource_genes is not None:
+            keep &= np.isin(ids, np.asarray(list(resource_genes), dtype=str))
+            counts["resource"] = int(keep.sum())
+        keep_index = np.flatnonzero(keep)
+    log.info("genes kept after each step: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
+    if len(keep_index) == 0:
+        raise InputError(f"no genes left after filtering (genes left per step: {counts}); "
+                         "lower data.min_cells or check data.remove_genes and the resource's gene IDs")
+    return keep_index, counts, ids[keep_index]
+
+
+def check_no_empty_cells(empty: np.ndarray, cell_names: pd.Index, n_kept: int, counts: dict) -> None:
+    """Refuse cells with no expression left in the kept genes (they cannot be normalised or fitted)."""
+    if empty.any():
+        names = list(cell_names[empty][:3])
+        raise InputError(f"{int(empty.sum())} cells have no expression left in the {n_kept} kept genes "
+                         f"(e.g. {names}; genes left per step: {counts}); remove empty cells first, or lower "
+                         "data.min_cells")
+
+
 def prepare(
     adata: ad.AnnData,
     condition_key: str,
@@ -256,18 +321,8 @@ def prepare(
         skipped) and its per-gene scale, so new cells are put in the same units as the
         programs that fit was trained in (``stage1_from``).
     """
-    if normalize not in NORMALIZE:
-        raise InputError(f"data.normalize={normalize!r} is not one of {NORMALIZE}")
-    if min_cells < 0:
-        raise InputError(f"data.min_cells must be >= 0, got {min_cells}")
-    is_control, is_case = split_conditions(adata.obs, condition_key, control, case)
-    cells = np.concatenate([np.flatnonzero(is_control), np.flatnonzero(is_case)]) if use_case \
-        else np.flatnonzero(is_control)
-    if use_case and not is_case.any():
-        raise InputError(f"no case cells: every cell in .obs[{condition_key!r}] is the control {control!r}")
-
-    _check_unique(adata.obs_names[cells], "cell", "make them unique first (adata.obs_names_make_unique())")
-    _check_unique(adata.var_names, "gene", "make them unique first (adata.var_names_make_unique())")
+    is_control, is_case, cells = cells_in_use(adata.obs, adata.var_names, condition_key, control, case, use_case,
+                                              normalize, min_cells)
     x = _matrix(adata, layer)[cells]
     _check_values(x, "data.layer=" + repr(layer) if layer else ".X", adata.obs_names[cells], adata.var_names)
     if x.dtype == np.float64:
@@ -275,39 +330,11 @@ def prepare(
                       "(the precision the model trains in)", UserWarning, stacklevel=2)
     x = _to_float32(x)
 
-    ids = np.asarray(adata.var_names if gene_ids is None else gene_ids).astype(str)
-    if gene_ids is not None:
-        _check_unique(pd.Index(ids), "gene ID", "choose a data.gene_id_column with one ID per gene")
-    counts = {"input": int(x.shape[1])}
-    if genes is not None:
-        position = {g: i for i, g in enumerate(np.asarray(adata.var_names).astype(str))}
-        missing = [g for g in genes if g not in position]
-        if missing:
-            raise InputError(f"{len(missing)} genes of the stage-1 result are not in this dataset (e.g. {missing[:3]}); "
-                             "stage1_from must come from a fit of the same genes")
-        keep_index = np.array([position[g] for g in genes], dtype=np.int64)
-        counts["stage1_genes"] = len(keep_index)
-    else:
-        keep = detected_cells(x) >= min_cells
-        counts["min_cells"] = int(keep.sum())
-        if remove_genes is not None and len(remove_genes):
-            keep &= ~np.isin(ids, np.asarray(list(remove_genes), dtype=str))
-        counts["remove_genes"] = int(keep.sum())
-        if resource_genes is not None:
-            keep &= np.isin(ids, np.asarray(list(resource_genes), dtype=str))
-            counts["resource"] = int(keep.sum())
-        keep_index = np.flatnonzero(keep)
-    log.info("genes kept after each step: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
-    if len(keep_index) == 0:
-        raise InputError(f"no genes left after filtering (genes left per step: {counts}); "
-                         "lower data.min_cells or check data.remove_genes and the resource's gene IDs")
+    keep_index, counts, kept_ids = select_genes(detected_cells(x), adata.var_names, gene_ids, genes, min_cells, remove_genes,
+                                      resource_genes)
     x = x[:, keep_index]
     empty = np.asarray(x.sum(axis=1)).ravel() <= 0
-    if empty.any():
-        names = list(adata.obs_names[cells][empty][:3])
-        raise InputError(f"{int(empty.sum())} cells have no expression left in the {len(keep_index)} kept genes "
-                         f"(e.g. {names}; genes left per step: {counts}); remove empty cells first, or lower "
-                         "data.min_cells")
+    check_no_empty_cells(empty, adata.obs_names[cells], len(keep_index), counts)
 
     totals = np.asarray(x.sum(axis=1)).ravel().astype(np.float64)
     cell_scale = np.ones(x.shape[0])
@@ -332,5 +359,5 @@ def prepare(
     var = source.var.copy()
     return PreparedData(
         X=x, obs=obs, var=var, is_control=is_control[cells], gene_scale=gene_scale, cell_scale=cell_scale,
-        gene_ids=ids[keep_index], gene_counts=counts, source=source,
+        gene_ids=kept_ids, gene_counts=counts, source=source,
     )
