@@ -23,6 +23,7 @@ from deltanmf.nmf.consensus import (
     density_filter,
     kmeans,
     multiplicative_nmf,
+    multiplicative_nmf_replicates,
     silhouette,
 )
 from deltanmf.nmf.losses import (
@@ -913,6 +914,24 @@ def test_multiplicative_nmf_columns_are_distributions(planted, batch_size):
     np.testing.assert_allclose(w.sum(0).numpy(), 1.0, rtol=1e-5)
     assert torch.equal(w, multiplicative_nmf(m, 4, iterations=30, seed=3))
     assert matched_cosine(w.numpy(), w_true).min() > 0.8  # already close after a short run
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("batch_size", [None, 100])
+def test_replicates_run_side_by_side_follow_their_own_updates(planted, batch_size, sparse):
+    """R runs sharing each pass over the data give each run's own result: the joint Gram
+    matrices are masked to their diagonal blocks, so no run sees another's programs."""
+    counts, _, _ = planted
+    data = sp.csr_matrix(counts.astype(np.float64)) if sparse else counts.astype(np.float64)
+    m = CellMatrix(data, batch_size=batch_size, dtype=torch.float64)
+    together = multiplicative_nmf_replicates(m, 4, 15, [3, 8, 11])
+    assert len(together) == 3 and all(w.shape == (counts.shape[1], 4) for w in together)
+    # full batch: every run equals its run alone; minibatch: the runs share the first seed's batch
+    # order, so the first run equals its run alone
+    alone = [3, 8, 11] if batch_size is None else [3]
+    for seed, w in zip(alone, together):
+        torch.testing.assert_close(w, multiplicative_nmf(m, 4, 15, seed), rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(together[0], together[1])
 
 
 @pytest.fixture(scope="module")
