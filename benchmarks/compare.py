@@ -11,6 +11,8 @@ peak RSS is its own, with the same number of threads. Usage:
 Methods:
 
 - ``full``: DeltaNMF at default settings (full batch).
+- ``onestart``: the defaults with one multiplicative-update run instead of the 5-run consensus
+  (``model.consensus.replicates=1``): one start, as scikit-learn has (and no stability estimate).
 - ``minibatch``: DeltaNMF with ``data.batch_size`` cells per step.
 - ``streamed``: minibatches read from the h5ad on disk (``data.backed=true``); reported as not
   available when the configuration has no such key.
@@ -45,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIMULATION = ["data.simulation.n_genes=2000", "data.simulation.n_control=3000", "data.simulation.n_case=3000",
               "data.simulation.n_programs=10", "data.simulation.n_case_programs=3", "K=10", "K_case=3"]
 # the rows of the two ratios first, back to back, so they see the same machine load
-METHODS = ("full", "published", "sklearn", "minibatch", "streamed")
+METHODS = ("full", "published", "sklearn", "onestart", "minibatch", "streamed")
 
 
 def _compose(overrides: list[str], hydra_config: bool = False):
@@ -59,6 +61,8 @@ def _overrides(method: str, args) -> list[str]:
     """Hydra overrides of one DeltaNMF method (after the shared ones)."""
     if method == "full":
         return ["data.batch_size=null"]
+    if method == "onestart":
+        return ["data.batch_size=null", "model.consensus.replicates=1"]
     if method == "minibatch":
         return [f"data.batch_size={args.batch_size}"]
     if method == "streamed":
@@ -200,22 +204,27 @@ def ratios(results: dict, args) -> list[str]:
                      + (f"Target: >= 10x with equal or better recovery -> {'met' if speed >= 10 and gap <= 1e-4 else 'NOT met'}." if not truncated
                         else f"Target: >= 10x -> not judged.{truncated}"))
     sk = {k: v for k, v in results.items() if k.startswith("sklearn:") and "error" not in v}
-    if full and "error" not in full and sk:
-        ours = full["stage1"]
-        reached = [v for v in sk.values() if v["stage1"]["relative_error"] <= ours["relative_error"] + 1e-4]
-        if reached:
-            ref = min(reached, key=lambda v: v["stage1"]["time_s"])
-            how = "the fastest scikit-learn setting whose error is at most ours + 1e-4"
-        else:
-            ref = min(sk.values(), key=lambda v: v["stage1"]["relative_error"])
-            how = "no scikit-learn setting reached our error; compared with its lowest error"
-        tol = next(k for k, v in sk.items() if v is ref).split(":", 1)[1]
-        ratio = ours["time_s"] / ref["stage1"]["time_s"]
-        lines.append(f"- Stage 1 vs scikit-learn NMF (cd, tol={tol}; {how}): {ours['time_s']:.1f} s vs "
-                     f"{ref['stage1']['time_s']:.1f} s = {ratio:.2f}x its time, at relative error "
-                     f"{ours['relative_error']:.4f} vs {ref['stage1']['relative_error']:.4f}. "
-                     f"Target: within 3x -> {'met' if ratio <= 3 else 'NOT met'}.")
+    for key, what in (("full", "Stage 1 (defaults)"), ("onestart", "Stage 1 with one start")):
+        if results.get(key) and "error" not in results[key] and sk:
+            lines.append(_against_sklearn(results[key]["stage1"], sk, what))
     return lines
+
+
+def _against_sklearn(ours: dict, sk: dict, what: str) -> str:
+    """One stage-1 row against the fastest scikit-learn run at its error (the 3x target)."""
+    reached = [v for v in sk.values() if v["stage1"]["relative_error"] <= ours["relative_error"] + 1e-4]
+    if reached:
+        ref = min(reached, key=lambda v: v["stage1"]["time_s"])
+        how = "the fastest scikit-learn setting whose error is at most ours + 1e-4"
+    else:
+        ref = min(sk.values(), key=lambda v: v["stage1"]["relative_error"])
+        how = "no scikit-learn setting reached our error; compared with its lowest error"
+    tol = next(k for k, v in sk.items() if v is ref).split(":", 1)[1]
+    ratio = ours["time_s"] / ref["stage1"]["time_s"]
+    return (f"- {what} vs scikit-learn NMF (cd, tol={tol}; {how}): {ours['time_s']:.1f} s vs "
+            f"{ref['stage1']['time_s']:.1f} s = {ratio:.2f}x its time, at relative error "
+            f"{ours['relative_error']:.4f} vs {ref['stage1']['relative_error']:.4f}. "
+            f"Target: within 3x -> {'met' if ratio <= 3 else 'NOT met'}.")
 
 
 def _uptime() -> str:
@@ -259,7 +268,8 @@ def main() -> None:
             runs += [(f"sklearn:{tol:g}", f"scikit-learn NMF, cd, tol={tol:g} (stage 1 only)", None)
                      for tol in args.sklearn_tol]
             continue
-        label = {"full": "DeltaNMF full batch (defaults)", "minibatch": f"DeltaNMF minibatch ({args.batch_size})",
+        label = {"full": "DeltaNMF full batch (defaults)",
+                 "onestart": "DeltaNMF full batch, one start (model.consensus.replicates=1)", "minibatch": f"DeltaNMF minibatch ({args.batch_size})",
                  "streamed": f"DeltaNMF streamed from disk ({args.batch_size})",
                  "published": f"published schedule ({args.published_steps:,} steps per stage)"}[method]
         missing = method == "streamed" and "backed" not in cfg.data
