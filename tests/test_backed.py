@@ -256,3 +256,24 @@ def test_generator_writes_a_readable_file_with_the_planted_model(tmp_path):
                           min_cells=0, use_case=False).X
     np.testing.assert_array_equal(rows.to_memory().toarray(), adata.X[(adata.obs["condition"] == "control")
                                                                       .to_numpy()].toarray())
+
+
+def test_initialisation_reads_its_cells_into_memory_once(sim_file):
+    """The consensus makes tens of passes over its cells: from a file they are read into memory
+    once (all of them when there are at most max_cells), never streamed on every pass."""
+    from deltanmf.nmf import CellMatrix
+    from deltanmf.nmf.consensus import init_cells
+
+    adata, path = sim_file
+    ref = prepare(adata, "condition", "control", normalize="total", scale_genes=True)
+    file = open_h5ad(path)
+    rows = H5adRows(file.matrix(), adata.obs_names.get_indexer(ref.obs.index),
+                    adata.var_names.get_indexer(ref.var.index), ref.cell_scale, ref.gene_scale)
+    streamed = CellMatrix(rows, batch_size=64)
+    cells = init_cells(streamed, max_cells=None, seed=0)
+    assert sp.issparse(cells.data) and cells.batch_size == 64
+    np.testing.assert_array_equal(cells.data.toarray(), ref.X.toarray())
+    some = init_cells(streamed, max_cells=50, seed=0)
+    assert sp.issparse(some.data) and some.n_cells == 50
+    in_memory = CellMatrix(ref.X, batch_size=64)
+    assert init_cells(in_memory, max_cells=None, seed=0) is in_memory  # nothing to read

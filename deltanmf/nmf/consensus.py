@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .matrix import is_sparse_tensor, matmul, t_matmul, transpose
+from .matrix import is_row_source, is_sparse_tensor, matmul, t_matmul, transpose
 from .nnls import nnls_programs, nnls_usage
 
 _EPS = 1e-10
@@ -218,6 +218,18 @@ def sample_cells(n_cells: int, max_cells: int | None, seed: int) -> np.ndarray |
     return np.sort(np.random.default_rng(seed).choice(n_cells, size=int(max_cells), replace=False))
 
 
+def init_cells(matrix, max_cells: int | None, seed: int):
+    """The cells an initialisation fits: a seeded random subset of at most ``max_cells``
+    cells (:func:`sample_cells`), or all of them, read into memory when the matrix streams
+    from disk (the initialisation passes over them many times)."""
+    sample = sample_cells(matrix.n_cells, max_cells, seed)
+    if sample is None:
+        if not is_row_source(getattr(matrix, "data", None)):
+            return matrix
+        sample = np.arange(matrix.n_cells)
+    return matrix.subset(sample)
+
+
 def consensus_init(
     matrix,
     k: int,
@@ -266,8 +278,7 @@ def consensus_init(
     """
     if replicates < 1:
         raise ValueError(f"consensus replicates must be >= 1, got {replicates}")
-    sample = sample_cells(matrix.n_cells, max_cells, seed)
-    fit_on = matrix if sample is None else matrix.subset(sample)
+    fit_on = init_cells(matrix, max_cells, seed)
     runs = multiplicative_nmf_replicates(fit_on, k, iterations, [seed + r for r in range(replicates)])
     spectra = torch.cat([w.T for w in runs])
     spectra = spectra / spectra.norm(dim=1, keepdim=True).clamp_min(_EPS)

@@ -9,7 +9,7 @@ import torch
 
 from ..nmf import (Activation, CellMatrix, GeneGraph, LossTerms, NeuralNMF, adaptive_strength, consensus_init,
                    refit_usage)
-from ..nmf.consensus import sample_cells
+from ..nmf.consensus import init_cells
 from ..nmf.matrix import as_csr_tensor, csr_from_parts, is_sparse_tensor, reconstruction_at_nonzeros, t_matmul
 from ..nmf.nnls import nnls_programs
 from ..nmf.losses import laplacian_penalty, orthogonality_penalty, reconstruction_loss
@@ -120,15 +120,16 @@ def stage2_init(matrix: CellMatrix, baseline: torch.Tensor, k_case: int, seed: i
 
     1. usage of the frozen baseline in the case cells by NNLS; 2. the non-negative
     residual; 3. consensus NMF of the residual; 4. case programs rescaled so their median
-    L2 norm matches the baseline's; 5. joint NNLS usage on [baseline, case].
+    L2 norm matches the baseline's; 5. case programs refined on the case cells given the
+    joint usage, by up to ``refine_rounds`` rounds of alternating NNLS
+    (:func:`refine_case_programs`); 6. joint NNLS usage on [baseline, case].
 
-    With ``max_cells`` (in ``consensus``) smaller than the number of cells, steps 1-5 run
-    on a seeded random subset of that many cells; step 6 covers every cell.
+    Steps 1-5 run on the cells :func:`~deltanmf.nmf.consensus.init_cells` picks (at most
+    ``max_cells`` of ``consensus``, in memory); step 6 covers every cell.
     """
     nnls_iter = consensus.get("nnls_iterations", 200)
     baseline = baseline.to(matrix.device, matrix.dtype)
-    sample = sample_cells(matrix.n_cells, consensus.get("max_cells"), seed)
-    cells = matrix if sample is None else matrix.subset(sample)
+    cells = init_cells(matrix, consensus.get("max_cells"), seed)
     base_usage = refit_usage(cells, baseline, nnls_iter)
     residual = ResidualMatrix(cells, baseline, base_usage)
     if cells.sparse:
