@@ -406,3 +406,16 @@ def test_prior_start_follows_a_loaded_state_dict():
     assert not fresh.prior_on
     fresh.load_state_dict(trained.state_dict())
     assert fresh.prior_on and fresh._prior_start() == 42
+
+
+def test_transpose_is_a_csr_copy_whose_products_equal_t_matmul():
+    from deltanmf.nmf.matrix import matmul, transpose
+
+    x = csr_tensor(sp.csr_matrix(_sparse_data(n_cells=40, n_genes=25, seed=21)), torch.float64)
+    u = torch.rand(40, 3, dtype=torch.float64)
+    xt = transpose(x)
+    assert xt.layout == torch.sparse_csr and tuple(xt.shape) == (25, 40)
+    torch.testing.assert_close(xt.to_dense(), x.to_dense().T)
+    torch.testing.assert_close(matmul(xt, u), t_matmul(x, u), rtol=1e-12, atol=1e-12)
+    # the route taken off the CPU gives the same matrix
+    torch.testing.assert_close(x.t().to_sparse_csr().to_dense(), xt.to_dense())
