@@ -101,7 +101,7 @@ def hparams_record(cfg: DictConfig, metrics: dict) -> tuple[dict[str, Any], dict
         ``params``: ``K``, ``K_case`` (two-stage), ``stage``, ``seed``, ``model/lr``,
         ``model/replicates``, ``model/null_fit``, ``model/activation``,
         ``model/stage1/rel_alpha``, ``model/stage2/rel_alpha``, ``model/stage2/rel_gamma``,
-        ``data/batch_size`` (``full`` for full batch), ``resource`` (its name or ``none``),
+        ``model/stage2/refine_rounds``, ``data/batch_size`` (``full`` for full batch), ``resource`` (its name or ``none``),
         ``stage1_from``. ``final``: the finite values among ``final/stage1_relative_error``,
         ``final/stage1_stability`` (replicate stability, else that of the consensus
         initialisation), ``final/stage2_relative_error``, ``final/baseline_only_relative_error``,
@@ -129,7 +129,8 @@ def hparams_record(cfg: DictConfig, metrics: dict) -> tuple[dict[str, Any], dict
     if twostage:
         params.update({"K_case": int(metrics.get("K_case", cfg.K_case)),
                        "model/stage2/rel_alpha": float(model.stage2.rel_alpha),
-                       "model/stage2/rel_gamma": float(model.stage2.rel_gamma)})
+                       "model/stage2/rel_gamma": float(model.stage2.rel_gamma),
+                       "model/stage2/refine_rounds": int(model.stage2.get("refine_rounds", 0))})
     s1, s2 = metrics.get("stage1", {}), metrics.get("stage2", {})
     recovery = metrics.get("recovery") or {}
     candidates = {

@@ -259,9 +259,9 @@ def test_generator_writes_a_readable_file_with_the_planted_model(tmp_path):
 
 
 def test_initialisation_reads_its_cells_into_memory_once(sim_file):
-    """The consensus makes tens of passes over its cells: from a file they are read into memory
-    once (all of them when there are at most max_cells), never streamed on every pass."""
-    from deltanmf.nmf import CellMatrix
+    """The consensus makes tens of passes over its cells: from a file they are read once (all of
+    them when there are at most max_cells), not on every pass; max_cells=None keeps streaming."""
+    from deltanmf.nmf import CellMatrix, consensus_init
     from deltanmf.nmf.consensus import init_cells
 
     adata, path = sim_file
@@ -269,11 +269,19 @@ def test_initialisation_reads_its_cells_into_memory_once(sim_file):
     file = open_h5ad(path)
     rows = H5adRows(file.matrix(), adata.obs_names.get_indexer(ref.obs.index),
                     adata.var_names.get_indexer(ref.var.index), ref.cell_scale, ref.gene_scale)
+    reads = []
+    read_rows = rows.read_rows
+    rows.read_rows = lambda index: reads.append(len(index)) or read_rows(index)
     streamed = CellMatrix(rows, batch_size=64)
-    cells = init_cells(streamed, max_cells=None, seed=0)
-    assert sp.issparse(cells.data) and cells.batch_size == 64
+    cells = init_cells(streamed, max_cells=10_000, seed=0)
+    assert sp.issparse(cells.data) and cells.batch_size == 64 and reads == [streamed.n_cells]
     np.testing.assert_array_equal(cells.data.toarray(), ref.X.toarray())
+    reads.clear()
+    consensus_init(streamed, 3, replicates=2, iterations=5, max_cells=10_000)
+    # one read of all cells for the fits, then one pass by batches for the final usage
+    assert sum(reads) == 2 * streamed.n_cells, reads
     some = init_cells(streamed, max_cells=50, seed=0)
     assert sp.issparse(some.data) and some.n_cells == 50
+    assert init_cells(streamed, max_cells=None, seed=0) is streamed  # no bound on memory: keep streaming
     in_memory = CellMatrix(ref.X, batch_size=64)
-    assert init_cells(in_memory, max_cells=None, seed=0) is in_memory  # nothing to read
+    assert init_cells(in_memory, max_cells=10_000, seed=0) is in_memory  # nothing to read

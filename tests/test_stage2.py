@@ -204,3 +204,31 @@ def test_case_program_refinement_lowers_the_loss_and_finds_the_planted_programs(
                                refine_case_programs(matrix, baseline, start, rounds=1))
     with pytest.raises(ValueError, match="model.stage2.refine_rounds"):
         refine_case_programs(matrix, baseline, start, rounds=-1)
+
+
+@pytest.mark.parametrize("override", ["model.stage2.refine_rounds=-1", "model.stage2.refine_rounds=2.5",
+                                      "model.stage2.refine_tol=-0.1", "model.stage2.refine_rounds=null"])
+def test_bad_refinement_settings_stop_before_any_fit(make_cfg, override):
+    from deltanmf.pipeline import run
+
+    cfg, run_dir = make_cfg(override)
+    with pytest.raises(ValueError, match=r"model\.stage2\.refine_rounds=.* must be a whole number >= 0"):
+        run(cfg, run_dir)
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_refinement_settings_reach_the_stage2_init(make_cfg, monkeypatch):
+    import deltanmf.stages.stage2 as stage2
+    from deltanmf.pipeline import run
+
+    seen = []
+    original = stage2.refine_case_programs
+
+    def recording(matrix, baseline, case, nnls_iter=200, rounds=50, tol=1e-4):
+        seen.append((rounds, tol))
+        return original(matrix, baseline, case, nnls_iter, rounds, tol)
+
+    monkeypatch.setattr(stage2, "refine_case_programs", recording)
+    cfg, run_dir = make_cfg("model.stage2.refine_rounds=3", "model.stage2.refine_tol=0.25", "logger=none")
+    run(cfg, run_dir)
+    assert seen == [(3, 0.25)]

@@ -219,12 +219,16 @@ def sample_cells(n_cells: int, max_cells: int | None, seed: int) -> np.ndarray |
 
 
 def init_cells(matrix, max_cells: int | None, seed: int):
-    """The cells an initialisation fits: a seeded random subset of at most ``max_cells``
-    cells (:func:`sample_cells`), or all of them, read into memory when the matrix streams
-    from disk (the initialisation passes over them many times)."""
+    """The cells an initialisation fits: a seeded random subset of ``max_cells`` cells
+    (:func:`sample_cells`), read into memory, or the matrix itself.
+
+    A matrix streamed from disk with no more than ``max_cells`` cells is read into memory
+    too (the initialisation passes over its cells tens of times, and ``max_cells`` bounds
+    the memory that takes); with ``max_cells=None`` it keeps streaming.
+    """
     sample = sample_cells(matrix.n_cells, max_cells, seed)
     if sample is None:
-        if not is_row_source(getattr(matrix, "data", None)):
+        if max_cells is None or not is_row_source(getattr(matrix, "data", None)):
             return matrix
         sample = np.arange(matrix.n_cells)
     return matrix.subset(sample)
