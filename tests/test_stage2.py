@@ -139,11 +139,13 @@ def test_raising_rel_gamma_lowers_baseline_case_similarity():
     assert cos[2.0] < 0.7 * cos[0.0], cos
 
 
-def test_stage1_from_gives_the_same_stage2(tmp_path):
+def test_stage1_from_gives_the_same_stage2(tmp_path, caplog):
     adata = _simulate(seed=4)
     first = deltanmf.fit_twostage(adata.copy(), K=5, K_case=2, out_dir=tmp_path / "a", overrides=FAST)
-    again = deltanmf.fit_twostage(adata.copy(), K=5, K_case=2, stage1_from=tmp_path / "a",
-                                  out_dir=tmp_path / "b", overrides=FAST)
+    with caplog.at_level("WARNING", logger="deltanmf.pipeline"):
+        again = deltanmf.fit_twostage(adata.copy(), K=5, K_case=2, stage1_from=tmp_path / "a",
+                                      out_dir=tmp_path / "b", overrides=FAST)
+    assert not any("one-stage run" in r.getMessage() for r in caplog.records)  # a two-stage source is fine
     np.testing.assert_array_equal(again.programs.to_numpy()[:, :5], first.programs.to_numpy()[:, :5])
     np.testing.assert_allclose(again.programs.to_numpy(), first.programs.to_numpy(), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(again.usage.to_numpy(), first.usage.to_numpy(), rtol=1e-4, atol=1e-6)
@@ -159,6 +161,14 @@ def test_stage1_from_errors_name_the_problem(tmp_path):
     adata = _simulate()
     with pytest.raises(ValueError, match="no results.h5ad"):
         deltanmf.fit_twostage(adata, K=5, K_case=2, stage1_from=tmp_path, overrides=FAST)
+
+
+def test_stage1_from_a_one_stage_run_is_warned_about(tmp_path, caplog):
+    adata = _simulate(seed=4)
+    deltanmf.fit_onestage(adata.copy(), K=5, out_dir=tmp_path / "one", overrides=FAST)
+    with caplog.at_level("WARNING", logger="deltanmf.pipeline"):
+        deltanmf.fit_twostage(adata.copy(), K=5, K_case=2, stage1_from=tmp_path / "one", overrides=FAST)
+    assert any("is a one-stage run" in r.getMessage() and "stage=twostage" in r.getMessage() for r in caplog.records)
 
 
 def test_minibatch_two_stage_recovers_the_truth():
