@@ -35,6 +35,7 @@ from .report.outputs import results_anndata, standard_files, write_outputs
 from .resources import strip_version
 from .stages import ConvergenceStop, NonFiniteLossError, ProgressBar, Stage1Module, Stage2Module
 from .stages.checkpoint import RunCheckpoint, TrainingInterrupted, save_checkpoint
+from .stages.stage2 import check_refinement
 from .sweeps import hparams_record, register_resolvers
 
 register_resolvers()  # before Hydra resolves hydra.sweep.subdir
@@ -611,11 +612,7 @@ def validate(cfg: DictConfig, prepared: PreparedData, twostage: bool) -> None:
             raise InputError(f"data.{key}={column!r} is not a column of {where}; columns: {list(frame.columns)} "
                              f"(data.{key}=null to leave it out)")
     if twostage:
-        rounds, tol = cfg.model.stage2.get("refine_rounds", 0), cfg.model.stage2.get("refine_tol", 0.0)
-        if (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0
-                or isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol < 0):
-            raise InputError(f"model.stage2.refine_rounds={rounds!r} must be a whole number >= 0 and "
-                             f"model.stage2.refine_tol={tol!r} a number >= 0 (refine_rounds=0: no refinement)")
+        check_refinement(cfg.model.stage2.get("refine_rounds", 0), cfg.model.stage2.get("refine_tol", 0.0))
     report = cfg.get("report")
     if twostage and report is not None:
         if not 0 < report.q_threshold <= 1 or not 0 <= report.share_threshold <= 1:

@@ -101,8 +101,8 @@ def hparams_record(cfg: DictConfig, metrics: dict) -> tuple[dict[str, Any], dict
         ``params``: ``K``, ``K_case`` (two-stage), ``stage``, ``seed``, ``model/lr``,
         ``model/replicates``, ``model/null_fit``, ``model/activation``,
         ``model/stage1/rel_alpha``, ``model/stage2/rel_alpha``, ``model/stage2/rel_gamma``,
-        ``model/stage2/refine_rounds``, ``data/batch_size`` (``full`` for full batch), ``resource`` (its name or ``none``),
-        ``stage1_from``. ``final``: the finite values among ``final/stage1_relative_error``,
+        ``model/stage2/refine_rounds``, ``data/batch_size`` (``full`` for full batch),
+        ``resource`` (its name or ``none``), ``stage1_from``. ``final``: the finite values among ``final/stage1_relative_error``,
         ``final/stage1_stability`` (replicate stability, else that of the consensus
         initialisation), ``final/stage2_relative_error``, ``final/baseline_only_relative_error``,
         ``final/explained_variance_gain``, ``final/null_explained_variance_gain``,

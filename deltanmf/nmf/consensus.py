@@ -198,6 +198,15 @@ def refit_usage(matrix, programs: torch.Tensor, nnls_iter: int = 200, init: torc
     return usage
 
 
+def usage_cross(matrix, usage: torch.Tensor) -> torch.Tensor:
+    """``X^T U`` (genes x K) for the usage ``U`` of every cell (cells x K), summed over the
+    matrix's blocks: the statistic the programs given usage need besides ``U^T U``."""
+    cross = torch.zeros(matrix.n_genes, usage.shape[1], dtype=usage.dtype, device=usage.device)
+    for index, x in matrix.batches():
+        cross += t_matmul(x, usage[torch.as_tensor(index, device=usage.device)]).to(usage.device)
+    return cross
+
+
 def sample_cells(n_cells: int, max_cells: int | None, seed: int) -> np.ndarray | None:
     """A seeded random subset of at most ``max_cells`` cells (sorted), or None for all cells.
 
@@ -303,11 +312,7 @@ def consensus_init(
     # the refined programs.
     usage = refit_usage(fit_on, centers, nnls_iterations)
     usage = usage / usage.sum(dim=1, keepdim=True).clamp_min(_EPS)
-    gram = usage.T @ usage
-    cross = torch.zeros(fit_on.n_genes, k, dtype=usage.dtype, device=usage.device)
-    for index, x in fit_on.batches():
-        cross += t_matmul(x, usage[torch.as_tensor(index, device=usage.device)]).to(usage.device)
-    programs = nnls_programs(gram, cross, max_iter=nnls_iterations)
+    programs = nnls_programs(usage.T @ usage, usage_cross(fit_on, usage), max_iter=nnls_iterations)
     usage = refit_usage(matrix, programs, nnls_iterations)
     stability = silhouette(pool, labels) if k > 1 else float("nan")
     return ConsensusResult(programs, usage, spectra, kept, labels, stability)

@@ -7,10 +7,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ..data.errors import InputError
 from ..nmf import (Activation, CellMatrix, GeneGraph, LossTerms, NeuralNMF, adaptive_strength, consensus_init,
                    refit_usage)
-from ..nmf.consensus import init_cells
-from ..nmf.matrix import as_csr_tensor, csr_from_parts, is_sparse_tensor, reconstruction_at_nonzeros, t_matmul
+from ..nmf.consensus import init_cells, usage_cross
+from ..nmf.matrix import as_csr_tensor, csr_from_parts, is_sparse_tensor, reconstruction_at_nonzeros
 from ..nmf.nnls import nnls_programs
 from ..nmf.losses import laplacian_penalty, orthogonality_penalty, reconstruction_loss
 from .base import NMFStageModule
@@ -159,22 +160,28 @@ def refine_case_programs(matrix, baseline: torch.Tensor, case: torch.Tensor, nnl
     match the planted ones at cosine 0.89-0.91, one round gives 0.999 and about 30 rounds
     0.9998, where thousands of Adam steps are needed otherwise.
     """
-    if rounds < 0 or tol < 0:
-        raise ValueError(f"model.stage2.refine_rounds={rounds} and model.stage2.refine_tol={tol} must both be >= 0")
+    check_refinement(rounds, tol)
     k = baseline.shape[1]
     usage = None
     for _ in range(rounds):
         usage = refit_usage(matrix, torch.cat([baseline, case], dim=1), nnls_iter, init=usage)
         base_usage, case_usage = usage[:, :k], usage[:, k:]
-        cross = -baseline @ (base_usage.T @ case_usage)
-        for index, x in matrix.batches():
-            cross += t_matmul(x, case_usage[torch.as_tensor(index, device=case_usage.device)]).to(cross.device)
+        cross = usage_cross(matrix, case_usage) - baseline @ (base_usage.T @ case_usage)
         new = nnls_programs(case_usage.T @ case_usage, cross, init=case, max_iter=nnls_iter)
         change = float((new - case).norm() / new.norm().clamp_min(1e-12))
         case = new
         if change < tol:
             break
     return case
+
+
+def check_refinement(rounds, tol) -> None:
+    """Raise :class:`~deltanmf.data.InputError` unless ``rounds`` is a whole number >= 0 and
+    ``tol`` a number >= 0 (``model.stage2.refine_rounds`` and ``refine_tol``)."""
+    if (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0
+            or isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol < 0):
+        raise InputError(f"model.stage2.refine_rounds={rounds!r} must be a whole number >= 0 and "
+                         f"model.stage2.refine_tol={tol!r} a number >= 0 (refine_rounds=0: no refinement)")
 
 
 class Stage2Module(NMFStageModule):
