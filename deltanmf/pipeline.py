@@ -41,6 +41,15 @@ from .sweeps import hparams_record, register_resolvers
 register_resolvers()  # before Hydra resolves hydra.sweep.subdir
 
 log = logging.getLogger(__name__)
+
+
+def _no_advertising(record: logging.LogRecord) -> bool:
+    """Drop Lightning's suggestion to install its cloud logger, printed once per Trainer (twice a run)."""
+    return "litlogger" not in str(record.msg)
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_no_advertising)
 STAGES = ("onestage", "twostage")
 
 

@@ -133,6 +133,7 @@ def test_train_py_on_a_user_h5ad(tmp_path):
     assert metrics["recovery"]["baseline_min"] >= 0.9  # the simulated truth travels in the file
     assert (out / ".hydra" / "config.yaml").exists() and (out / "train.log").exists()
     assert not (ROOT / "screen.h5ad").exists()
+    assert "litlogger" not in proc.stdout + proc.stderr  # no advertising in a user's log
 
 
 @pytest.mark.parametrize(
