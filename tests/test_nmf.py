@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import nnls as scipy_nnls
 
+from deltanmf.data.errors import InputError
 from deltanmf.nmf.activation import Activation
 from deltanmf.nmf.consensus import (
     ConsensusResult,
@@ -926,12 +927,34 @@ def test_replicates_run_side_by_side_follow_their_own_updates(planted, batch_siz
     m = CellMatrix(data, batch_size=batch_size, dtype=torch.float64)
     together = multiplicative_nmf_replicates(m, 4, 15, [3, 8, 11])
     assert len(together) == 3 and all(w.shape == (counts.shape[1], 4) for w in together)
-    # full batch: every run equals its run alone; minibatch: the runs share the first seed's batch
-    # order, so the first run equals its run alone
-    alone = [3, 8, 11] if batch_size is None else [3]
-    for seed, w in zip(alone, together):
+    for seed, w in zip([3, 8, 11], together):  # every run equals its run alone
         torch.testing.assert_close(w, multiplicative_nmf(m, 4, 15, seed), rtol=1e-9, atol=1e-12)
     assert not torch.allclose(together[0], together[1])
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_multiplicative_updates_do_not_depend_on_the_batches(planted, sparse):
+    """A pass updates the programs once, from statistics summed over every block: batches of
+    any size, a last batch of one cell included, give the full-batch programs. (Updating them
+    per batch zeroed every gene absent from a batch, and the last batch set the result.)"""
+    counts, w_true, _ = planted
+    data = sp.csr_matrix(counts.astype(np.float64)) if sparse else counts.astype(np.float64)
+    full = multiplicative_nmf(CellMatrix(data, dtype=torch.float64), 4, 20, seed=2)
+    for batch_size in (133, 57):  # 400 cells: last batches of 1 and 1 cells
+        w = multiplicative_nmf(CellMatrix(data, batch_size=batch_size, dtype=torch.float64), 4, 20, seed=2)
+        torch.testing.assert_close(w, full, rtol=1e-9, atol=1e-12)
+        assert bool((w.sum(dim=1) > 0).all())
+    assert matched_cosine(full.numpy(), w_true).min() > 0.8
+
+
+def test_consensus_with_too_few_distinct_programs_is_named(planted):
+    """Cells with no counts give runs with identical programs: a clear error, not a crash in
+    the clustering."""
+    counts, _, _ = planted
+    empty = np.zeros_like(counts[:50])
+    empty[:, 0] = 1.0  # one gene carries everything: every run finds the same program
+    with pytest.raises(InputError, match="fewer than K=4 distinct programs"):
+        consensus_init(CellMatrix(empty), 4, replicates=3, iterations=10, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -68,14 +68,15 @@ def multiplicative_nmf_replicates(matrix, k: int, iterations: int, seeds) -> lis
     product, several times faster than R narrow ones). Each run's Gram matrices are the
     diagonal K x K blocks of the joint ones, so every run follows exactly its own updates.
 
-    In full-batch mode each pass is the exact full update (usage of every cell, then the
-    programs from statistics summed over the matrix's blocks, which may be several
-    bounded blocks, e.g. of a residual); a sparse block's transpose is built once and
-    reused by every pass (an extra copy of the non-zeros while the runs last; the
-    consensus runs on at most ``max_cells`` cells). In minibatch mode each batch updates
-    its usage, then the programs from that batch's statistics (an online variant); the
-    runs share one seeded batch order. Either way no more than one block of the data is
-    read at a time, and sparse blocks stay sparse.
+    Each pass is the exact full update, in full-batch and minibatch mode alike: the usage
+    of every cell, block by block, then the programs once, from ``X^T U`` and ``U^T U``
+    summed over all blocks. (Updating the programs from each batch's statistics instead
+    zeroes, for good, the loading of every gene absent from a batch, and lets the last,
+    possibly tiny, batch of a pass set them.) In full-batch mode a sparse block's
+    transpose is built once and reused by every pass (an extra copy of the non-zeros
+    while the runs last; the consensus runs on at most ``max_cells`` cells); in minibatch
+    mode nothing is cached, so no more than one block of the data is held at a time.
+    Sparse blocks stay sparse.
     """
     seeds = [int(s) for s in seeds]
     device, dtype = matrix.device, matrix.dtype
@@ -88,33 +89,26 @@ def multiplicative_nmf_replicates(matrix, k: int, iterations: int, seeds) -> lis
         usage.append(torch.rand(matrix.n_cells, k, generator=gen, dtype=dtype) * scale)
     programs, usage = torch.cat(programs, dim=1).to(device), torch.cat(usage, dim=1).to(device)
     own = torch.block_diag(*[torch.ones(k, k, dtype=dtype)] * len(seeds)).to(device)
-    order_rng = np.random.default_rng(seeds[0])
     transposed: dict[int, torch.Tensor] = {}
     for _ in range(iterations):
-        if matrix.full_batch:
-            gram_w = (programs.T @ programs) * own
-            cross = torch.zeros_like(programs)
-            gram_u = torch.zeros_like(gram_w)
-            for block, (index, x) in enumerate(matrix.batches()):
-                idx = torch.as_tensor(index, device=device)
-                u = usage[idx]
-                u = u * matmul(x, programs) / (u @ gram_w).clamp_min(_EPS)
-                usage[idx] = u
-                if is_sparse_tensor(x):
-                    if block not in transposed:
-                        transposed[block] = transpose(x)
-                    cross += matmul(transposed[block], u)
-                else:
-                    cross += x.T @ u
-                gram_u += (u.T @ u) * own
-            programs = programs * cross / (programs @ gram_u).clamp_min(_EPS)
-            continue
-        for index, x in matrix.batches(shuffle=True, generator=order_rng):
+        gram_w = (programs.T @ programs) * own
+        cross = torch.zeros_like(programs)
+        gram_u = torch.zeros_like(gram_w)
+        for block, (index, x) in enumerate(matrix.batches()):
             idx = torch.as_tensor(index, device=device)
             u = usage[idx]
-            u = u * matmul(x, programs) / (u @ ((programs.T @ programs) * own)).clamp_min(_EPS)
+            u = u * matmul(x, programs) / (u @ gram_w).clamp_min(_EPS)
             usage[idx] = u
-            programs = programs * t_matmul(x, u).to(device) / (programs @ ((u.T @ u) * own)).clamp_min(_EPS)
+            if not is_sparse_tensor(x):
+                cross += x.T @ u
+            elif matrix.full_batch:
+                if block not in transposed:
+                    transposed[block] = transpose(x)
+                cross += matmul(transposed[block], u)
+            else:
+                cross += t_matmul(x, u).to(device)
+            gram_u += (u.T @ u) * own
+        programs = programs * cross / (programs @ gram_u).clamp_min(_EPS)
     programs = programs / programs.sum(dim=0, keepdim=True).clamp_min(_EPS)
     return list(programs.split(k, dim=1))
 
@@ -303,6 +297,11 @@ def consensus_init(
         kept = torch.ones(spectra.shape[0], dtype=torch.bool, device=spectra.device)
     pool = spectra[kept]
     labels = kmeans(pool, k, seed=seed, restarts=kmeans_restarts)
+    if bool((torch.bincount(labels, minlength=k) == 0).any()):
+        from ..data.errors import InputError  # here: deltanmf.data imports this package
+
+        raise InputError(f"the consensus initialisation found fewer than K={k} distinct programs in "
+                         f"{replicates} runs on {fit_on.n_cells} cells; lower K, or check that the cells have counts")
     centers = torch.stack([torch.quantile(pool[labels == j], 0.5, dim=0) for j in range(k)], dim=1)
     centers = centers.clamp_min(0)
     centers = centers / centers.sum(dim=0, keepdim=True).clamp_min(_EPS)
