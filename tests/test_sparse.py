@@ -99,6 +99,25 @@ def test_sparse_loss_float32_matches_float64_reference():
     np.testing.assert_allclose(u.grad.numpy(), -2 * resid @ w0 / x.size, rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("noise, rel", [(0.5, 1e-6), (0.05, 1e-4), (0.005, 1e-2)])
+def test_sparse_loss_float32_stays_accurate_when_the_fit_is_good(noise, rel):
+    """The three terms of the sparse expansion nearly cancel for a good fit (relative error
+    ~noise): reduced in float32 over 10^6 values they put the loss off by more than the
+    stopping tolerance, and below zero for the best fit. Reduced in float64, what is left is
+    the float32 rounding of the products themselves (~1e-8 of ||X||^2)."""
+    rng = np.random.default_rng(0)
+    n, g, k = 8000, 200, 5
+    w0 = rng.gamma(0.3, 1.0, (g, k)) * (rng.random((g, k)) < 0.4)
+    u0 = rng.gamma(1.0, 1.0, (n, k))
+    m = u0 @ w0.T
+    x = (np.maximum(m * (1 + noise * rng.standard_normal(m.shape)), 0) * (m > 0)).astype(np.float32)
+    w = torch.tensor(w0, dtype=torch.float32)
+    u = torch.tensor(u0, dtype=torch.float32)
+    exact = float(np.sum((x.astype(np.float64) - w.double().numpy().dot(u.double().numpy().T).T) ** 2))
+    got = float(squared_error(csr_tensor(sp.csr_matrix(x)), w, u))
+    assert got > 0 and got == pytest.approx(exact, rel=rel)
+
+
 def test_sparse_transposed_product_paths_agree():
     x = _sparse_data(seed=4)
     g = torch.tensor(np.random.default_rng(5).random((30, 3)))
