@@ -26,6 +26,7 @@ from deltanmf.data import (
     simulation_truth,
     split_conditions,
 )
+from deltanmf.nmf import CellMatrix
 from deltanmf.resources import FileResource, read_gene_list, similarity_from_embeddings
 
 # ``deltanmf.data.prepare`` the attribute is the function (re-exported by the package), so
@@ -317,6 +318,18 @@ def test_gene_ids_used_for_remove_and_resource():
 # --------------------------------------------------------------------------------------
 # prepare: normalisation
 # --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("normalize, scale_genes", [("none", True), ("total", False), ("total", True)])
+def test_prepared_sparse_matrix_is_canonical_and_shared_not_copied(normalize, scale_genes):
+    """The training code takes a canonical CSR matrix as it is and copies any other: the
+    prepared matrix must be canonical, or each holder of it keeps a copy of its own."""
+    adata = make_adata(seed=4, sparse=True)
+    p = prepare(adata, "condition", "ctrl", normalize=normalize, scale_genes=scale_genes, min_cells=0)
+    assert p.X.has_canonical_format
+    control = p.control
+    for holder in (CellMatrix(control).data, CellDataModule(control).rows.data):
+        assert np.shares_memory(holder.data, control.data)
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("target_sum", [None, 500.0])
 def test_normalize_total(sparse, target_sum):

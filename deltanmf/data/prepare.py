@@ -353,6 +353,10 @@ def prepare(
         x = _scale_columns(x, 1.0 / gene_scale)
     else:
         gene_scale = np.ones(x.shape[1])
+    if sp.issparse(x):
+        # scipy's products leave the column indices unsorted; sorted once here, in place, the
+        # matrix is shared as it is by the training code, which would otherwise copy it
+        x.sum_duplicates()
 
     source = adata[cells][:, keep_index]
     obs = source.obs.copy()
