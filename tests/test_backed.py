@@ -116,8 +116,56 @@ def test_dense_matrix_on_disk_is_streamed_and_csc_refused(tmp_path):
     csc = adata.copy()
     csc.X = sp.csc_matrix(adata.X)
     csc.write_h5ad(tmp_path / "csc.h5ad")
-    with pytest.raises(InputError, match=r"CSC.*csr_matrix\(adata.X\)"):
+    with pytest.raises(InputError, match=r"CSC.*data.backed=false.*csr_matrix\(adata.X\)"):
         prepare_backed(open_h5ad(tmp_path / "csc.h5ad"), "condition", "control")
+    # a CSC layer: the fix names the layer (converting .X would leave the layer as it was)
+    csc = adata.copy()
+    csc.layers["counts"] = sp.csc_matrix(adata.layers["counts"])
+    csc.write_h5ad(tmp_path / "csc_layer.h5ad")
+    message = _message(prepare_backed, open_h5ad(tmp_path / "csc_layer.h5ad"), "condition", "control",
+                       layer="counts")
+    assert "layers/counts" in message and "CSC" in message and "data.backed=false" in message
+    assert "adata.layers['counts'] = scipy.sparse.csr_matrix(adata.layers['counts'])" in message
+    assert "adata.X" not in message
+
+
+def test_dense_matrix_on_disk_is_read_in_bounded_pieces(tmp_path, monkeypatch):
+    """A dense matrix on disk is densified as it is read: every read of it holds at most
+    SCAN_VALUES values, in the preparation passes, the norm fit_error takes and a read of
+    many consecutive cells (a fixed 65,536 rows would be 8 GB at 30,000 genes)."""
+    import deltanmf.nmf.matrix as matrix_module
+    from deltanmf.nmf import CellMatrix
+
+    adata = _sim(seed=2)
+    ref = prepare(adata, "condition", "control", normalize="total")
+    dense = adata.copy()
+    dense.X = adata.X.toarray()
+    dense.write_h5ad(tmp_path / "dense.h5ad")
+    monkeypatch.setattr(matrix_module, "SCAN_VALUES", 40 * adata.n_vars)  # 40 file rows per read
+    file_reads = []  # rows of each read of the dense X from the file
+    getitem = h5py.Dataset.__getitem__
+
+    def spy(dataset, key):
+        out = getitem(dataset, key)
+        if dataset.name == "/X":
+            file_reads.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", spy)
+    got = prepare_backed(open_h5ad(tmp_path / "dense.h5ad"), "condition", "control", normalize="total")
+    assert file_reads and max(file_reads) <= 40, file_reads
+
+    source_reads = []
+    read_rows = got.X.read_rows
+    got.X.read_rows = lambda index: source_reads.append(len(index)) or read_rows(index)
+    streamed = CellMatrix(got.X, batch_size=1000)
+    expected = float(np.sum(ref.X.data.astype(np.float64) ** 2))
+    assert streamed.squared_norm() == pytest.approx(expected, rel=1e-6)
+    assert max(source_reads) <= 40 * adata.n_vars // streamed.n_genes, source_reads
+    # all cells in one call (as the initialisation reads them): still 40 rows per file read
+    file_reads.clear()
+    np.testing.assert_allclose(got.X.to_memory().toarray(), ref.X.toarray(), rtol=2e-6)
+    assert len(file_reads) >= adata.n_obs // 40 and max(file_reads) <= 40
 
 
 def _message(fn, *args, **kwargs) -> str:

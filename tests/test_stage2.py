@@ -242,3 +242,51 @@ def test_refinement_settings_reach_the_stage2_init(make_cfg, monkeypatch):
     cfg, run_dir = make_cfg("model.stage2.refine_rounds=3", "model.stage2.refine_tol=0.25", "logger=none")
     run(cfg, run_dir)
     assert seen == [(3, 0.25)]
+
+
+class _RecordedRows:
+    """A row source over an in-memory CSR matrix (as a file on disk is read): records the
+    rows each read asks for."""
+
+    def __init__(self, x):
+        self.x, self.shape, self.reads = x, x.shape, []
+
+    def read_rows(self, index):
+        self.reads.append(len(index))
+        return self.x[index]
+
+
+def test_streamed_stage2_init_without_max_cells_keeps_streaming(monkeypatch):
+    """model.consensus.max_cells=null with cells streamed from disk: the case cells, and their
+    residual, are only ever held one batch at a time (never every case non-zero at once),
+    and the case programs and usage are those of the same initialisation in memory."""
+    import deltanmf.stages.stage2 as stage2
+    from deltanmf.data import prepare, simulation_truth
+
+    prepared = prepare(_simulate(n_control=100, n_case=300), "condition", "control", use_case=True)
+    truth = simulation_truth(prepared.source)
+    baseline = torch.tensor(truth.programs / prepared.gene_scale[:, None], dtype=torch.float32)
+    settings = dict(seed=0, replicates=2, iterations=20, refine_rounds=3, max_cells=None)
+    batch = 64
+    in_memory = stage2.stage2_init(CellMatrix(prepared.case, batch_size=batch), baseline, 2, **settings)
+
+    def whole_residual(self):
+        raise AssertionError("the residual of every streamed case cell was built in memory")
+
+    residual_rows = []
+    sparse_residual = stage2.sparse_residual
+
+    def recorded_residual(x, programs, usage):
+        residual_rows.append(x.shape[0])
+        return sparse_residual(x, programs, usage)
+
+    monkeypatch.setattr(stage2.ResidualMatrix, "to_cell_matrix", whole_residual)
+    monkeypatch.setattr(stage2, "sparse_residual", recorded_residual)
+    source = _RecordedRows(prepared.case)
+    streamed = stage2.stage2_init(CellMatrix(source, batch_size=batch), baseline, 2, **settings)
+    n_batches = -(-source.shape[0] // batch)
+    assert max(source.reads) <= batch and max(residual_rows) <= batch
+    # recomputed on every pass of the consensus, not kept for all cells
+    assert len(residual_rows) >= settings["iterations"] * n_batches
+    for s, m in zip(streamed, in_memory):
+        torch.testing.assert_close(s, m, rtol=1e-5, atol=1e-5 * float(m.abs().max()))

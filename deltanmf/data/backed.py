@@ -17,7 +17,9 @@ the value checks, the per-cell totals (normalisation) and the pooled per-gene va
 
 The on-disk layout read here is anndata's (encoding ``csr_matrix``: a group with ``data``,
 ``indices``, ``indptr`` and the ``shape`` attribute), read with h5py directly. A dense
-``.X`` is read by blocks of rows; CSC cannot be read by cells and is refused.
+``.X`` is read by blocks of rows, never more than
+:data:`~deltanmf.nmf.matrix.SCAN_VALUES` values at once; CSC cannot be read by cells
+and is refused.
 """
 from __future__ import annotations
 
@@ -35,13 +37,12 @@ import scipy.sparse as sp
 from anndata.io import read_elem
 from torch.utils.data import Sampler
 
+from ..nmf.matrix import scan_rows
 from .errors import InputError
 from .prepare import PreparedData, _matrix, cells_in_use, check_no_empty_cells, select_genes
 
 log = logging.getLogger(__name__)
 
-# Cells per block of a preparation pass: ~40 MB of float32 when dense, far less as CSR.
-PASS_CELLS = 20_000
 # Minibatches are cut from runs of consecutive cells; this many runs make one batch.
 BLOCKS_PER_BATCH = 16
 # Rows further apart than this many stored values are read with separate slices
@@ -49,9 +50,13 @@ BLOCKS_PER_BATCH = 16
 GAP_VALUES = 16_384
 
 
-def _csr_help(what: str) -> str:
-    return (f"store {what} as CSR to stream it: adata.X = scipy.sparse.csr_matrix(adata.X); "
-            "adata.write_h5ad(path) (or use data.backed=false to load the file into memory)")
+def _csr_help(key: str) -> str:
+    """How to make the matrix at ``key`` (``"X"`` or ``"layers/<name>"``) streamable: the
+    code to run names that matrix, since converting ``.X`` leaves a CSC layer as it was."""
+    target = "adata.X" if key == "X" else f"adata.layers[{key.removeprefix('layers/')!r}]"
+    return (f"use data.backed=false to load the file into memory, or store {target} as CSR and write the "
+            f"file again: adata = anndata.read_h5ad(path); {target} = scipy.sparse.csr_matrix({target}); "
+            "adata.write_h5ad(path)")
 
 
 class H5Matrix:
@@ -108,9 +113,15 @@ class H5Matrix:
         return int(self.indptr[-1]) if self.format == "csr" else self.shape[0] * self.shape[1]
 
     def block(self, start: int, stop: int) -> sp.csr_matrix:
-        """Rows ``start:stop`` in the file's dtype, one read per array."""
+        """Rows ``start:stop`` in the file's dtype, one read per array (dense: per piece of
+        at most :func:`~deltanmf.nmf.matrix.scan_rows` rows, since each piece is held
+        densified before it becomes CSR, whoever asks for many rows)."""
         if self.format == "dense":
-            return sp.csr_matrix(self._node()[start:stop])
+            node, step = self._node(), scan_rows(self.shape[1])
+            if stop - start <= step:
+                return sp.csr_matrix(node[start:stop])
+            return sp.vstack([sp.csr_matrix(node[i:min(i + step, stop)]) for i in range(start, stop, step)],
+                             format="csr")
         if self._file is None or self._pid != os.getpid():
             self._node()
         data, indices = self._arrays
@@ -294,8 +305,10 @@ class H5adRows:
             raw = raw[np.argsort(order)]
         return self._process(raw, self._cell_factor[index])
 
-    def blocks(self, size: int = PASS_CELLS) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
-        """``(index, rows)`` for consecutive runs of ``size`` rows, covering every row once."""
+    def blocks(self, size: int | None = None) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+        """``(index, rows)`` for consecutive runs of ``size`` rows, covering every row once
+        (by default as many rows as :func:`~deltanmf.nmf.matrix.scan_rows` allows for the file)."""
+        size = size or scan_rows(self.matrix.shape[1])
         for start in range(0, len(self), size):
             index = np.arange(start, min(start + size, len(self)))
             yield index, self.read_rows(index)
@@ -330,10 +343,13 @@ class H5adRows:
         return f"H5adRows({len(self)} cells x {len(self.genes)} genes of {self.matrix.key} in {self.matrix.path})"
 
 
-def _passes(matrix: H5Matrix, cells: np.ndarray, size: int = PASS_CELLS
+def _passes(matrix: H5Matrix, cells: np.ndarray, size: int | None = None
             ) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
-    """``(positions, rows)`` over the file in order: the raw rows in use of each block of the
-    file and their positions in ``cells`` (cells not in use are read and dropped)."""
+    """``(positions, rows)`` over the file in order: the raw rows in use of each block of
+    ``size`` file rows and their positions in ``cells`` (cells not in use are read and
+    dropped). By default a block holds at most :data:`~deltanmf.nmf.matrix.SCAN_VALUES`
+    values (:func:`~deltanmf.nmf.matrix.scan_rows`): a dense file is read densely."""
+    size = size or scan_rows(matrix.shape[1])
     position = np.full(matrix.shape[0], -1, dtype=np.int64)
     position[cells] = np.arange(len(cells))
     first, last = int(cells.min()), int(cells.max()) + 1
@@ -383,16 +399,18 @@ def prepare_backed(
     gene_ids: Sequence[str] | None = None,
     genes: Sequence[str] | None = None,
     gene_scale: np.ndarray | None = None,
-    pass_cells: int = PASS_CELLS,
+    pass_cells: int | None = None,
 ) -> PreparedData:
     """:func:`~deltanmf.data.prepare.prepare` for a file on disk, without loading its matrix.
 
     Same parameters, steps and errors as ``prepare`` (see there), plus ``pass_cells``, the
-    cells read per block. Pass 1 over the matrix checks the values and counts each gene's
-    detections in the cells in use; pass 2 sums each cell over the kept genes and
-    accumulates the per-gene mean and variance of the normalised values (float64, pooled
-    over the cells in use). The returned ``X`` is an :class:`H5adRows`; ``source`` is the
-    annotations (no ``.X``) restricted to the cells and genes in use.
+    file rows read per block (by default as many as hold
+    :data:`~deltanmf.nmf.matrix.SCAN_VALUES` values). Pass 1 over the matrix checks the
+    values and counts each gene's detections in the cells in use; pass 2 sums each cell
+    over the kept genes and accumulates the per-gene mean and variance of the normalised
+    values (float64, pooled over the cells in use). The returned ``X`` is an
+    :class:`H5adRows`; ``source`` is the annotations (no ``.X``) restricted to the cells
+    and genes in use.
     """
     is_control, is_case, cells = cells_in_use(data.obs, data.var_names, condition_key, control, case, use_case,
                                               normalize, min_cells)

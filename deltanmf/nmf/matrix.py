@@ -17,8 +17,20 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-# Rows per read when a pass over a row source only needs a statistic (its norm).
-_SCAN_ROWS = 65536
+# Values (cells x genes entries) per read of a pass over a matrix on disk: 2**26 float32
+# values are 256 MB even when the file stores the matrix dense. A fixed number of rows
+# would not do: 65,536 rows of 30,000 genes are 8 GB.
+SCAN_VALUES = 1 << 26
+
+
+def scan_rows(n_genes: int) -> int:
+    """Rows per read of a pass over a matrix on disk (at least one): as many as hold
+    :data:`SCAN_VALUES` values, so a dense file is never densified in larger pieces.
+
+    The same rule serves sparse files, where it bounds the stored values per read too;
+    a few million values per read is far above what one HDF5 read call costs.
+    """
+    return max(1, SCAN_VALUES // max(1, int(n_genes)))
 
 
 def is_row_source(data) -> bool:
@@ -274,9 +286,9 @@ class CellMatrix:
             elif isinstance(self.data, np.ndarray):
                 total = _sum_of_squares(self.data.reshape(-1))
             else:
-                total = 0.0
-                for start in range(0, self.n_cells, _SCAN_ROWS):
-                    block = self._read(np.arange(start, min(start + _SCAN_ROWS, self.n_cells)))
+                total, step = 0.0, scan_rows(self.n_genes)
+                for start in range(0, self.n_cells, step):
+                    block = self._read(np.arange(start, min(start + step, self.n_cells)))
                     total += _sum_of_squares(block.data)
             self._squared_norm = total
         return self._squared_norm

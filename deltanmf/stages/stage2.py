@@ -11,7 +11,8 @@ from ..data.errors import InputError
 from ..nmf import (Activation, CellMatrix, GeneGraph, LossTerms, NeuralNMF, adaptive_strength, consensus_init,
                    refit_usage)
 from ..nmf.consensus import init_cells, usage_cross
-from ..nmf.matrix import as_csr_tensor, csr_from_parts, is_sparse_tensor, reconstruction_at_nonzeros
+from ..nmf.matrix import (as_csr_tensor, csr_from_parts, is_row_source, is_sparse_tensor,
+                          reconstruction_at_nonzeros)
 from ..nmf.nnls import nnls_programs
 from ..nmf.losses import laplacian_penalty, orthogonality_penalty, reconstruction_loss
 from .base import NMFStageModule
@@ -39,10 +40,12 @@ class ResidualMatrix:
     """``max(0, X - U W^T)`` of a :class:`CellMatrix`, served by blocks as the matrix serves them.
 
     What the frozen baseline (W, with usage U >= 0) cannot explain in each case cell.
-    For sparse X the residual is sparse with X's pattern (see :func:`sparse_residual`;
-    kept in full-batch mode). For dense X it is dense: in full-batch mode it is served
-    in blocks of at most ``block_cells`` cells, recomputed on each pass, so only one block
-    of it exists at a time; the consumers (multiplicative updates, NNLS) sum over blocks.
+    For sparse X the residual is sparse with X's pattern (see :func:`sparse_residual`):
+    kept once computed when X is in memory, recomputed from each block on every pass
+    when X is streamed from a row source (``streamed``), so that no more of it exists at
+    a time than of X. For dense X it is dense: in full-batch mode it is served in blocks
+    of at most ``block_cells`` cells, recomputed on each pass, so only one block of it
+    exists at a time; the consumers (multiplicative updates, NNLS) sum over blocks.
     """
 
     def __init__(self, matrix: CellMatrix, programs: torch.Tensor, usage: torch.Tensor,
@@ -53,6 +56,8 @@ class ResidualMatrix:
         self.block_cells = block_cells
         self.device, self.dtype = matrix.device, matrix.dtype
         self.n_cells, self.n_genes = matrix.n_cells, matrix.n_genes
+        # X read from disk on demand: holding all of its residual would hold every cell
+        self.streamed = is_row_source(matrix.data)
         self._blocks = None
         self._squared_norm = None
 
@@ -68,14 +73,14 @@ class ResidualMatrix:
 
     def batches(self, shuffle: bool = False, generator=None):
         """``(cell_index, residual block)`` pairs covering every cell once."""
-        if self.matrix.sparse and not shuffle:
-            # a sparse residual costs no more memory than X: compute it once, not on every
-            # pass of the multiplicative updates
+        if self.matrix.sparse and not shuffle and not self.streamed:
+            # a sparse residual of X in memory costs no more memory than X: compute it once,
+            # not on every pass of the multiplicative updates
             if self._blocks is None:
                 self._blocks = [(index, self._residual(index, x)) for index, x in self.matrix.batches()]
             yield from self._blocks
             return
-        if not self.full_batch:
+        if self.matrix.sparse or not self.full_batch:  # X's own blocks (a sparse one is never sliced)
             for index, x in self.matrix.batches(shuffle=shuffle, generator=generator):
                 yield index, self._residual(index, x)
             return
@@ -126,14 +131,16 @@ def stage2_init(matrix: CellMatrix, baseline: torch.Tensor, k_case: int, seed: i
     (:func:`refine_case_programs`); 6. joint NNLS usage on [baseline, case].
 
     Steps 1-5 run on the cells :func:`~deltanmf.nmf.consensus.init_cells` picks (at most
-    ``max_cells`` of ``consensus``, in memory); step 6 covers every cell.
+    ``max_cells`` of ``consensus``, in memory); step 6 covers every cell. With
+    ``max_cells=None`` a matrix streamed from disk keeps streaming: its residual is
+    recomputed block by block on every pass, never held for all cells at once.
     """
     nnls_iter = consensus.get("nnls_iterations", 200)
     baseline = baseline.to(matrix.device, matrix.dtype)
     cells = init_cells(matrix, consensus.get("max_cells"), seed)
     base_usage = refit_usage(cells, baseline, nnls_iter)
     residual = ResidualMatrix(cells, baseline, base_usage)
-    if cells.sparse:
+    if cells.sparse and not residual.streamed:
         residual = residual.to_cell_matrix()
     case = consensus_init(residual, k_case, seed=seed, **consensus).programs
     scale = torch.median(baseline.norm(dim=0)) / torch.median(case.norm(dim=0)).clamp_min(1e-12)
