@@ -192,7 +192,10 @@ def _trainer(cfg: DictConfig, run_dir: Path, version: str) -> L.Trainer:
     callbacks = [ConvergenceStop(**stop), _checkpointing(cfg, run_dir, version)]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(ProgressBar(refresh_rate=cfg.model.stop.check_every))  # reading the loss syncs: not every step
-    return instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
+    # under DDP the data module gives each process its share of the cells itself (RankShare);
+    # Lightning's distributed sampler would share them out again, and pad with repeats
+    return instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
+                       use_distributed_sampler=False)
 
 
 def _checkpointing(cfg: DictConfig, run_dir: Path, name: str) -> RunCheckpoint:

@@ -17,9 +17,11 @@ import torch
 from conftest import write_similarity
 from deltanmf.data import (
     CellDataModule,
+    H5adRows,
     InputError,
     PreparedData,
     demo_path,
+    open_h5ad,
     prepare,
     read_h5ad,
     simulate_case_control,
@@ -739,6 +741,58 @@ def test_minibatch_covers_every_cell_once(sparse):
         for block, idx in batches:
             assert block.dtype == np.float32
             np.testing.assert_array_equal(block, x[idx])
+
+
+class _Ranks:
+    """The two attributes of a Lightning trainer the data module reads under DDP."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.global_rank, self.world_size = rank, world_size
+
+
+@pytest.mark.parametrize("n, batch_size, world_size", [(50, 16, 2), (101, 20, 2), (100, 20, 3), (61, 20, 3),
+                                                       (30, 7, 3)])
+@pytest.mark.parametrize("backed", [False, True])
+def test_ddp_ranks_share_every_batch_and_train_each_cell_once(tmp_path, n, batch_size, world_size, backed):
+    """Under DDP each process takes its part of every batch: per epoch, every cell is trained
+    exactly once by exactly one process, all processes take the same number of steps, and no
+    process gets an empty batch (a last batch smaller than the processes joins the one before)."""
+    x = _matrix(n=n)
+    data = sp.csr_matrix(x)
+    if backed:
+        path = tmp_path / "cells.h5ad"
+        ad.AnnData(X=data, obs=pd.DataFrame({"c": ["a"] * n}, index=[f"c{i}" for i in range(n)])).write_h5ad(path)
+        data = H5adRows(open_h5ad(path).matrix(), np.arange(n), np.arange(x.shape[1]), np.ones(n),
+                        np.ones(x.shape[1]))
+    epochs = []
+    for rank in range(world_size):
+        dm = CellDataModule(data, batch_size=batch_size, seed=4)
+        dm.trainer = _Ranks(rank, world_size)
+        loader = dm.train_dataloader()
+        epochs.append([_epoch(loader), _epoch(loader)])
+        assert all(len(e) == len(loader) for e in epochs[-1])
+    for epoch in range(2):
+        steps = [epochs[rank][epoch] for rank in range(world_size)]
+        assert len({len(s) for s in steps}) == 1  # the same number of steps in every process
+        cells = np.concatenate([idx for s in steps for _, idx in s])
+        np.testing.assert_array_equal(np.sort(cells), np.arange(n))  # each cell once
+        for step in zip(*steps):
+            sizes = [len(idx) for _, idx in step]
+            assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+            for block, idx in step:
+                np.testing.assert_array_equal(block, x[idx])
+    # the processes' batches follow the single-process batches
+    one = CellDataModule(data, batch_size=batch_size, seed=4)
+    first = _epoch(one.train_dataloader())[0][1]
+    np.testing.assert_array_equal(np.sort(np.concatenate([epochs[r][0][0][1] for r in range(world_size)])),
+                                  np.sort(first))
+
+
+def test_ddp_batch_smaller_than_the_processes_is_refused():
+    dm = CellDataModule(_matrix(n=50), batch_size=2, seed=0)
+    dm.trainer = _Ranks(0, 4)
+    with pytest.raises(InputError, match="data.batch_size=2 is smaller than the 4 processes"):
+        dm.train_dataloader()
 
 
 def test_minibatch_shuffled_and_reproducible():

@@ -14,9 +14,10 @@ import lightning as L
 import numpy as np
 import scipy.sparse as sp
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 from ..nmf.matrix import canonical_csr, csr_tensor, is_row_source
+from .errors import InputError
 
 
 class _Rows(Dataset):
@@ -73,6 +74,48 @@ class _Repeat(Dataset):
 
     def __getitem__(self, i):
         return self.batch
+
+
+class RankShare(Sampler):
+    """One process's share of every minibatch under DDP: part ``rank`` of each batch of
+    ``batches`` cut into ``world_size`` near-equal parts.
+
+    Every process draws the same batches (same seed), so each epoch every cell is trained
+    exactly once, by one process, and all processes take the same number of steps (DDP
+    averages their gradients at every step). A last batch with fewer cells than processes
+    joins the batch before it, so no process ever gets an empty batch. (Lightning's own
+    distributed sampler hands out whole batches instead, padding the list by repeating
+    some, so a few cells were trained twice per epoch.)
+    """
+
+    def __init__(self, batches, n_cells: int, batch_size: int, rank: int, world_size: int):
+        if batch_size < world_size:
+            raise InputError(f"data.batch_size={batch_size} is smaller than the {world_size} processes; each "
+                             f"process needs cells of every batch: use data.batch_size >= {world_size}")
+        self.batches, self.rank, self.world_size = batches, int(rank), int(world_size)
+        self.n_cells, self.batch_size = int(n_cells), int(batch_size)
+
+    def _merges_last(self) -> bool:
+        tail = self.n_cells % self.batch_size
+        return self.n_cells > self.batch_size and 0 < tail < self.world_size
+
+    def __len__(self) -> int:
+        return -(-self.n_cells // self.batch_size) - self._merges_last()
+
+    def __iter__(self):
+        batches = iter(self.batches)
+        previous = next(batches, None)
+        for batch in batches:
+            if len(batch) < self.world_size:  # the short last batch: served with the one before
+                previous = np.concatenate([np.asarray(previous), np.asarray(batch)])
+                continue
+            yield self._share(previous)
+            previous = batch
+        if previous is not None:
+            yield self._share(previous)
+
+    def _share(self, batch) -> np.ndarray:
+        return np.array_split(np.asarray(batch, dtype=np.int64), self.world_size)[self.rank]
 
 
 class CellDataModule(L.LightningDataModule):
@@ -141,6 +184,9 @@ class CellDataModule(L.LightningDataModule):
             from .backed import SourceBatchSampler
 
             sampler = SourceBatchSampler(self.rows.data, self.batch_size, self.seed)
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            sampler = RankShare(sampler, self.n_cells, self.batch_size, trainer.global_rank, trainer.world_size)
         return DataLoader(self.rows, sampler=sampler, batch_size=None, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 
