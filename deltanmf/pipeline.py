@@ -343,6 +343,7 @@ def fit_stage1(x_control, cfg: DictConfig, run_dir: Path, graph: GeneGraph | Non
              cfg.K, init_time, init.stability)
     module: Stage1Module = instantiate(cfg.model.stage1)(
         programs=init.programs, usage=init.usage, graph=graph, minibatch=_lazy_usage(datamodule, trainer))
+    matrix.release()  # the loader puts its own copy of the cells on the device
     train_time = _train(module, datamodule, trainer, run_dir, name)
 
     programs, usage = normalize_programs(module.programs().cpu(), module.usage().cpu())
@@ -374,6 +375,7 @@ def fit_stage2(x_case, baseline: np.ndarray, baseline_names: list[str], cfg: Dic
         consensus=OmegaConf.to_container(cfg.model.consensus), graph=graph, minibatch=_lazy_usage(datamodule, trainer))
     init_time = time.perf_counter() - start
     log.info("stage 2: initialised K_case=%d case programs in %.1fs", cfg.K_case, init_time)
+    matrix.release()  # the loader puts its own copy of the cells on the device
     train_time = _train(module, datamodule, trainer, run_dir, name)
 
     programs, usage = module.programs().cpu(), module.usage().cpu()

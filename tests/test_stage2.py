@@ -244,6 +244,37 @@ def test_refinement_settings_reach_the_stage2_init(make_cfg, monkeypatch):
     assert seen == [(3, 0.25)]
 
 
+def test_each_stage_holds_one_device_copy_of_its_cells(make_cfg, monkeypatch):
+    """The initialisation's full block (a GPU copy off the CPU) is released before the loader
+    puts its own on the device, and the loader's is dropped after training."""
+    from deltanmf import pipeline
+    from deltanmf.data import CellDataModule
+    from deltanmf.nmf import CellMatrix
+
+    events = []
+    release, teardown, train = CellMatrix.release, CellDataModule.teardown, pipeline._train
+
+    def recording_release(self):
+        events.append("release")
+        release(self)
+
+    def recording_teardown(self, stage):
+        events.append("teardown")
+        teardown(self, stage)
+        assert self._device_batch is None
+
+    def recording_train(module, datamodule, trainer, run_dir, name):
+        events.append(name)
+        return train(module, datamodule, trainer, run_dir, name)
+
+    monkeypatch.setattr(CellMatrix, "release", recording_release)
+    monkeypatch.setattr(CellDataModule, "teardown", recording_teardown)
+    monkeypatch.setattr(pipeline, "_train", recording_train)
+    cfg, run_dir = make_cfg("logger=none")
+    pipeline.run(cfg, run_dir)
+    assert events == ["release", "stage1", "teardown", "release", "stage2", "teardown"]
+
+
 class _RecordedRows:
     """A row source over an in-memory CSR matrix (as a file on disk is read): records the
     rows each read asks for."""

@@ -190,6 +190,10 @@ class CellDataModule(L.LightningDataModule):
         return DataLoader(self.rows, sampler=sampler, batch_size=None, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 
+    def teardown(self, stage: str) -> None:
+        """After training: drop the device copy of the full batch (a GPU's memory)."""
+        self._device_batch = None
+
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         if not self.full_batch:
             return super().transfer_batch_to_device(batch, device, dataloader_idx)

@@ -261,6 +261,13 @@ class CellMatrix:
                 self._full = self.rows(np.arange(self.n_cells))
         return self._full
 
+    def release(self) -> None:
+        """Forget the block :meth:`full` keeps. On a GPU it is a copy of the matrix, and the
+        training loader keeps one of its own: the pipeline releases this one between the
+        initialisation and training, so the device never holds two (it is rebuilt when
+        needed again). On the CPU the block shares the input's memory and costs nothing."""
+        self._full = None
+
     def batches(self, shuffle: bool = False, generator: np.random.Generator | None = None
                 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Yield ``(cell_index, block)`` pairs covering every cell once."""
