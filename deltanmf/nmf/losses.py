@@ -20,12 +20,12 @@ def squared_error(x: torch.Tensor, programs: torch.Tensor, usage: torch.Tensor) 
     densified: the square is expanded as ``||X||^2 - 2<X W, U> + <W^T W, U^T U>``, so the
     cost is ``nnz K + (genes + cells) K^2`` instead of ``genes x cells``. The three terms
     nearly cancel when the fit is good (at relative error e the result is e^2 times each
-    term), so none may lose more than the products' own float32 rounding (~1e-8 of the
-    term): a float32 BLAS dot over millions of values is off by ~1e-5, which biased the
-    loss by more than the stopping tolerance at e = 0.5 and made it negative at e = 0.01.
-    ``||X||^2`` is summed by torch's cascaded float32 sum in chunks, added up in float64;
-    the other two are reduced in float64, with ``U^T U`` from a float64 copy of the
-    usage (cells x K, the largest float64 temporary).
+    term), so each is summed in pieces (of ``_CHUNK`` values; 2^20 for ``||X||^2``) in
+    float32 (torch's cascaded sums and BLAS products), the pieces added in float64. A float32 BLAS dot over
+    millions of values is off by ~1e-5 of the term: that biased the loss by more than the
+    stopping tolerance at e = 0.5 and made it negative at e = 0.01. ``U^T U`` is summed
+    from float64 copies of its pieces (float32 products over thousands of cells are off by
+    ~1e-6 of it). No temporary exceeds one piece.
     """
     if not is_sparse_tensor(x):
         return torch.sum((x - usage @ programs.T) ** 2)
@@ -33,15 +33,25 @@ def squared_error(x: torch.Tensor, programs: torch.Tensor, usage: torch.Tensor) 
     if tuple(x.shape) != (usage.shape[0], programs.shape[0]):
         raise ValueError(f"x is {tuple(x.shape)} but usage @ programs.T is {(usage.shape[0], programs.shape[0])}")
     values = x.values()
-    # constant in the parameters; by chunks, so the squares never take a second copy of the values
-    norm = sum(torch.sum(part * part).double() for part in values.split(_CHUNK))
-    cross = torch.sum(matmul(x, programs) * usage, dtype=torch.float64)
-    w, u = programs.double(), usage.double()
-    gram = torch.sum((w.T @ w) * (u.T @ u))
+    norm = _sum_of_products(values, values, 1 << 20)  # constant in the parameters; cascaded sums of long pieces
+    cross = _sum_of_products(matmul(x, programs), usage)
+    rows = max(1, _CHUNK // max(1, usage.shape[1]))
+    gram_u = sum(part.T @ part for part in (piece.double() for piece in usage.split(rows)))
+    gram = torch.sum((programs.T @ programs).double() * gram_u)
     return (norm - 2 * cross + gram).to(programs.dtype)
 
 
-_CHUNK = 1 << 20  # values per partial sum of ||X||^2
+_CHUNK = 1 << 16  # values per float32 partial sum of the sparse loss's terms
+
+
+def _sum_of_products(a: torch.Tensor, b: torch.Tensor, chunk: int = _CHUNK) -> torch.Tensor:
+    """``sum(a * b)`` (same shapes) as a float64 scalar, by pieces of rows of at most ``chunk``
+    values (see :func:`squared_error`)."""
+    rows = max(1, chunk // max(1, a[0].numel() if a.dim() > 1 and len(a) else 1))
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for part_a, part_b in zip(a.split(rows), b.split(rows)):
+        total = total + torch.sum(part_a * part_b).double()
+    return total
 
 
 def reconstruction_loss(x: torch.Tensor, programs: torch.Tensor, usage: torch.Tensor) -> torch.Tensor:
