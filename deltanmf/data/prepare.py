@@ -70,12 +70,32 @@ class PreparedData:
     @property
     def control(self):
         """cells x genes of the control cells."""
-        return self.X[np.flatnonzero(self.is_control)]
+        return self._rows(self.is_control)
 
     @property
     def case(self):
         """cells x genes of the case cells."""
-        return self.X[np.flatnonzero(~self.is_control)]
+        return self._rows(~self.is_control)
+
+    def _rows(self, mask: np.ndarray):
+        """The rows ``mask`` selects. :func:`prepare` puts the controls first, so each
+        condition is one run of rows, served as a view of ``X`` (a CSR view shares the
+        values and indices) rather than a copy: a stage holds its cells once, not twice."""
+        index = np.flatnonzero(mask)
+        contiguous = len(index) > 0 and index[-1] - index[0] + 1 == len(index)
+        if contiguous and isinstance(self.X, np.ndarray):
+            return self.X[index[0]:index[-1] + 1]
+        if contiguous and sp.isspmatrix_csr(self.X):
+            first, last = int(index[0]), int(index[-1]) + 1
+            lo, hi = int(self.X.indptr[first]), int(self.X.indptr[last])
+            # the arrays are set on an empty matrix: scipy's constructor would copy views of
+            # less than half their base (the smaller condition)
+            view = sp.csr_matrix((last - first, self.X.shape[1]), dtype=self.X.dtype)
+            view.data, view.indices = self.X.data[lo:hi], self.X.indices[lo:hi]
+            view.indptr = self.X.indptr[first:last + 1] - lo
+            view.has_canonical_format = self.X.has_canonical_format  # known, not recomputed
+            return view
+        return self.X[index]
 
 
 def read_h5ad(path: str | Path) -> ad.AnnData:

@@ -47,8 +47,12 @@ def is_sparse_tensor(x: torch.Tensor) -> bool:
 def canonical_csr(data) -> sp.csr_matrix:
     """``data`` as a CSR matrix with sorted, unique column indices (torch's CSR invariant).
 
-    A CSR matrix already in canonical form is returned without copying its arrays.
+    A CSR matrix already in canonical form is returned as it is (wrapping it again would
+    copy a view of a larger matrix: scipy's constructor copies arrays that are views of
+    less than half their base).
     """
+    if sp.isspmatrix_csr(data) and data.has_canonical_format:
+        return data
     csr = sp.csr_matrix(data)
     if not csr.has_canonical_format:
         csr = csr.copy()
