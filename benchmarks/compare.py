@@ -290,8 +290,8 @@ def main() -> None:
     repeats: dict[str, list[dict]] = {}
     for round_ in range(args.repeats):
         for key, label, why in runs:
-            if round_ and (why or key == "published"):  # 10,000 steps per stage: run once
-                continue
+            if round_ and (why or key == "published" or "error" in repeats[key][0]):
+                continue  # the published schedule (10,000 steps per stage) runs once; a failure ends a method
             labels[key] = label
             run = {"error": why} if why else spawn(key, args)
             if "error" in run:

@@ -791,6 +791,16 @@ def test_ddp_ranks_share_every_batch_and_train_each_cell_once(tmp_path, n, batch
                                   np.sort(first))
 
 
+@pytest.mark.parametrize("batch_size", [None, 10])
+def test_ddp_with_lightnings_distributed_sampler_is_refused(batch_size):
+    """Lightning's sampler would split each process's share again: a clear error instead."""
+    dm = CellDataModule(_matrix(n=50), batch_size=batch_size, seed=0)
+    dm.trainer = _Ranks(0, 2)
+    dm.trainer._accelerator_connector = type("Connector", (), {"use_distributed_sampler": True})()
+    with pytest.raises(InputError, match="use_distributed_sampler=False"):
+        dm.train_dataloader()
+
+
 def test_ddp_batch_smaller_than_the_processes_is_refused():
     dm = CellDataModule(_matrix(n=50), batch_size=2, seed=0)
     dm.trainer = _Ranks(0, 4)

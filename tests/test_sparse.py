@@ -104,7 +104,7 @@ def test_sparse_loss_float32_stays_accurate_when_the_fit_is_good(noise, rel):
     """The three terms of the sparse expansion nearly cancel for a good fit (relative error
     ~noise): reduced in float32 over 10^6 values they put the loss off by more than the
     stopping tolerance, and below zero for the best fit. Reduced in float64, what is left is
-    the float32 rounding of the products themselves (~1e-8 of ||X||^2)."""
+    the float32 rounding of the product X W itself (1e-8 to 1e-6 of ||X||^2)."""
     rng = np.random.default_rng(0)
     n, g, k = 8000, 200, 5
     w0 = rng.gamma(0.3, 1.0, (g, k)) * (rng.random((g, k)) < 0.4)

@@ -37,6 +37,7 @@ import scipy.sparse as sp
 from anndata.io import read_elem
 from torch.utils.data import Sampler
 
+from ..nmf import matrix as nmf_matrix
 from ..nmf.matrix import scan_rows
 from .errors import InputError
 from .prepare import PreparedData, _matrix, cells_in_use, check_no_empty_cells, select_genes
@@ -130,21 +131,35 @@ class H5Matrix:
                              shape=(stop - start, self.shape[1]))
 
     def rows(self, rows: np.ndarray) -> sp.csr_matrix:
-        """The given rows (sorted, unique file positions); runs of nearby rows share one read."""
+        """The given rows (sorted, unique file positions); runs of nearby rows share one read,
+        of at most :data:`~deltanmf.nmf.matrix.SCAN_VALUES` values (rows skipped included)."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return sp.csr_matrix((0, self.shape[1]), dtype=self.dtype)
         if self.format == "dense":
-            breaks = np.flatnonzero(np.diff(rows) > max(1, GAP_VALUES // max(self.shape[1], 1))) + 1
+            start, end = rows * self.shape[1], (rows + 1) * self.shape[1]
         else:
-            gap = self.indptr[rows[1:]] - self.indptr[rows[:-1] + 1]
-            breaks = np.flatnonzero(gap > GAP_VALUES) + 1
+            start, end = self.indptr[rows], self.indptr[rows + 1]
+        breaks = np.flatnonzero(start[1:] - end[:-1] > GAP_VALUES) + 1
         pieces = []
-        for run in np.split(rows, breaks):
-            first, last = int(run[0]), int(run[-1]) + 1
-            block = self.block(first, last)
-            pieces.append(block if len(run) == last - first else block[run - first])
+        for run in np.split(np.arange(len(rows)), breaks):
+            for part in _capped(run, start, end):
+                first, last = int(rows[part[0]]), int(rows[part[-1]]) + 1
+                block = self.block(first, last)
+                pieces.append(block if len(part) == last - first else block[rows[part] - first])
         return pieces[0] if len(pieces) == 1 else sp.vstack(pieces, format="csr")
+
+
+def _capped(run: np.ndarray, start: np.ndarray, end: np.ndarray) -> Iterator[np.ndarray]:
+    """``run`` (positions into ``start``/``end``, the values' span of each row) cut into parts
+    whose read, from the first row's start to the last row's end, holds at most
+    :data:`~deltanmf.nmf.matrix.SCAN_VALUES` values (at least one row each)."""
+    ends = end[run]
+    i = 0
+    while i < len(run):
+        j = max(i + 1, int(np.searchsorted(ends, start[run[i]] + nmf_matrix.SCAN_VALUES, side="right")))
+        yield run[i:j]
+        i = j
 
 
 class H5adFile:
@@ -255,6 +270,11 @@ class H5adRows:
     @property
     def shape(self) -> tuple[int, int]:
         return len(self.cells), len(self.genes)
+
+    @property
+    def scan_width(self) -> int:
+        """Values a read of one row takes from the file: all of its columns, kept or not."""
+        return int(self.matrix.shape[1])
 
     @property
     def dtype(self):

@@ -118,6 +118,14 @@ class RankShare(Sampler):
         return np.array_split(np.asarray(batch, dtype=np.int64), self.world_size)[self.rank]
 
 
+def _check_own_sharding(trainer) -> None:
+    """Under DDP this module shares the cells out itself; Lightning's distributed sampler
+    would split each process's share again (the pipeline turns it off)."""
+    if getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", False):
+        raise InputError("CellDataModule gives each DDP process its share of the cells itself: create the "
+                         "Trainer with use_distributed_sampler=False (train.py and the deltanmf API do)")
+
+
 class CellDataModule(L.LightningDataModule):
     """Cells of one stage (e.g. the controls for stage 1).
 
@@ -170,6 +178,7 @@ class CellDataModule(L.LightningDataModule):
     def _full_batch_loader(self) -> DataLoader:
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
+            _check_own_sharding(trainer)
             # DDP: each process holds its share of the cells (every world_size-th one); the
             # averaged gradients are those of the whole matrix
             full = self.rows[np.arange(trainer.global_rank, self.n_cells, trainer.world_size)]
@@ -186,6 +195,7 @@ class CellDataModule(L.LightningDataModule):
             sampler = SourceBatchSampler(self.rows.data, self.batch_size, self.seed)
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
+            _check_own_sharding(trainer)
             sampler = RankShare(sampler, self.n_cells, self.batch_size, trainer.global_rank, trainer.world_size)
         return DataLoader(self.rows, sampler=sampler, batch_size=None, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)

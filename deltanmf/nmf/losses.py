@@ -20,12 +20,13 @@ def squared_error(x: torch.Tensor, programs: torch.Tensor, usage: torch.Tensor) 
     densified: the square is expanded as ``||X||^2 - 2<X W, U> + <W^T W, U^T U>``, so the
     cost is ``nnz K + (genes + cells) K^2`` instead of ``genes x cells``. The three terms
     nearly cancel when the fit is good (at relative error e the result is e^2 times each
-    term), so each is summed in pieces (of ``_CHUNK`` values; 2^20 for ``||X||^2``) in
-    float32 (torch's cascaded sums and BLAS products), the pieces added in float64. A float32 BLAS dot over
+    term), so each is summed in pieces (of ``_CHUNK`` values, 2^20 for ``||X||^2``, and at
+    most ``_MAX_PIECES`` of them) in float32 (torch's cascaded sums and BLAS products), the
+    pieces added in float64; ``W^T W`` and ``U^T U`` are formed in float64. A float32 BLAS dot over
     millions of values is off by ~1e-5 of the term: that biased the loss by more than the
-    stopping tolerance at e = 0.5 and made it negative at e = 0.01. ``U^T U`` is summed
-    from float64 copies of its pieces (float32 products over thousands of cells are off by
-    ~1e-6 of it). No temporary exceeds one piece.
+    stopping tolerance at e = 0.5 and made it negative at e = 0.01; float32 Gram matrices
+    over thousands of genes or cells are off by ~1e-6. What is left is the float32
+    rounding of ``X W`` itself, 1e-8 to 1e-6 of ``||X||^2``. No temporary exceeds one piece.
     """
     if not is_sparse_tensor(x):
         return torch.sum((x - usage @ programs.T) ** 2)
@@ -35,19 +36,26 @@ def squared_error(x: torch.Tensor, programs: torch.Tensor, usage: torch.Tensor) 
     values = x.values()
     norm = _sum_of_products(values, values, 1 << 20)  # constant in the parameters; cascaded sums of long pieces
     cross = _sum_of_products(matmul(x, programs), usage)
-    rows = max(1, _CHUNK // max(1, usage.shape[1]))
+    rows = max(1, _piece(usage.numel()) // max(1, usage.shape[1]))
     gram_u = sum(part.T @ part for part in (piece.double() for piece in usage.split(rows)))
-    gram = torch.sum((programs.T @ programs).double() * gram_u)
+    w = programs.double()  # genes x K: float32 W^T W over thousands of genes is off by ~1e-6 too
+    gram = torch.sum((w.T @ w) * gram_u)
     return (norm - 2 * cross + gram).to(programs.dtype)
 
 
-_CHUNK = 1 << 16  # values per float32 partial sum of the sparse loss's terms
+_CHUNK = 1 << 16  # values per float32 partial sum of the sparse loss's terms ...
+_MAX_PIECES = 16  # ... but no more pieces than this: each is a few kernel launches on a GPU
+
+
+def _piece(numel: int, chunk: int = _CHUNK) -> int:
+    """Values per piece of a sum over ``numel`` values: ``chunk``, or more for large inputs."""
+    return max(chunk, -(-numel // _MAX_PIECES))
 
 
 def _sum_of_products(a: torch.Tensor, b: torch.Tensor, chunk: int = _CHUNK) -> torch.Tensor:
     """``sum(a * b)`` (same shapes) as a float64 scalar, by pieces of rows of at most ``chunk``
     values (see :func:`squared_error`)."""
-    rows = max(1, chunk // max(1, a[0].numel() if a.dim() > 1 and len(a) else 1))
+    rows = max(1, _piece(a.numel(), chunk) // max(1, a[0].numel() if a.dim() > 1 and len(a) else 1))
     total = torch.zeros((), dtype=torch.float64, device=a.device)
     for part_a, part_b in zip(a.split(rows), b.split(rows)):
         total = total + torch.sum(part_a * part_b).double()

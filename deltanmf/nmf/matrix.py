@@ -297,7 +297,8 @@ class CellMatrix:
             elif isinstance(self.data, np.ndarray):
                 total = _sum_of_squares(self.data.reshape(-1))
             else:
-                total, step = 0.0, scan_rows(self.n_genes)
+                # a read spans the source's full width (e.g. a file's genes before filtering)
+                total, step = 0.0, scan_rows(getattr(self.data, "scan_width", self.n_genes))
                 for start in range(0, self.n_cells, step):
                     block = self._read(np.arange(start, min(start + step, self.n_cells)))
                     total += _sum_of_squares(block.data)
