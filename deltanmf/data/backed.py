@@ -114,15 +114,10 @@ class H5Matrix:
         return int(self.indptr[-1]) if self.format == "csr" else self.shape[0] * self.shape[1]
 
     def block(self, start: int, stop: int) -> sp.csr_matrix:
-        """Rows ``start:stop`` in the file's dtype, one read per array (dense: per piece of
-        at most :func:`~deltanmf.nmf.matrix.scan_rows` rows, since each piece is held
-        densified before it becomes CSR, whoever asks for many rows)."""
+        """Rows ``start:stop`` in the file's dtype, one read per array. Callers keep the span
+        within :data:`~deltanmf.nmf.matrix.SCAN_VALUES` values (:meth:`rows`, the passes)."""
         if self.format == "dense":
-            node, step = self._node(), scan_rows(self.shape[1])
-            if stop - start <= step:
-                return sp.csr_matrix(node[start:stop])
-            return sp.vstack([sp.csr_matrix(node[i:min(i + step, stop)]) for i in range(start, stop, step)],
-                             format="csr")
+            return sp.csr_matrix(self._node()[start:stop])
         if self._file is None or self._pid != os.getpid():
             self._node()
         data, indices = self._arrays
