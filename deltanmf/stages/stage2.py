@@ -71,9 +71,10 @@ class ResidualMatrix:
             return sparse_residual(as_csr_tensor(x), self.programs.to(x.device), u)
         return (x - u @ self.programs.T).clamp_min(0)
 
-    def batches(self, shuffle: bool = False, generator=None):
-        """``(cell_index, residual block)`` pairs covering every cell once."""
-        if self.matrix.sparse and not shuffle and not self.streamed:
+    def batches(self):
+        """``(cell_index, residual block)`` pairs covering every cell once, in X's order
+        (its consumers sum over blocks, so the order does not matter to them)."""
+        if self.matrix.sparse and not self.streamed:
             # a sparse residual of X in memory costs no more memory than X: compute it once,
             # not on every pass of the multiplicative updates
             if self._blocks is None:
@@ -81,7 +82,7 @@ class ResidualMatrix:
             yield from self._blocks
             return
         if self.matrix.sparse or not self.full_batch:  # X's own blocks (a sparse one is never sliced)
-            for index, x in self.matrix.batches(shuffle=shuffle, generator=generator):
+            for index, x in self.matrix.batches():
                 yield index, self._residual(index, x)
             return
         x = self.matrix.full()
@@ -90,8 +91,8 @@ class ResidualMatrix:
             yield index, self._residual(index, x[start:index[-1] + 1])
 
     def to_cell_matrix(self) -> CellMatrix:
-        """A sparse residual computed once, as a :class:`CellMatrix` served like X (shuffled
-        batches included): the multiplicative updates then do not recompute it every pass.
+        """A sparse residual computed once, as a :class:`CellMatrix` served like X: the
+        multiplicative updates then do not recompute it every pass.
         It has X's pattern, so it costs no more memory than X."""
         parts, order = [], []
         for index, r in self.batches():
