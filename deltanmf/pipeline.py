@@ -271,8 +271,9 @@ def _train(module, datamodule, trainer: L.Trainer, run_dir: Path, name: str) -> 
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():
-            if datamodule.full_batch:  # every full-batch step sees the same data: nothing to resume in the loader
-                warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+            # Lightning warns that the loader keeps no state of its own; it needs none: every full-batch
+            # step sees the same data, and minibatches resume from Lightning's restored batch count
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     except NonFiniteLossError as err:
         if checkpoints.last_path.is_file():

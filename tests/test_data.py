@@ -1024,3 +1024,34 @@ def test_float64_is_converted_with_one_warning_and_integers_are_accepted():
         warnings.simplefilter("error")
         p = prepare(counts, "condition", "ctrl", min_cells=0)
     assert p.X.dtype == np.float32
+
+
+@pytest.mark.parametrize("draw", [None, "runs"])
+def test_an_epochs_batches_depend_on_the_seed_and_epoch_alone(draw):
+    """What makes minibatch resume exact: epoch e's batches are the same whether or not the
+    epochs before it were drawn, every epoch covers every cell once, and epochs differ."""
+    from deltanmf.data.backed import run_batches
+    from deltanmf.data.datamodule import EpochBatches, ResumableBatches
+
+    n, batch_size = 103, 10
+    runs = (lambda size, rng: run_batches(n, size, rng)) if draw else None  # as for cells on disk
+    sampler = EpochBatches(n, batch_size, seed=3, draw=runs)
+
+    def epoch(e):
+        sampler.set_epoch(e)
+        return [np.asarray(b) for b in sampler]
+
+    in_order = [epoch(e) for e in range(4)]
+    assert all(len(batches) == len(sampler) == 11 for batches in in_order)
+    for batches in in_order:
+        np.testing.assert_array_equal(np.sort(np.concatenate(batches)), np.arange(n))
+    assert not np.array_equal(np.concatenate(in_order[2]), np.concatenate(in_order[3]))
+    for e in (3, 1):  # drawn alone, out of order: the same batches
+        assert all(np.array_equal(a, b) for a, b in zip(epoch(e), in_order[e]))
+    # resuming epoch 2 after 4 of its batches: the other 7, in order
+    rest = list(ResumableBatches(sampler, position=lambda: (2, 4)))
+    assert len(rest) == 7 and all(np.array_equal(a, b) for a, b in zip(rest, in_order[2][4:]))
+    # without a trainer, each pass is the next epoch
+    passes = ResumableBatches(sampler)
+    for e in range(2):
+        assert all(np.array_equal(a, b) for a, b in zip(passes, in_order[e]))

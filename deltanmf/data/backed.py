@@ -35,7 +35,6 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 from anndata.io import read_elem
-from torch.utils.data import Sampler
 
 from ..nmf import matrix as nmf_matrix
 from ..nmf.matrix import scan_rows
@@ -330,25 +329,8 @@ class H5adRows:
 
     def batch_indices(self, batch_size: int, generator=None, blocks_per_batch: int = BLOCKS_PER_BATCH
                       ) -> list[np.ndarray]:
-        """One epoch of minibatches (sorted positions), every row exactly once.
-
-        The rows are cut into runs of ``batch_size / blocks_per_batch`` consecutive rows,
-        with boundaries shifted by a random offset each epoch; the runs are shuffled and
-        dealt out in order, so each batch is ``blocks_per_batch`` runs from random places
-        in the file — read with that many slices — and no two epochs share their batches.
-        """
-        rng = _generator(generator)
-        n = len(self)
-        if batch_size >= n:
-            return [np.arange(n)]
-        block = max(1, batch_size // max(1, blocks_per_batch))
-        offset = int(rng.integers(block))
-        starts = np.concatenate([[0], np.arange(offset, n, block)]) if offset else np.arange(0, n, block)
-        starts = np.unique(starts)
-        stops = np.append(starts[1:], n)
-        order = rng.permutation(len(starts))
-        flat = np.concatenate([np.arange(starts[i], stops[i]) for i in order])
-        return [np.sort(flat[i:i + batch_size]) for i in range(0, n, batch_size)]
+        """One epoch of minibatches quick to read from the file: :func:`run_batches`."""
+        return run_batches(len(self), batch_size, generator, blocks_per_batch)
 
     def to_memory(self) -> sp.csr_matrix:
         """All rows as one in-memory CSR matrix (for a subset small enough to hold)."""
@@ -356,6 +338,28 @@ class H5adRows:
 
     def __repr__(self) -> str:
         return f"H5adRows({len(self)} cells x {len(self.genes)} genes of {self.matrix.key} in {self.matrix.path})"
+
+
+def run_batches(n: int, batch_size: int, generator=None, blocks_per_batch: int = BLOCKS_PER_BATCH
+                ) -> list[np.ndarray]:
+    """One epoch of minibatches of ``n`` rows (sorted positions), every row exactly once.
+
+    The rows are cut into runs of ``batch_size / blocks_per_batch`` consecutive rows,
+    with boundaries shifted by a random offset each epoch; the runs are shuffled and
+    dealt out in order, so each batch is ``blocks_per_batch`` runs from random places
+    in the file — read with that many slices — and no two epochs share their batches.
+    """
+    rng = _generator(generator)
+    if batch_size >= n:
+        return [np.arange(n)]
+    block = max(1, batch_size // max(1, blocks_per_batch))
+    offset = int(rng.integers(block))
+    starts = np.concatenate([[0], np.arange(offset, n, block)]) if offset else np.arange(0, n, block)
+    starts = np.unique(starts)
+    stops = np.append(starts[1:], n)
+    order = rng.permutation(len(starts))
+    flat = np.concatenate([np.arange(starts[i], stops[i]) for i in order])
+    return [np.sort(flat[i:i + batch_size]) for i in range(0, n, batch_size)]
 
 
 def _passes(matrix: H5Matrix, cells: np.ndarray, size: int | None = None
@@ -506,30 +510,3 @@ def prepare_backed(
         var=source.var.copy(), is_control=is_control[cells], gene_scale=gene_scale, cell_scale=cell_scale,
         gene_ids=kept_ids, gene_counts=counts, source=source,
     )
-
-
-class SourceBatchSampler(Sampler):
-    """Minibatches chosen by a row source's ``batch_indices`` (a new epoch on every pass).
-
-    For :class:`H5adRows` each batch is a few runs of consecutive cells, so reading it
-    takes a few slices of the file; a uniformly random batch would take one read per cell.
-
-    Parameters
-    ----------
-    source
-        Anything with ``.shape`` and ``batch_indices(batch_size, rng) -> list of index arrays``.
-    batch_size
-        Cells per batch.
-    seed
-        Seed of the batch order (the sequence of epochs is reproducible).
-    """
-
-    def __init__(self, source, batch_size: int, seed: int = 0):
-        self.source, self.batch_size = source, int(batch_size)
-        self.rng = np.random.default_rng(seed)
-
-    def __len__(self) -> int:
-        return -(-int(self.source.shape[0]) // self.batch_size)
-
-    def __iter__(self):
-        yield from self.source.batch_indices(self.batch_size, self.rng)

@@ -2,7 +2,9 @@
 
 Full-batch mode yields the whole matrix (cells x genes) with all cell indices; it is
 moved to the device once, then reused every step. Minibatch mode yields shuffled
-batches of cells. Dense input gives dense blocks. Sparse input stays sparse: a scipy
+batches of cells; each epoch's batches depend on the seed and the epoch alone, and a
+fit resumed in the middle of an epoch continues with that epoch's remaining batches,
+so it equals the uninterrupted fit. Dense input gives dense blocks. Sparse input stays sparse: a scipy
 sparse matrix, or a *row source* (any object with ``.shape`` (cells, genes) and
 ``read_rows(index) -> scipy.sparse.csr_matrix`` for a sorted int64 index, e.g. a file
 read on demand), gives torch sparse CSR blocks, the full batch included; the loss
@@ -10,11 +12,14 @@ works on them directly (:func:`deltanmf.nmf.losses.squared_error`).
 """
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
+
 import lightning as L
 import numpy as np
 import scipy.sparse as sp
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..nmf.matrix import canonical_csr, csr_tensor, is_row_source
 from .errors import InputError
@@ -76,6 +81,76 @@ class _Repeat(Dataset):
         return self.batch
 
 
+class EpochBatches(Sampler):
+    """Minibatches of cells for one epoch at a time, drawn from ``(seed, epoch)`` alone.
+
+    Parameters
+    ----------
+    n_cells, batch_size
+        Cells, and cells per batch (the last batch may be smaller).
+    seed
+        Seed of the batch order.
+    draw
+        ``draw(batch_size, rng) -> list of index arrays`` making one epoch's batches from
+        a numpy Generator; ``None`` shuffles the cells uniformly. (Cells on disk use
+        :meth:`~deltanmf.data.backed.H5adRows.batch_indices`: batches of a few runs of
+        consecutive cells, quick to read.)
+
+    Lightning calls :meth:`set_epoch` before each epoch. Since an epoch's order does not
+    depend on the epochs before it, an interrupted fit resumed at epoch ``e`` sees the
+    batches the uninterrupted fit saw.
+    """
+
+    def __init__(self, n_cells: int, batch_size: int, seed: int = 0,
+                 draw: Callable[[int, np.random.Generator], list] | None = None):
+        self.n_cells, self.batch_size, self.seed = int(n_cells), int(batch_size), int(seed)
+        self.draw, self.epoch = draw, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return -(-self.n_cells // self.batch_size)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.draw is not None:
+            yield from self.draw(self.batch_size, rng)
+            return
+        order = rng.permutation(self.n_cells)
+        for start in range(0, self.n_cells, self.batch_size):
+            yield order[start:start + self.batch_size]
+
+
+class ResumableBatches(Sampler):
+    """The batches of an epoch-keyed sampler (``set_epoch``), from where training stands.
+
+    ``position() -> (epoch, done)`` is asked when the epoch's first batch is wanted:
+    the sampler is set to ``epoch`` and its first ``done`` batches are skipped. ``done``
+    is 0 except when a fit resumes from a checkpoint taken in the middle of an epoch,
+    where it is the number of that epoch's batches already trained. Without
+    ``position``, each pass is the next epoch.
+    """
+
+    def __init__(self, sampler, position: Callable[[], tuple[int, int]] | None = None):
+        self.sampler, self.position = sampler, position
+        self._passes = 0
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        # a generator: the position is read at the first batch, after Lightning has
+        # restored the loop state and set up the epoch
+        if self.position is None:
+            epoch, done = self._passes, 0
+            self._passes += 1
+        else:
+            epoch, done = self.position()
+        self.sampler.set_epoch(epoch)
+        yield from itertools.islice(iter(self.sampler), done, None)
+
+
 class RankShare(Sampler):
     """One process's share of every minibatch under DDP: part ``rank`` of each batch of
     ``batches`` cut into ``world_size`` near-equal parts.
@@ -113,6 +188,9 @@ class RankShare(Sampler):
             previous = batch
         if previous is not None:
             yield self._share(previous)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
 
     def _share(self, batch) -> np.ndarray:
         return np.array_split(np.asarray(batch, dtype=np.int64), self.world_size)[self.rank]
@@ -187,18 +265,24 @@ class CellDataModule(L.LightningDataModule):
         return DataLoader(_Repeat(full, self.steps_per_epoch), batch_size=None, shuffle=False)
 
     def _minibatch_loader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        sampler = BatchSampler(RandomSampler(self.rows, generator=generator), self.batch_size, drop_last=False)
-        if hasattr(self.rows.data, "batch_indices"):  # cells on disk: batches of a few contiguous runs, fast to read
-            from .backed import SourceBatchSampler
-
-            sampler = SourceBatchSampler(self.rows.data, self.batch_size, self.seed)
+        draw = getattr(self.rows.data, "batch_indices", None)  # cells on disk: batches quick to read
+        sampler = EpochBatches(self.n_cells, self.batch_size, self.seed, draw)
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
             _check_own_sharding(trainer)
             sampler = RankShare(sampler, self.n_cells, self.batch_size, trainer.global_rank, trainer.world_size)
+        sampler = ResumableBatches(sampler, self._position if isinstance(trainer, L.Trainer) else None)
         return DataLoader(self.rows, sampler=sampler, batch_size=None, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+
+    def _position(self) -> tuple[int, int]:
+        """``(epoch, batches of it already trained)`` for the epoch the trainer starts.
+
+        The second is non-zero only in a fit resumed from a mid-epoch checkpoint, where
+        Lightning has restored its batch count (the data loader holds no state of its own).
+        """
+        loop = self.trainer.fit_loop
+        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.ready
 
     def teardown(self, stage: str) -> None:
         """After training: drop the device copy of the full batch (a GPU's memory)."""
