@@ -103,6 +103,37 @@ def test_rows_bit_for_bit_given_the_same_scales(sim_file):
     assert again.X.to_memory().has_sorted_indices
 
 
+def test_repeated_entries_on_disk_are_summed_as_in_memory(tmp_path):
+    """CSR from other writers may store a (cell, gene) entry more than once, and unsorted;
+    scipy (the in-memory path) sums such entries, so streaming must too: the same gene
+    filters, scales and rows."""
+    adata = _sim(seed=4)
+    x = adata.X.tocsr()
+    # every stored value split in two entries of the same gene, the halves in reverse order
+    counts = np.diff(x.indptr)
+    indptr = np.concatenate([[0], np.cumsum(2 * counts)])
+    indices = np.concatenate([np.concatenate([r, r[::-1]]) for r in np.split(x.indices, x.indptr[1:-1])])
+    data = np.concatenate([np.concatenate([v * 0.25, v[::-1] * 0.75]) for v in np.split(x.data, x.indptr[1:-1])])
+    path = tmp_path / "repeated.h5ad"
+    adata.write_h5ad(path)
+    with h5py.File(path, "r+") as f:
+        for name, values in (("indptr", indptr.astype(np.int64)), ("indices", indices.astype(np.int32)),
+                             ("data", data.astype(np.float32))):
+            del f["X"][name]
+            f["X"][name] = values
+    on_disk = open_h5ad(path).matrix()
+    assert on_disk.n_stored == 2 * x.nnz  # the file really holds the repeats
+    settings = dict(normalize="total", min_cells=30)
+    ref = prepare(adata, "condition", "control", **settings)
+    got = prepare_backed(open_h5ad(path), "condition", "control", **settings)
+    assert got.gene_counts == ref.gene_counts
+    np.testing.assert_allclose(got.cell_scale, ref.cell_scale, rtol=1e-6)
+    np.testing.assert_allclose(got.gene_scale, ref.gene_scale, rtol=1e-5)
+    rows = got.X.to_memory()
+    assert rows.has_canonical_format and rows.nnz == ref.X.nnz
+    np.testing.assert_allclose(rows.toarray(), ref.X.toarray(), rtol=1e-5)
+
+
 def test_dense_matrix_on_disk_is_streamed_and_csc_refused(tmp_path):
     adata = _sim(seed=2)
     ref = prepare(adata, "condition", "control", normalize="total")

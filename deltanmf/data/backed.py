@@ -121,8 +121,13 @@ class H5Matrix:
             self._node()
         data, indices = self._arrays
         a, b = self.indptr[start], self.indptr[stop]
-        return sp.csr_matrix((data[a:b], indices[a:b], self.indptr[start:stop + 1] - a),
-                             shape=(stop - start, self.shape[1]))
+        block = sp.csr_matrix((data[a:b], indices[a:b], self.indptr[start:stop + 1] - a),
+                              shape=(stop - start, self.shape[1]))
+        if not block.has_canonical_format:
+            # other writers may leave a row's genes unsorted or store a gene twice: sorted and
+            # summed, as scipy (the in-memory path) does, so both count and scale the same
+            block.sum_duplicates()
+        return block
 
     def rows(self, rows: np.ndarray) -> sp.csr_matrix:
         """The given rows (sorted, unique file positions); runs of nearby rows share one read,
