@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.image as mpimg  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 
 from deltanmf.nmf.metrics import cosine_matrix  # noqa: E402
 from deltanmf.report import plots  # noqa: E402
@@ -89,6 +90,22 @@ def test_top_genes_plot_writes_png(tmp_path, fit, capture_axes):
         widths = [bar.get_width() for bar in ax.patches]
         np.testing.assert_allclose(widths, programs[top[::-1], j])
     assert not axes.flat[-1].axison  # the unused panel is hidden
+
+
+def test_top_genes_weight_labels_do_not_run_together(tmp_path, capture_axes):
+    """Programs sum to 1 over many genes, so weights are small decimals; the weight axis
+    of each panel must still have readable, separate tick labels."""
+    programs = np.random.default_rng(0).uniform(0.0, 1.6, size=(200, 4))
+    programs[:10] = np.linspace(2.5, 3.0, 10)[:, None]  # top weights ~0.015, as a fit of 200 genes gives
+    programs /= programs.sum(axis=0)
+    plots.top_genes_plot(tmp_path / "top_genes.png", programs, NAMES[:4], [f"ENSG{i:011d}" for i in range(200)])
+    for ax in capture_axes[0].flat:
+        renderer = FigureCanvasAgg(ax.figure).get_renderer()  # the figure is closed once saved
+        lo, hi = ax.get_xlim()
+        boxes = sorted((t.get_window_extent(renderer) for t, x in zip(ax.get_xticklabels(), ax.get_xticks())
+                        if lo <= x <= hi and t.get_text()), key=lambda b: b.x0)
+        assert len(boxes) >= 2
+        assert all(a.x1 + 2 < b.x0 for a, b in zip(boxes, boxes[1:]))  # a gap of > 2 pixels
 
 
 def test_top_genes_plot_single_program(tmp_path):

@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -31,9 +32,10 @@ def top_genes_plot(path: Path, programs: np.ndarray, names: list[str], labels, n
         order = np.argsort(-programs[:, j], kind="stable")[:n_top][::-1]
         color = "tab:red" if names[j].startswith("case") else "tab:blue"
         ax.barh(range(len(order)), programs[order, j], color=color)
-        ax.set_yticks(range(len(order)), labels[order], fontsize=7)
+        ax.set_yticks(range(len(order)), labels[order], fontsize=8)
         ax.set_title(names[j], fontsize=9)
-        ax.tick_params(axis="x", labelsize=6)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=3))  # few weight ticks: long decimals otherwise run together
+        ax.tick_params(axis="x", labelsize=7)
     fig.suptitle("Top genes per program (weight in the fitted, scaled units)", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
