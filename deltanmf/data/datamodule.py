@@ -96,8 +96,8 @@ class EpochBatches(Sampler):
         :meth:`~deltanmf.data.backed.H5adRows.batch_indices`: batches of a few runs of
         consecutive cells, quick to read.)
 
-    Lightning calls :meth:`set_epoch` before each epoch. Since an epoch's order does not
-    depend on the epochs before it, an interrupted fit resumed at epoch ``e`` sees the
+    :class:`ResumableBatches` sets the epoch before each pass. Since an epoch's order does
+    not depend on the epochs before it, an interrupted fit resumed at epoch ``e`` sees the
     batches the uninterrupted fit saw.
     """
 
@@ -113,7 +113,7 @@ class EpochBatches(Sampler):
         return -(-self.n_cells // self.batch_size)
 
     def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
+        rng = np.random.default_rng([self.seed % 2**64, self.epoch])  # SeedSequence takes no negative seed
         if self.draw is not None:
             yield from self.draw(self.batch_size, rng)
             return
@@ -147,6 +147,10 @@ class ResumableBatches(Sampler):
             self._passes += 1
         else:
             epoch, done = self.position()
+            if done >= len(self.sampler):
+                # read before Lightning's loop reset (DataLoader workers draw indices as soon as
+                # the iterator exists): a checkpoint after an epoch's last batch resumes the next epoch
+                epoch, done = epoch + 1, 0
         self.sampler.set_epoch(epoch)
         yield from itertools.islice(iter(self.sampler), done, None)
 
