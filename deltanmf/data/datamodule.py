@@ -140,8 +140,8 @@ class ResumableBatches(Sampler):
         return len(self.sampler)
 
     def __iter__(self):
-        # a generator: the position is read at the first batch, after Lightning has
-        # restored the loop state and set up the epoch
+        # a generator: the position is read when the first batch is drawn, after Lightning
+        # has restored its loop state (in-process loading: also after its loop reset)
         if self.position is None:
             epoch, done = self._passes, 0
             self._passes += 1
