@@ -830,6 +830,15 @@ def _plot_files(result: ad.AnnData, tables: dict, n_base: int, symbol_key: str |
     return files
 
 
+def _what_is_kept(run_dir: Path) -> str:
+    """What an interrupted run leaves to continue from, said for the user."""
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("stage*.ckpt"))
+    if kept:
+        return (f"kept {', '.join(kept)} in {run_dir / 'checkpoints'}: continue with resume=true in the same "
+                f"run directory (hydra.run.dir={run_dir})")
+    return "no stage had started training, so nothing was saved: run the command again"
+
+
 def main(cfg: DictConfig) -> float:
     """Entry point of ``train.py``: run into Hydra's output directory; bad input exits with one message.
 
@@ -849,5 +858,10 @@ def main(cfg: DictConfig) -> float:
         log.warning("%s", err)
         print(f"deltanmf: {err}", file=sys.stderr)
         raise SystemExit(128 + err.signum) from None  # the shell's convention for death by signal
+    except KeyboardInterrupt:  # Ctrl+C outside training (reading data, initialising, writing outputs)
+        message = f"interrupted (SIGINT) outside training; {_what_is_kept(run_dir)}"
+        log.warning("%s", message)
+        print(f"deltanmf: {message}", file=sys.stderr)
+        raise SystemExit(128 + 2) from None
     last = result.metrics.get("stage2", result.metrics["stage1"])
     return float(last.get("relative_error", float("nan")))

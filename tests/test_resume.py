@@ -168,3 +168,29 @@ def test_minibatch_resume_equals_the_uninterrupted_fit(make_cfg, inject, monkeyp
     np.testing.assert_array_equal(np.asarray(resumed.results.obsm["X_deltanmf"]),
                                   np.asarray(expected.results.obsm["X_deltanmf"]))
 
+
+
+def test_ctrl_c_outside_training_says_what_is_kept(make_cfg, monkeypatch, capsys):
+    """Ctrl+C while a stage initialises: exit code 130 and one line saying which checkpoints
+    are kept and how to continue (not a traceback)."""
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    cfg, run_dir = make_cfg(*FAST, "logger=none")
+    monkeypatch.setattr(pipeline, "consensus_init", interrupt)  # stage 1's initialisation
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline.main(cfg)
+    assert exit_info.value.code == 130
+    assert "nothing was saved: run the command again" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    monkeypatch.setattr(pipeline, "fit_stage2", interrupt)  # after stage 1 finished
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline.main(cfg)
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert "kept stage1.ckpt" in err and "resume=true" in err and str(run_dir) in err
+    monkeypatch.undo()
+    cfg, _ = make_cfg(*FAST, "logger=none", "resume=true")
+    assert pipeline.main(cfg) > 0  # continues from stage 1's checkpoint to the end
+    assert (run_dir / "results.h5ad").is_file()
