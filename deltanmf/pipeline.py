@@ -274,6 +274,8 @@ def _train(module, datamodule, trainer: L.Trainer, run_dir: Path, name: str) -> 
             # Lightning warns that the loader keeps no state of its own; it needs none: every full-batch
             # step sees the same data, and minibatches resume from Lightning's restored batch count
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+            # steps are logged every log_every_n_steps across epochs, however few batches an epoch has
+            warnings.filterwarnings("ignore", message="The number of training batches .* is smaller than the logging")
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     except NonFiniteLossError as err:
         if checkpoints.last_path.is_file():
