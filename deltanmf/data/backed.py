@@ -218,16 +218,12 @@ def open_h5ad(path: str | Path) -> H5adFile:
 
 
 def _generator(rng) -> np.random.Generator:
-    """A numpy Generator from a numpy Generator, a torch Generator or a seed."""
+    """A numpy Generator from a numpy Generator or a seed."""
     if isinstance(rng, np.random.Generator):
         return rng
     if rng is None or isinstance(rng, (int, np.integer)):
         return np.random.default_rng(rng)
-    import torch
-
-    if isinstance(rng, torch.Generator):
-        return np.random.default_rng(int(torch.randint(2**62, (1,), generator=rng)))
-    raise TypeError(f"expected a numpy or torch random generator or a seed, got {type(rng).__name__}")
+    raise TypeError(f"expected a numpy random generator or a seed, got {type(rng).__name__}")
 
 
 class H5adRows:
