@@ -23,6 +23,7 @@ from deltanmf.data import (
     open_h5ad,
     prepare,
     prepare_backed,
+    read_h5ad,
     simulate_case_control,
     simulation_truth,
 )
@@ -251,12 +252,16 @@ def test_errors_are_those_of_prepare(tmp_path, bad):
         == _message(prepare, adata, **args)
 
 
-def test_backed_needs_a_batch_size_and_an_existing_file(tmp_path, sim_file):
+def test_backed_needs_a_batch_size_and_an_existing_file(tmp_path, sim_file, monkeypatch):
     _, path = sim_file
     with pytest.raises(InputError, match="data.batch_size"):
         load_data(OmegaConf.create({"source": "file", "path": str(path), "backed": True, "batch_size": None}))
     with pytest.raises(InputError, match="file not found"):
         open_h5ad(tmp_path / "missing.h5ad")
+    monkeypatch.chdir(tmp_path)  # a relative path: the message says where it was looked for
+    for reader in (open_h5ad, read_h5ad):
+        with pytest.raises(InputError, match=f"file not found: missing.h5ad \\(looked for {tmp_path}/missing.h5ad\\)"):
+            reader("missing.h5ad")
     (tmp_path / "junk.h5ad").write_text("not hdf5")
     with pytest.raises(InputError, match="cannot read"):
         open_h5ad(tmp_path / "junk.h5ad")

@@ -39,7 +39,7 @@ from anndata.io import read_elem
 from ..nmf import matrix as nmf_matrix
 from ..nmf.matrix import scan_rows
 from .errors import InputError
-from .prepare import PreparedData, _matrix, cells_in_use, check_no_empty_cells, select_genes
+from .prepare import PreparedData, _matrix, cells_in_use, check_no_empty_cells, existing_file, select_genes
 
 log = logging.getLogger(__name__)
 
@@ -206,9 +206,7 @@ class H5adFile:
 
 def open_h5ad(path: str | Path) -> H5adFile:
     """Open an ``.h5ad`` file for ``data.backed=true``, with errors that name the path."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise InputError(f"data.path: file not found: {path}. Give the path to an .h5ad file (data.path=...).")
+    path = existing_file(path)
     try:
         return H5adFile(path)
     except InputError:

@@ -98,11 +98,20 @@ class PreparedData:
         return self.X[index]
 
 
-def read_h5ad(path: str | Path) -> ad.AnnData:
-    """Read an ``.h5ad`` file into memory, with an error that names the path when it cannot be."""
+def existing_file(path: str | Path) -> Path:
+    """``data.path`` as a Path (``~`` expanded), or an error naming it and, for a relative
+    path, the directory it was looked for in."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise InputError(f"data.path: file not found: {path}. Give the path to an .h5ad file (data.path=...).")
+        where = "" if path.is_absolute() else f" (looked for {path.absolute()})"
+        raise InputError(f"data.path: file not found: {path}{where}. Give the path to an .h5ad file "
+                         "(data.path=...).")
+    return path
+
+
+def read_h5ad(path: str | Path) -> ad.AnnData:
+    """Read an ``.h5ad`` file into memory, with an error that names the path when it cannot be."""
+    path = existing_file(path)
     try:
         return ad.read_h5ad(path)
     except Exception as exc:  # h5py/anndata raise many types for a file that is not an h5ad
