@@ -262,9 +262,32 @@ def check_resumable(cfg: DictConfig, run_dir: Path) -> None:
     tmp.replace(directory / "settings.yaml")
 
 
+def _run_checkpoint(trainer: L.Trainer) -> RunCheckpoint:
+    return next(c for c in trainer.callbacks if isinstance(c, RunCheckpoint))
+
+
+def _saved_init(trainer: L.Trainer) -> dict | None:
+    """What the initialisation of the stage this trainer continues reported, from its
+    checkpoint (None: a fresh stage, or a checkpoint from before this was kept).
+
+    Such a stage need not initialise again: the checkpoint replaces every parameter. The
+    checkpoint is memory-mapped, so only this small record is read.
+    """
+    path = getattr(_run_checkpoint(trainer), "resume_from", None)
+    if path is None:
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return checkpoint.get("deltanmf", {}).get("init") or None
+
+
+def _placeholder_start(n_genes: int, n_cells: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Programs and usage of the right shapes for a module whose checkpoint will replace them."""
+    return torch.full((n_genes, k), 1.0 / n_genes), torch.ones(n_cells, k)
+
+
 def _train(module, datamodule, trainer: L.Trainer, run_dir: Path, name: str) -> float:
     """Fit (continuing from a checkpoint when resuming) and write the stage's final checkpoint."""
-    checkpoints = next(c for c in trainer.callbacks if isinstance(c, RunCheckpoint))
+    checkpoints = _run_checkpoint(trainer)
     resume_from = getattr(checkpoints, "resume_from", None)
     if resume_from is not None:
         log.info("%s: continuing from %s", name, resume_from)
@@ -339,20 +362,27 @@ def fit_stage1(x_control, cfg: DictConfig, run_dir: Path, graph: GeneGraph | Non
     device = trainer.strategy.root_device
     matrix = CellMatrix(x_control, batch_size=cfg.data.get("batch_size"), device=device)
 
-    start = time.perf_counter()
-    init = consensus_init(matrix, cfg.K, seed=cfg.seed, **cfg.model.consensus)
-    init_time = time.perf_counter() - start
-    log.info("stage 1: consensus initialisation of K=%d programs in %.1fs (stability %.3f)",
-             cfg.K, init_time, init.stability)
+    record = _saved_init(trainer)
+    if record is None:
+        start = time.perf_counter()
+        init = consensus_init(matrix, cfg.K, seed=cfg.seed, **cfg.model.consensus)
+        record = {"init_time_s": time.perf_counter() - start, "consensus_stability": init.stability}
+        log.info("stage 1: consensus initialisation of K=%d programs in %.1fs (stability %.3f)",
+                 cfg.K, record["init_time_s"], init.stability)
+        programs, usage = init.programs, init.usage
+    else:
+        log.info("stage 1: continuing from a checkpoint; its initialisation is not repeated")
+        programs, usage = _placeholder_start(matrix.n_genes, matrix.n_cells, cfg.K)
     module: Stage1Module = instantiate(cfg.model.stage1)(
-        programs=init.programs, usage=init.usage, graph=graph, minibatch=_lazy_usage(datamodule, trainer))
+        programs=programs, usage=usage, graph=graph, minibatch=_lazy_usage(datamodule, trainer))
+    module.init_record = record
     matrix.release()  # the loader puts its own copy of the cells on the device
     train_time = _train(module, datamodule, trainer, run_dir, name)
 
     programs, usage = normalize_programs(module.programs().cpu(), module.usage().cpu())
     error = fit_error(matrix, programs, usage)
     stats = _fit_stats("stage 1", module, trainer, matrix, error, _loss_summary(module, error["recon"], programs),
-                       init_time, train_time, consensus_stability=init.stability)
+                       record["init_time_s"], train_time, consensus_stability=record["consensus_stability"])
     return StageFit(programs.numpy(), usage.numpy(), [f"baseline_{i + 1}" for i in range(cfg.K)], stats)
 
 
@@ -371,13 +401,21 @@ def fit_stage2(x_case, baseline: np.ndarray, baseline_names: list[str], cfg: Dic
     k = baseline.shape[1]
     frozen = torch.from_numpy(np.ascontiguousarray(baseline, dtype=np.float32))
 
+    record, start_at = _saved_init(trainer), None
+    if record is not None:
+        log.info("stage 2: continuing from a checkpoint; its initialisation is not repeated")
+        case, usage = _placeholder_start(matrix.n_genes, matrix.n_cells, k + cfg.K_case)
+        start_at = (case[:, k:], usage)
     start = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # stage 2 alone reproduces (stage1_from)
     module: Stage2Module = instantiate(cfg.model.stage2)(
-        matrix=matrix, baseline=frozen, k_case=cfg.K_case, seed=cfg.seed,
+        matrix=matrix, baseline=frozen, k_case=cfg.K_case, seed=cfg.seed, start=start_at,
         consensus=OmegaConf.to_container(cfg.model.consensus), graph=graph, minibatch=_lazy_usage(datamodule, trainer))
-    init_time = time.perf_counter() - start
-    log.info("stage 2: initialised K_case=%d case programs in %.1fs", cfg.K_case, init_time)
+    if record is None:
+        record = {"init_time_s": time.perf_counter() - start}
+        log.info("stage 2: initialised K_case=%d case programs in %.1fs", cfg.K_case, record["init_time_s"])
+    module.init_record = record
+    init_time = record["init_time_s"]
     matrix.release()  # the loader puts its own copy of the cells on the device
     train_time = _train(module, datamodule, trainer, run_dir, name)
 

@@ -82,12 +82,36 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(make_cfg, inject, m
 
     monkeypatch.undo()
     cfg, _ = make_cfg(*FAST, "resume=true")
+    inits = _count_initialisations(monkeypatch)
     resumed = run(cfg, run_dir)
     np.testing.assert_array_equal(_programs(resumed), _programs(expected))
     for key in ("stage1", "stage2"):
         assert resumed.metrics[key]["steps"] == expected.metrics[key]["steps"]
         assert resumed.metrics[key]["converged"] == expected.metrics[key]["converged"]
+    # a stage with a checkpoint is not initialised again; its record comes from the checkpoint
+    assert inits == {"stage1": 0, "stage2": 1 if stage == "stage1" else 0}
+    assert resumed.metrics["stage1"]["consensus_stability"] == expected.metrics["stage1"]["consensus_stability"]
     assert not list((run_dir / "checkpoints").glob("*-last.ckpt"))  # superseded by the final ones
+
+
+def _count_initialisations(monkeypatch) -> dict:
+    """Count the calls of each stage's initialisation from now on."""
+    import deltanmf.stages.stage2 as stage2_module
+
+    counts = {"stage1": 0, "stage2": 0}
+
+    def counting(module, attr, key):
+        original = getattr(module, attr)
+
+        def wrapper(*args, **kwargs):
+            counts[key] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, attr, wrapper)
+
+    counting(pipeline, "consensus_init", "stage1")
+    counting(stage2_module, "stage2_init", "stage2")
+    return counts
 
 
 def test_ckpt_path_continues_into_a_new_run_directory(make_cfg, inject, monkeypatch):

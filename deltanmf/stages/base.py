@@ -48,6 +48,9 @@ class NMFStageModule(L.LightningModule):
         self.register_load_state_dict_post_hook(_forget_prior_start)
         self._switch_requested = False
         self.converged = False
+        # what the stage's initialisation reported (time, stability): kept in checkpoints, so a
+        # stage continued from one need not initialise again
+        self.init_record: dict = {}
 
     # -- the prior's phases ---------------------------------------------------------
     @property
@@ -113,10 +116,12 @@ class NMFStageModule(L.LightningModule):
             self.trainer.should_stop = True
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["deltanmf"] = {"converged": self.converged}
+        checkpoint["deltanmf"] = {"converged": self.converged, "init": dict(self.init_record)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.converged = bool(checkpoint.get("deltanmf", {}).get("converged", False))
+        saved = checkpoint.get("deltanmf", {})
+        self.converged = bool(saved.get("converged", False))
+        self.init_record = dict(saved.get("init") or self.init_record)
 
     def configure_optimizers(self):
         return LazyAdam(self.parameters(), lr=self.lr)

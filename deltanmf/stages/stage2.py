@@ -238,10 +238,16 @@ class Stage2Module(NMFStageModule):
     @classmethod
     def from_baseline(cls, matrix: CellMatrix, baseline: torch.Tensor, k_case: int, *, seed: int = 0,
                       consensus: dict | None = None, refine_rounds: int = 50, refine_tol: float = 1e-4,
-                      **kwargs) -> "Stage2Module":
-        """Initialise from a trained stage 1's programs (see :func:`stage2_init`) and build the module."""
-        case, usage = stage2_init(matrix, baseline, k_case, seed=seed, refine_rounds=refine_rounds,
-                                  refine_tol=refine_tol, **(consensus or {}))
+                      start: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs) -> "Stage2Module":
+        """Initialise from a trained stage 1's programs (see :func:`stage2_init`) and build the module.
+
+        ``start`` (case programs, usage) skips the initialisation: for a stage continued from
+        a checkpoint, which replaces them.
+        """
+        if start is None:
+            start = stage2_init(matrix, baseline, k_case, seed=seed, refine_rounds=refine_rounds,
+                                refine_tol=refine_tol, **(consensus or {}))
+        case, usage = start
         return cls(baseline, case, usage, **kwargs)
 
     @property
