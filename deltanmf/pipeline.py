@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import signal
 import sys
 import time
 import warnings
@@ -902,6 +903,6 @@ def main(cfg: DictConfig) -> float:
         message = f"interrupted (SIGINT) outside training; {_what_is_kept(run_dir)}"
         log.warning("%s", message)
         print(f"deltanmf: {message}", file=sys.stderr)
-        raise SystemExit(128 + 2) from None
+        raise SystemExit(128 + signal.SIGINT) from None
     last = result.metrics.get("stage2", result.metrics["stage1"])
     return float(last.get("relative_error", float("nan")))

@@ -4,11 +4,11 @@ Full-batch mode yields the whole matrix (cells x genes) with all cell indices; i
 moved to the device once, then reused every step. Minibatch mode yields shuffled
 batches of cells; each epoch's batches depend on the seed and the epoch alone, and a
 fit resumed in the middle of an epoch continues with that epoch's remaining batches,
-so it equals the uninterrupted fit. Dense input gives dense blocks. Sparse input stays sparse: a scipy
-sparse matrix, or a *row source* (any object with ``.shape`` (cells, genes) and
-``read_rows(index) -> scipy.sparse.csr_matrix`` for a sorted int64 index, e.g. a file
-read on demand), gives torch sparse CSR blocks, the full batch included; the loss
-works on them directly (:func:`deltanmf.nmf.losses.squared_error`).
+so it equals the uninterrupted fit. Dense input gives dense blocks. Sparse input stays
+sparse: a scipy sparse matrix, or a *row source* (any object with ``.shape`` (cells,
+genes) and ``read_rows(index) -> scipy.sparse.csr_matrix`` for a sorted int64 index,
+e.g. a file read on demand), gives torch sparse CSR blocks, the full batch included;
+the loss works on them directly (:func:`deltanmf.nmf.losses.squared_error`).
 """
 from __future__ import annotations
 
