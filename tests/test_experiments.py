@@ -52,9 +52,10 @@ def test_published_runs_exactly_max_steps_where_the_default_stops_early(make_cfg
     assert metrics["stage1"]["steps"] == 45 and metrics["stage2"]["steps"] == 45
     assert not metrics["stage1"]["converged"] and not metrics["stage2"]["converged"]
     # the extra steps continue from the same NNLS-refined start, already near the optimum: the fit is
-    # no worse than the one stopped early beyond Adam's jitter (a few 1e-6 of relative error)
+    # no worse than the one stopped early beyond Adam's jitter, within the stop's own relative
+    # tolerance (1e-4; the jitter measured 2e-5 to 4e-5 of the error)
     for stage in ("stage1", "stage2"):
-        assert metrics[stage]["relative_error"] <= stopped[stage]["relative_error"] + 1e-5
+        assert metrics[stage]["relative_error"] <= stopped[stage]["relative_error"] * (1 + 1e-4)
     assert metrics["recovery"]["baseline_min"] > 0.9
 
 

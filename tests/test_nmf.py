@@ -25,6 +25,7 @@ from deltanmf.nmf.consensus import (
     kmeans,
     multiplicative_nmf,
     multiplicative_nmf_replicates,
+    refit_usage,
     silhouette,
 )
 from deltanmf.nmf.losses import (
@@ -917,34 +918,62 @@ def test_multiplicative_nmf_columns_are_distributions(planted, batch_size):
     assert matched_cosine(w.numpy(), w_true).min() > 0.8  # already close after a short run
 
 
+@pytest.mark.parametrize("inner", [1, 4])
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("batch_size", [None, 100])
-def test_replicates_run_side_by_side_follow_their_own_updates(planted, batch_size, sparse):
+def test_replicates_run_side_by_side_follow_their_own_updates(planted, batch_size, sparse, inner):
     """R runs sharing each pass over the data give each run's own result: the joint Gram
     matrices are masked to their diagonal blocks, so no run sees another's programs."""
     counts, _, _ = planted
     data = sp.csr_matrix(counts.astype(np.float64)) if sparse else counts.astype(np.float64)
     m = CellMatrix(data, batch_size=batch_size, dtype=torch.float64)
-    together = multiplicative_nmf_replicates(m, 4, 15, [3, 8, 11])
+    together = multiplicative_nmf_replicates(m, 4, 15, [3, 8, 11], inner_updates=inner)
     assert len(together) == 3 and all(w.shape == (counts.shape[1], 4) for w in together)
     for seed, w in zip([3, 8, 11], together):  # every run equals its run alone
-        torch.testing.assert_close(w, multiplicative_nmf(m, 4, 15, seed), rtol=1e-9, atol=1e-12)
+        alone = multiplicative_nmf(m, 4, 15, seed, inner_updates=inner)
+        torch.testing.assert_close(w, alone, rtol=1e-9, atol=1e-12)
     assert not torch.allclose(together[0], together[1])
 
 
+@pytest.mark.parametrize("inner", [1, 4])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_multiplicative_updates_do_not_depend_on_the_batches(planted, sparse):
+def test_multiplicative_updates_do_not_depend_on_the_batches(planted, sparse, inner):
     """A pass updates the programs once, from statistics summed over every block: batches of
     any size, a last batch of one cell included, give the full-batch programs. (Updating them
     per batch zeroed every gene absent from a batch, and the last batch set the result.)"""
     counts, w_true, _ = planted
     data = sp.csr_matrix(counts.astype(np.float64)) if sparse else counts.astype(np.float64)
-    full = multiplicative_nmf(CellMatrix(data, dtype=torch.float64), 4, 20, seed=2)
+    full = multiplicative_nmf(CellMatrix(data, dtype=torch.float64), 4, 20, seed=2, inner_updates=inner)
     for batch_size in (133, 57):  # 400 cells: last batches of 1 and 1 cells
-        w = multiplicative_nmf(CellMatrix(data, batch_size=batch_size, dtype=torch.float64), 4, 20, seed=2)
+        m = CellMatrix(data, batch_size=batch_size, dtype=torch.float64)
+        w = multiplicative_nmf(m, 4, 20, seed=2, inner_updates=inner)
         torch.testing.assert_close(w, full, rtol=1e-9, atol=1e-12)
         assert bool((w.sum(dim=1) > 0).all())
     assert matched_cosine(full.numpy(), w_true).min() > 0.8
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_accelerated_updates_get_further_per_pass(planted, seed):
+    """Repeating each factor's update within a pass (accelerated MU) reaches, in 10 passes, a
+    lower error than 30 plain passes, and recovers the planted programs that 10 plain
+    passes do not yet."""
+    counts, w_true, _ = planted
+    m = CellMatrix(sp.csr_matrix(counts))
+
+    def result(passes: int, inner: int) -> tuple[float, float]:
+        w = multiplicative_nmf(m, 4, passes, seed, inner_updates=inner)
+        error = fit_error(m, w.numpy(), refit_usage(m, w).numpy())["relative_error"]
+        return error, matched_cosine(w.numpy(), w_true).min()
+
+    (fast, fast_cos), (slow, _), (short, short_cos) = result(10, 10), result(30, 1), result(10, 1)
+    assert fast < slow < short
+    assert fast_cos > 0.995 > short_cos  # plain 10 passes: 0.64-0.91; accelerated: 0.998-0.999
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "10"])
+def test_inner_updates_must_be_a_whole_number(planted, bad):
+    with pytest.raises(InputError, match=r"model\.consensus\.inner_updates="):
+        consensus_init(CellMatrix(planted[0]), 4, replicates=2, iterations=2, inner_updates=bad)
 
 
 def test_consensus_with_too_few_distinct_programs_is_named(planted):
