@@ -15,7 +15,8 @@ from deltanmf.data import CellDataModule, InputError, prepare, simulate_case_con
 from deltanmf.nmf import CellMatrix, GeneGraph, consensus_init, matched_cosine, refit_usage
 from deltanmf.nmf.consensus import multiplicative_nmf, sample_cells
 from deltanmf.nmf.losses import reconstruction_loss, squared_error
-from deltanmf.nmf.matrix import _t_matmul_torch, csr_tensor, reconstruction_at_nonzeros, t_matmul
+from deltanmf.nmf.matrix import (_scipy_view, _t_matmul_torch, csr_from_parts, csr_tensor, reconstruction_at_nonzeros,
+                                 t_matmul)
 from deltanmf.nmf.metrics import fit_error
 from deltanmf.nmf.nnls import nnls_usage
 from deltanmf.pipeline import fit_stage1
@@ -118,13 +119,20 @@ def test_sparse_loss_float32_stays_accurate_when_the_fit_is_good(noise, rel):
     assert got > 0 and got == pytest.approx(exact, rel=rel)
 
 
-def test_sparse_transposed_product_paths_agree():
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_sparse_transposed_product_paths_agree(index_dtype):
     x = _sparse_data(seed=4)
     g = torch.tensor(np.random.default_rng(5).random((30, 3)))
-    xt = csr_tensor(sp.csr_matrix(x), torch.float64)
+    csr = csr_tensor(sp.csr_matrix(x), torch.float64)
+    xt = csr_from_parts(csr.crow_indices().to(index_dtype), csr.col_indices().to(index_dtype), csr.values(), csr.shape)
     ref = x.T @ g.numpy()
     np.testing.assert_allclose(t_matmul(xt, g).numpy(), ref, rtol=1e-12)  # scipy kernel (CPU)
     np.testing.assert_allclose(_t_matmul_torch(xt, g).numpy(), ref, rtol=1e-12)  # torch's (other devices)
+    # scipy reads the tensor's own arrays: int64 indices are not narrowed (a copy per call)
+    view = _scipy_view(xt, transposed=True)
+    assert view.shape == (x.shape[1], x.shape[0])
+    for mine, theirs in ((view.indices, xt.col_indices()), (view.indptr, xt.crow_indices()), (view.data, xt.values())):
+        assert np.shares_memory(mine, theirs.numpy())
 
 
 def _module_pair(cls, x, index, **kwargs):

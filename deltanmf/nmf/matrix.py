@@ -99,10 +99,17 @@ def as_csr_tensor(x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"expected a sparse CSR or COO tensor, got layout {x.layout}")
 
 
-def _scipy_view(x: torch.Tensor) -> sp.csr_matrix:
-    """A scipy CSR matrix sharing the arrays of a CPU torch CSR tensor."""
-    return sp.csr_matrix((x.values().numpy(), x.col_indices().numpy(), x.crow_indices().numpy()),
-                         shape=tuple(x.shape), copy=False)
+def _scipy_view(x: torch.Tensor, transposed: bool = False) -> sp.csr_matrix | sp.csc_matrix:
+    """A scipy CSR matrix sharing the arrays of a CPU torch CSR tensor; ``transposed``:
+    its transpose, the CSC matrix of the same arrays.
+
+    The arrays are assigned, not passed to scipy's constructor (which ``.T`` calls too):
+    the constructor narrows int64 indices to int32, a copy of them on every call.
+    """
+    shape = tuple(x.shape)[::-1] if transposed else tuple(x.shape)
+    view = (sp.csc_matrix if transposed else sp.csr_matrix)(shape, dtype=_numpy_dtype(x.dtype))
+    view.data, view.indices, view.indptr = x.values().numpy(), x.col_indices().numpy(), x.crow_indices().numpy()
+    return view
 
 
 def t_matmul(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
@@ -116,7 +123,7 @@ def t_matmul(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         return x.T @ dense
     x = as_csr_tensor(x)
     if x.device.type == "cpu":
-        out = _scipy_view(x).T @ dense.detach().contiguous().numpy()
+        out = _scipy_view(x, transposed=True) @ dense.detach().contiguous().numpy()
         return torch.from_numpy(np.ascontiguousarray(out, dtype=_numpy_dtype(dense.dtype)))
     return _t_matmul_torch(x, dense)
 
