@@ -888,10 +888,16 @@ def main(cfg: DictConfig) -> float:
     """
     from hydra.core.hydra_config import HydraConfig
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    staged = hydra_cfg.output_subdir == STAGED_RECORD  # null in DDP's extra processes: nothing to settle
+    earlier_record = (run_dir / RECORD).exists()
+    keep_record = True
     try:
         result = run(cfg, run_dir)
     except (InputError, NonFiniteLossError) as err:
+        # refused input leaves an earlier run's record alone; a fresh directory keeps what was tried
+        keep_record = not (isinstance(err, InputError) and earlier_record)
         log.error("%s", err)
         print(f"deltanmf: error: {err}", file=sys.stderr)
         raise SystemExit(2 if isinstance(err, InputError) else 3) from None
@@ -904,5 +910,34 @@ def main(cfg: DictConfig) -> float:
         log.warning("%s", message)
         print(f"deltanmf: {message}", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
+    finally:
+        if staged:
+            settle_record(run_dir, keep_record)
     last = result.metrics.get("stage2", result.metrics["stage1"])
     return float(last.get("relative_error", float("nan")))
+
+
+# Hydra writes its record of a run (config.yaml, hydra.yaml, overrides.yaml) before the run can
+# check anything, so it is written to STAGED_RECORD (conf/hydra/default.yaml: hydra.output_subdir)
+# and moved to RECORD by settle_record when the command ends.
+RECORD, STAGED_RECORD = ".hydra", ".hydra.new"
+
+
+def settle_record(run_dir: Path, keep: bool) -> None:
+    """Move Hydra's staged record into place (``keep``), replacing the directory's earlier
+    one, or drop it: a command refused for bad input (a directory holding another run's
+    results, a resume with other settings) then leaves that run's record as it was."""
+    import shutil
+
+    new, old = run_dir / STAGED_RECORD, run_dir / RECORD
+    if not new.is_dir():
+        return
+    if not keep:
+        shutil.rmtree(new)
+        return
+    replaced = run_dir / (RECORD + ".old")
+    if old.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+        old.rename(replaced)
+    new.rename(old)
+    shutil.rmtree(replaced, ignore_errors=True)

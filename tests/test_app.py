@@ -158,6 +158,30 @@ def test_bad_input_exits_with_one_clear_message(tmp_path, cache_dir, args, messa
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "results.h5ad").exists()
     assert not (tmp_path / "out" / "checkpoints").exists()  # caught before any training
+    # a fresh directory keeps Hydra's record of what was tried
+    assert (tmp_path / "out" / ".hydra" / "overrides.yaml").is_file()
+    assert not (tmp_path / "out" / ".hydra.new").exists()
+
+
+def test_a_refused_command_leaves_the_runs_record_alone(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    common = ["stage=onestage", "experiment=quick", "model.consensus.replicates=2", "trainer.accelerator=cpu",
+              f"data.cache_dir={cache_dir}", f"hydra.run.dir={out}"]
+    proc = _train("K=4", *common)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = {f.name: f.read_bytes() for f in (out / ".hydra").iterdir()}
+    assert set(record) == {"config.yaml", "hydra.yaml", "overrides.yaml"} and b"K=4" in record["overrides.yaml"]
+    results = (out / "results.h5ad").read_bytes()
+    for refused in (["K=5"], ["K=5", "resume=true"]):  # the results exist; resume: the run has finished
+        proc = _train(*refused, *common)
+        assert proc.returncode == 2 and "deltanmf: error:" in proc.stderr, proc.stderr[-2000:]
+        assert {f.name: f.read_bytes() for f in (out / ".hydra").iterdir()} == record  # still says K=4
+        assert not (out / ".hydra.new").exists() and not (out / ".hydra.old").exists()
+        assert (out / "results.h5ad").read_bytes() == results
+    proc = _train("K=5", "overwrite=true", *common)  # replacing the results replaces the record
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert b"K=5" in (out / ".hydra" / "overrides.yaml").read_bytes()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".hydra")) == [".hydra"]
 
 
 def test_sweep_jobs_are_named_by_the_swept_keys(tmp_path, cache_dir):
