@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import signal
 import sys
 import time
@@ -927,8 +928,6 @@ def settle_record(run_dir: Path, keep: bool) -> None:
     """Move Hydra's staged record into place (``keep``), replacing the directory's earlier
     one, or drop it: a command refused for bad input (a directory holding another run's
     results, a resume with other settings) then leaves that run's record as it was."""
-    import shutil
-
     new, old = run_dir / STAGED_RECORD, run_dir / RECORD
     if not new.is_dir():
         return
