@@ -1,18 +1,21 @@
 """Peak memory of stage 1 on a large sparse matrix, relative to what it must hold.
 
-Each mode (full batch, minibatch) runs in a fresh process that imports everything and
+Each case (a number of cells, a mode: full batch or minibatch, and a
+``data.transposed_copy`` setting) runs in a fresh process that imports everything and
 runs stage 1 once on a tiny matrix (so lazy imports count as overhead), records its
-resident memory, builds a random sparse CSR matrix in chunks (no dense
-copy at any time), and runs stage 1 through the real code path
-(:func:`deltanmf.pipeline.fit_stage1`: consensus initialisation, training, fit error,
-checkpoint). Reported: peak RSS (``ru_maxrss``) minus the RSS before the matrix was
-built, divided by the bytes that must exist anyway: the CSR arrays, the model's
-parameters (programs and per-cell usage) and Adam's two moments of each. Usage:
+resident memory, builds a random sparse CSR matrix in chunks (no dense copy at any
+time), and runs stage 1 through the real code path (:func:`deltanmf.pipeline.fit_stage1`:
+the default consensus initialisation, training, fit error, checkpoint). Reported: peak
+RSS (``ru_maxrss``) minus the RSS before the matrix was built, divided by the bytes that
+must exist anyway: the CSR arrays, the model's parameters (programs and per-cell usage)
+and Adam's two moments of each. Usage:
 
-    python benchmarks/memory.py                       # 200k cells x 2000 genes, 5% non-zero
+    python benchmarks/memory.py                  # 40k, 100k and 200k cells x 2000 genes, 5% non-zero
     python benchmarks/memory.py --cells 20000 --steps 50   # a quick check
 
-The table is printed and written to ``benchmarks/results/memory.md``.
+The sizes straddle ``model.consensus.max_cells`` (50,000): up to it the initialisation
+fits every cell, above it a random subset of that many. The table is printed and
+written to ``benchmarks/results/memory.md``.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("full batch", "minibatch")
+# (mode, data.transposed_copy)
+CASES = (("full batch", "auto"), ("full batch", "false"), ("minibatch", "auto"))
 
 
 def _rss_mb() -> float:
@@ -89,8 +93,7 @@ def worker(args) -> dict:
     def config(batch: str):
         overrides = [f"K={args.k}", f"data.batch_size={batch}", f"trainer.max_steps={args.steps}",
                      "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "logger=none",
-                     "model.consensus.replicates=2", "model.consensus.iterations=10",
-                     f"model.consensus.max_cells={args.consensus_cells}", "model.consensus.nnls_iterations=50"]
+                     f"data.transposed_copy={args.transposed_copy}"]
         with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
             cfg = compose("config", overrides=overrides, return_hydra_config=True)
         with open_dict(cfg):
@@ -117,7 +120,8 @@ def worker(args) -> dict:
     csr_bytes = x.data.nbytes + x.indices.nbytes + x.indptr.nbytes
     params = (args.cells + args.genes) * args.k * 4  # float32 programs and usage
     required = csr_bytes + 3 * params  # parameters + Adam's exp_avg and exp_avg_sq
-    return {"mode": args.mode, "cells": args.cells, "genes": args.genes, "nnz": int(x.nnz),
+    return {"mode": args.mode, "transposed_copy": args.transposed_copy, "max_cells": cfg.model.consensus.max_cells,
+            "cells": args.cells, "genes": args.genes, "nnz": int(x.nnz),
             "csr_mb": csr_bytes / 2**20, "params_mb": params / 2**20, "required_mb": required / 2**20,
             "rss_before_mb": before, "rss_after_build_mb": after_build, "peak_rss_mb": peak,
             "ratio": (peak - before) * 2**20 / required, "steps": fit.stats["steps"],
@@ -126,61 +130,66 @@ def worker(args) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cells", type=int, default=200_000)
+    parser.add_argument("--cells", type=int, nargs="+", default=[40_000, 100_000, 200_000])
     parser.add_argument("--genes", type=int, default=2000)
     parser.add_argument("--density", type=float, default=0.05)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--steps", type=int, default=300, help="step cap of stage 1 (trainer.max_steps)")
     parser.add_argument("--batch-size", type=int, default=10_000, help="cells per minibatch")
-    parser.add_argument("--consensus-cells", type=int, default=5000, help="model.consensus.max_cells")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # set in the worker processes
+    parser.add_argument("--mode", choices=sorted({m for m, _ in CASES}), help=argparse.SUPPRESS)  # worker processes
+    parser.add_argument("--transposed-copy", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory.md"))
     args = parser.parse_args(argv)
     if args.mode:
+        args.cells = args.cells[0]
         print(json.dumps(worker(args)))
         return
 
+    given = list(sys.argv[1:] if argv is None else argv)
     rows = []
-    for mode in MODES:
-        cmd = [sys.executable, __file__, "--mode", mode, *(argv if argv is not None else sys.argv[1:])]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            sys.stderr.write(done.stderr)
-            raise SystemExit(f"{mode}: the worker failed (exit {done.returncode})")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for cells in args.cells:
+        for mode, copy in CASES:
+            cmd = [sys.executable, __file__, *given, "--cells", str(cells), "--mode", mode,
+                   "--transposed-copy", copy]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                sys.stderr.write(done.stderr)
+                raise SystemExit(f"{cells} cells, {mode}, transposed_copy={copy}: the worker failed "
+                                 f"(exit {done.returncode})")
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(rows[-1], flush=True)
 
     r0 = rows[0]
-    command = "python benchmarks/memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/memory.py " + " ".join(given)
     lines = [
         "# Peak memory of stage 1 on sparse input",
         "",
         f"`{command.strip()}` on {platform.machine()} CPU ({args.threads} threads), "
         f"{time.strftime('%Y-%m-%d')}.",
         "",
-        f"Data: {r0['cells']:,} cells x {r0['genes']:,} genes, {r0['nnz']:,} non-zeros "
-        f"({r0['nnz'] / (r0['cells'] * r0['genes']):.1%}), float32 CSR with int32 indices = {r0['csr_mb']:.0f} MiB; "
-        f"K={args.k}: parameters {r0['params_mb']:.1f} MiB, with Adam's two moments "
-        f"{3 * r0['params_mb']:.1f} MiB; required in all {r0['required_mb']:.0f} MiB.",
+        f"Data: cells x {r0['genes']:,} genes, {args.density:.0%} non-zero, float32 CSR with int32 indices "
+        f"(8 bytes per non-zero); K={args.k}. Required = the CSR arrays + the parameters (programs and usage) + "
+        "Adam's two moments of each.",
         "",
-        "Each mode runs in a fresh process: RSS is read after all imports and a warm-up fit on 1,000 cells, "
+        "Each case runs in a fresh process: RSS is read after all imports and a warm-up fit on 1,000 cells, "
         "then the matrix is built",
-        "and stage 1 runs through `deltanmf.pipeline.fit_stage1` (consensus initialisation on a "
-        f"{args.consensus_cells:,}-cell subset, training capped at {args.steps} steps, fit error over all cells, "
-        "checkpoint).",
+        "and stage 1 runs through `deltanmf.pipeline.fit_stage1` with the default settings (the 5-run consensus "
+        f"initialisation, on every cell up to `model.consensus.max_cells` = {r0['max_cells']:,} and on a random "
+        f"subset of that many above it; training capped at {args.steps} steps; fit error over all cells; "
+        "checkpoint), except `data.transposed_copy` where the table says `false`.",
         "Ratio = (peak RSS - RSS before the matrix) / required bytes; the target is < 2. Fit times are",
         "wall times on a machine possibly shared with other jobs: a memory benchmark, not a speed one.",
         "",
-        "| mode | peak RSS (MiB) | RSS before matrix (MiB) | peak - before (MiB) | required (MiB) | ratio | steps | "
+        "| cells | mode | `data.transposed_copy` | CSR (MiB) | required (MiB) | peak - before (MiB) | ratio | steps | "
         "fit time (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mode = r["mode"] + ("" if r["mode"] == "full batch" else f" ({args.batch_size:,} cells)")
-        lines.append(f"| {mode} | {r['peak_rss_mb']:.0f} | {r['rss_before_mb']:.0f} | "
-                     f"{r['peak_rss_mb'] - r['rss_before_mb']:.0f} | {r['required_mb']:.0f} | {r['ratio']:.2f} | "
-                     f"{r['steps']} | {r['fit_s']:.1f} |")
+        lines.append(f"| {r['cells']:,} | {mode} | {r['transposed_copy']} | {r['csr_mb']:.0f} | {r['required_mb']:.0f} | "
+                     f"{r['peak_rss_mb'] - r['rss_before_mb']:.0f} | {r['ratio']:.2f} | {r['steps']} | {r['fit_s']:.1f} |")
     table = "\n".join(lines) + "\n"
     print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -317,9 +317,30 @@ def _lazy_usage(datamodule: CellDataModule, trainer: L.Trainer) -> bool:
     return not datamodule.full_batch and trainer.world_size == 1
 
 
+def transposed_copies(cfg: DictConfig, n_cells: int) -> tuple[bool, bool]:
+    """Whether a stage's initialisation and its full-batch training keep a transposed copy
+    of the cells' non-zeros (sparse data on the CPU; ``data.transposed_copy``).
+
+    ``auto``: the initialisation does (it fits at most ``model.consensus.max_cells`` cells),
+    and so does training when the stage has no more cells than that, since the
+    initialisation has then already held a copy of all of them: the peak memory stays
+    what it was. ``true``: both, always. ``false``: neither.
+    """
+    value = cfg.data.get("transposed_copy", "auto")
+    if not (value == "auto" or isinstance(value, bool)):
+        raise InputError(f"data.transposed_copy={value!r} must be auto, true or false")
+    if isinstance(value, bool):
+        return value, value
+    max_cells = cfg.model.consensus.get("max_cells")
+    whole = max_cells is None or (isinstance(max_cells, int) and not isinstance(max_cells, bool)
+                                  and n_cells <= max_cells)
+    return True, whole
+
+
 def _datamodule(x, cfg: DictConfig) -> CellDataModule:
     return CellDataModule(x, batch_size=cfg.data.get("batch_size"), num_workers=cfg.data.get("num_workers", 0),
-                          seed=cfg.seed, steps_per_epoch=cfg.model.stop.check_every)
+                          seed=cfg.seed, steps_per_epoch=cfg.model.stop.check_every,
+                          transposed_copy=transposed_copies(cfg, x.shape[0])[1])
 
 
 def _loss_summary(module, recon: float, programs: torch.Tensor) -> dict:
@@ -362,7 +383,8 @@ def fit_stage1(x_control, cfg: DictConfig, run_dir: Path, graph: GeneGraph | Non
     datamodule = _datamodule(x_control, cfg)
     trainer = _trainer(cfg, run_dir, name)
     device = trainer.strategy.root_device
-    matrix = CellMatrix(x_control, batch_size=cfg.data.get("batch_size"), device=device)
+    matrix = CellMatrix(x_control, batch_size=cfg.data.get("batch_size"), device=device,
+                        transposed_copy=transposed_copies(cfg, x_control.shape[0])[0])
 
     record = _saved_init(trainer)
     if record is None:
@@ -399,7 +421,8 @@ def fit_stage2(x_case, baseline: np.ndarray, baseline_names: list[str], cfg: Dic
     datamodule = _datamodule(x_case, cfg)
     trainer = _trainer(cfg, run_dir, name)
     device = trainer.strategy.root_device
-    matrix = CellMatrix(x_case, batch_size=cfg.data.get("batch_size"), device=device)
+    matrix = CellMatrix(x_case, batch_size=cfg.data.get("batch_size"), device=device,
+                        transposed_copy=transposed_copies(cfg, x_case.shape[0])[0])
     k = baseline.shape[1]
     frozen = torch.from_numpy(np.ascontiguousarray(baseline, dtype=np.float32))
 

@@ -446,3 +446,84 @@ def test_transpose_is_a_csr_copy_whose_products_equal_t_matmul():
     torch.testing.assert_close(matmul(xt, u), t_matmul(x, u), rtol=1e-12, atol=1e-12)
     # the route taken off the CPU gives the same matrix
     torch.testing.assert_close(x.t().to_sparse_csr().to_dense(), xt.to_dense())
+
+
+# --------------------------------------------------------------------------------------
+# a full batch reused every step: its squared norm and transposed copy are kept
+# --------------------------------------------------------------------------------------
+def test_a_reused_block_keeps_its_transposed_copy_and_norm_with_the_same_results():
+    from deltanmf.nmf.matrix import holds_transposed_copy, reused
+
+    x = sp.csr_matrix(_sparse_data(n_cells=40, n_genes=25, seed=22))
+    g = torch.rand(40, 3, dtype=torch.float64)
+    plain = csr_tensor(x, torch.float64)
+    marked = reused(csr_tensor(x, torch.float64), transposed_copy=True)
+    lean = reused(csr_tensor(x, torch.float64), transposed_copy=False)
+    assert not holds_transposed_copy(marked)
+    for block in (marked, lean):
+        torch.testing.assert_close(t_matmul(block, g), t_matmul(plain, g), rtol=1e-12, atol=1e-12)
+    assert holds_transposed_copy(marked) and not holds_transposed_copy(lean) and not holds_transposed_copy(plain)
+    copy = getattr(marked, "_deltanmf_reused")["transposed"]
+    t_matmul(marked, g)
+    assert getattr(marked, "_deltanmf_reused")["transposed"] is copy  # built once
+    assert reused(marked, transposed_copy=False) is marked and holds_transposed_copy(marked)  # keeps its mark
+    # the loss and its gradients are those of the unmarked block, the norm computed once
+    w = torch.rand(25, 3, dtype=torch.float64, requires_grad=True)
+    u = torch.rand(40, 3, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for block in (plain, marked, marked):
+        w.grad = u.grad = None
+        loss = squared_error(block, w, u)
+        loss.backward()
+        grads.append((loss.detach(), w.grad.clone(), u.grad.clone()))
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert "norm" in getattr(marked, "_deltanmf_reused") and not hasattr(plain, "_deltanmf_reused")
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_transposed_copy_setting_reaches_the_consensus_and_the_training_batch(keep):
+    from deltanmf.nmf.matrix import holds_transposed_copy
+
+    x = sp.csr_matrix(_sparse_data(n_cells=60, n_genes=30, density=0.3, seed=23).astype(np.float32))
+    matrix = CellMatrix(x, batch_size=None, transposed_copy=keep)
+    programs = multiplicative_nmf(matrix, 3, 5, seed=0)
+    assert holds_transposed_copy(matrix.full()) is keep
+    lean = multiplicative_nmf(CellMatrix(x, batch_size=None, transposed_copy=not keep), 3, 5, seed=0)
+    torch.testing.assert_close(programs, lean, rtol=1e-5, atol=1e-7)  # the same updates either way
+    assert CellMatrix(x, batch_size=None, transposed_copy=keep).subset(np.arange(10)).transposed_copy is keep
+    module = CellDataModule(x, batch_size=None, transposed_copy=keep)
+    block, _ = next(iter(module.train_dataloader()))
+    t_matmul(block, torch.rand(60, 3))
+    assert holds_transposed_copy(block) is keep
+
+
+def test_transposed_copies_policy_and_its_bad_values(make_cfg):
+    from deltanmf.pipeline import transposed_copies
+
+    cfg, _ = make_cfg("model.consensus.max_cells=100")
+    assert transposed_copies(cfg, 100) == (True, True)  # the initialisation held a copy of every cell
+    assert transposed_copies(cfg, 101) == (True, False)  # it fitted a subset: training would add a copy
+    for value, expected in (("true", (True, True)), ("false", (False, False))):
+        cfg, _ = make_cfg("model.consensus.max_cells=100", f"data.transposed_copy={value}")
+        assert transposed_copies(cfg, 10**6) == expected
+    cfg, _ = make_cfg("model.consensus.max_cells=null")
+    assert transposed_copies(cfg, 10**6) == (True, True)
+    for bad in ("yes", "1", "0.5"):
+        cfg, _ = make_cfg(f"data.transposed_copy={bad}")
+        with pytest.raises(InputError, match="data.transposed_copy=.* must be auto, true or false"):
+            transposed_copies(cfg, 10)
+
+
+def test_fit_stage1_with_and_without_transposed_copies_agree(make_cfg, planted):
+    prepared, truth = planted
+    fits = {}
+    for value in ("true", "false"):
+        cfg, run_dir = make_cfg("K=4", "logger=none", f"data.transposed_copy={value}",
+                                "model.consensus.replicates=2", "model.consensus.iterations=20")
+        fits[value] = fit_stage1(prepared.control, cfg, run_dir)
+    on, off = fits["true"], fits["false"]
+    assert on.stats["steps"] == off.stats["steps"]
+    np.testing.assert_allclose(on.programs, off.programs, rtol=1e-3, atol=1e-6)
+    assert on.stats["relative_error"] == pytest.approx(off.stats["relative_error"], rel=1e-5)

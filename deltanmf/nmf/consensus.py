@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .matrix import is_row_source, is_sparse_tensor, matmul, t_matmul, transpose
+from .matrix import is_row_source, matmul, t_matmul
 from .nnls import nnls_programs, nnls_usage
 
 _EPS = 1e-10
@@ -74,10 +74,10 @@ def multiplicative_nmf_replicates(matrix, k: int, iterations: int, seeds, inner_
     summed over all blocks. (Updating the programs from each batch's statistics instead
     zeroes, for good, the loading of every gene absent from a batch, and lets the last,
     possibly tiny, batch of a pass set them.) In full-batch mode a sparse block's
-    transpose is built once and reused by every pass (an extra copy of the non-zeros
-    while the runs last; the consensus runs on at most ``max_cells`` cells); in minibatch
-    mode nothing is cached, so no more than one block of the data is held at a time.
-    Sparse blocks stay sparse.
+    transposed copy, when the matrix keeps one (``CellMatrix(transposed_copy=True)``, the
+    default; the consensus runs on at most ``max_cells`` cells), is built once and serves
+    every pass; in minibatch mode nothing is cached, so no more than one block of the
+    data is held at a time. Sparse blocks stay sparse.
 
     ``inner_updates`` > 1 makes them accelerated multiplicative updates (Gillis and
     Glineur, Neural Computation 2012): each factor's update is repeated that many times
@@ -102,25 +102,17 @@ def multiplicative_nmf_replicates(matrix, k: int, iterations: int, seeds, inner_
         usage.append(torch.rand(matrix.n_cells, k, generator=gen, dtype=dtype) * scale)
     programs, usage = torch.cat(programs, dim=1).to(device), torch.cat(usage, dim=1).to(device)
     own = torch.block_diag(*[torch.ones(k, k, dtype=dtype)] * len(seeds)).to(device)
-    transposed: dict[int, torch.Tensor] = {}
     for _ in range(iterations):
         gram_w = (programs.T @ programs) * own
         cross = torch.zeros_like(programs)
         gram_u = torch.zeros_like(gram_w)
-        for block, (index, x) in enumerate(matrix.batches()):
+        for index, x in matrix.batches():
             idx = torch.as_tensor(index, device=device)
             u, data_w = usage[idx], matmul(x, programs)
             for _ in range(inner_updates):
                 u = u * data_w / (u @ gram_w).clamp_min(_EPS)
             usage[idx] = u
-            if not is_sparse_tensor(x):
-                cross += x.T @ u
-            elif matrix.full_batch:
-                if block not in transposed:
-                    transposed[block] = transpose(x)
-                cross += matmul(transposed[block], u)
-            else:
-                cross += t_matmul(x, u).to(device)
+            cross += t_matmul(x, u).to(device)
             gram_u += (u.T @ u) * own
         for _ in range(inner_updates):
             programs = programs * cross / (programs @ gram_u).clamp_min(_EPS)

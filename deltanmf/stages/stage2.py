@@ -104,7 +104,8 @@ class ResidualMatrix:
         order = np.concatenate(order)
         if not np.array_equal(order, np.arange(len(order))):
             csr = csr[np.argsort(order)]
-        return CellMatrix(csr, batch_size=self.matrix.batch_size, device=self.device, dtype=self.dtype)
+        return CellMatrix(csr, batch_size=self.matrix.batch_size, device=self.device, dtype=self.dtype,
+                          transposed_copy=self.matrix.transposed_copy)
 
     def subset(self, index: np.ndarray) -> "ResidualMatrix":
         """The residual of the cells ``index`` only."""
@@ -144,6 +145,7 @@ def stage2_init(matrix: CellMatrix, baseline: torch.Tensor, k_case: int, seed: i
     if cells.sparse and not residual.streamed:
         residual = residual.to_cell_matrix()
     case = consensus_init(residual, k_case, seed=seed, **consensus).programs
+    del residual  # with any transposed copy of it, before the refinement may make one of the cells
     scale = torch.median(baseline.norm(dim=0)) / torch.median(case.norm(dim=0)).clamp_min(1e-12)
     case = case * scale
     case = refine_case_programs(cells, baseline, case, nnls_iter, refine_rounds, refine_tol)
