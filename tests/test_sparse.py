@@ -527,3 +527,15 @@ def test_fit_stage1_with_and_without_transposed_copies_agree(make_cfg, planted):
     assert on.stats["steps"] == off.stats["steps"]
     np.testing.assert_allclose(on.programs, off.programs, rtol=1e-3, atol=1e-6)
     assert on.stats["relative_error"] == pytest.approx(off.stats["relative_error"], rel=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [None, 25])
+def test_multiplicative_updates_by_pieces_of_cells_equal_the_whole(monkeypatch, batch_size):
+    import deltanmf.nmf.consensus as consensus
+
+    x = sp.csr_matrix(_sparse_data(n_cells=60, n_genes=30, density=0.3, seed=24).astype(np.float32))
+    whole = consensus.multiplicative_nmf_replicates(CellMatrix(x, batch_size=batch_size), 3, 8, [0, 1], 4)
+    monkeypatch.setattr(consensus, "_UPDATE_CELLS", 7)  # pieces of 7 cells, the last one shorter
+    pieces = consensus.multiplicative_nmf_replicates(CellMatrix(x, batch_size=batch_size), 3, 8, [0, 1], 4)
+    for a, b in zip(whole, pieces):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

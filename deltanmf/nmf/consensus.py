@@ -17,6 +17,7 @@ from .matrix import is_row_source, matmul, t_matmul
 from .nnls import nnls_programs, nnls_usage
 
 _EPS = 1e-10
+_UPDATE_CELLS = 4096  # cells per piece of the usage updates (bounds their temporaries)
 
 
 @dataclass
@@ -107,11 +108,19 @@ def multiplicative_nmf_replicates(matrix, k: int, iterations: int, seeds, inner_
         cross = torch.zeros_like(programs)
         gram_u = torch.zeros_like(gram_w)
         for index, x in matrix.batches():
-            idx = torch.as_tensor(index, device=device)
-            u, data_w = usage[idx], matmul(x, programs)
-            for _ in range(inner_updates):
-                u = u * data_w / (u @ gram_w).clamp_min(_EPS)
-            usage[idx] = u
+            every = len(index) == matrix.n_cells  # full batch: update the usage in place
+            idx = None if every else torch.as_tensor(index, device=device)
+            u, data_w = (usage if every else usage[idx]), matmul(x, programs)
+            # the updates are row by row: by pieces of cells, so that their temporaries stay
+            # small next to the R*K-wide usage itself (tens of MB at 50,000 cells)
+            for start in range(0, u.shape[0], _UPDATE_CELLS):
+                part, wx = u[start:start + _UPDATE_CELLS], data_w[start:start + _UPDATE_CELLS]
+                for _ in range(inner_updates):
+                    part = part * wx / (part @ gram_w).clamp_min(_EPS)
+                u[start:start + _UPDATE_CELLS] = part
+            del data_w
+            if not every:
+                usage[idx] = u
             cross += t_matmul(x, u).to(device)
             gram_u += (u.T @ u) * own
         for _ in range(inner_updates):
