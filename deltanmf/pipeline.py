@@ -321,10 +321,11 @@ def transposed_copies(cfg: DictConfig, n_cells: int) -> tuple[bool, bool]:
     """Whether a stage's initialisation and its full-batch training keep a transposed copy
     of the cells' non-zeros (sparse data on the CPU; ``data.transposed_copy``).
 
-    ``auto``: the initialisation does (it fits at most ``model.consensus.max_cells`` cells),
-    and so does training when the stage has no more cells than that, since the
-    initialisation has then already held a copy of all of them: the peak memory stays
-    what it was. ``true``: both, always. ``false``: neither.
+    ``auto``: both when the stage has at most ``model.consensus.max_cells`` cells (a small
+    matrix: the copy buys ~2x faster steps for a few tens of MB), neither above that, where
+    memory matters more (the initialisation then fits a subset of that many cells; a copy
+    of it would take the peak past twice the matrix, see README "Benchmarks").
+    ``true``: both, always. ``false``: neither.
     """
     value = cfg.data.get("transposed_copy", "auto")
     if not (value == "auto" or isinstance(value, bool)):
@@ -332,9 +333,9 @@ def transposed_copies(cfg: DictConfig, n_cells: int) -> tuple[bool, bool]:
     if isinstance(value, bool):
         return value, value
     max_cells = cfg.model.consensus.get("max_cells")
-    whole = max_cells is None or (isinstance(max_cells, int) and not isinstance(max_cells, bool)
+    small = max_cells is None or (isinstance(max_cells, int) and not isinstance(max_cells, bool)
                                   and n_cells <= max_cells)
-    return True, whole
+    return small, small
 
 
 def _datamodule(x, cfg: DictConfig) -> CellDataModule:

@@ -503,8 +503,8 @@ def test_transposed_copies_policy_and_its_bad_values(make_cfg):
     from deltanmf.pipeline import transposed_copies
 
     cfg, _ = make_cfg("model.consensus.max_cells=100")
-    assert transposed_copies(cfg, 100) == (True, True)  # the initialisation held a copy of every cell
-    assert transposed_copies(cfg, 101) == (True, False)  # it fitted a subset: training would add a copy
+    assert transposed_copies(cfg, 100) == (True, True)  # a small matrix: speed
+    assert transposed_copies(cfg, 101) == (False, False)  # a large one: memory
     for value, expected in (("true", (True, True)), ("false", (False, False))):
         cfg, _ = make_cfg("model.consensus.max_cells=100", f"data.transposed_copy={value}")
         assert transposed_copies(cfg, 10**6) == expected
