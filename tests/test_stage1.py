@@ -95,3 +95,37 @@ def test_a_non_finite_loss_stops_with_the_step_and_term():
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[ConvergenceStop()])
     with pytest.raises(NonFiniteLossError, match=r"between steps 1 and 10 \(non-finite term: loss, recon\)"):
         trainer.fit(module, CellDataModule(x, steps_per_epoch=10))
+
+
+@pytest.mark.parametrize("stop_by", ["convergence", "step cap"])
+def test_terms_are_logged_on_the_steps_lightning_writes_and_the_last(tmp_path, stop_by):
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from deltanmf.data import CellDataModule
+    from deltanmf.stages import ConvergenceStop, Stage1Module
+
+    x = np.random.default_rng(1).random((40, 30), dtype=np.float32)
+    torch.manual_seed(0)
+    module = Stage1Module(torch.rand(30, 3), torch.rand(40, 3))
+    calls, steps = [], []
+    log, step = module.log, module.training_step
+    module.training_step = lambda *a, **kw: (steps.append(1), step(*a, **kw))[1]
+    module.log = lambda name, value, **kw: (calls.append((len(steps), name)), log(name, value, **kw))[1]
+    # convergence: windows of 7 steps, any gain too small: stops after the second window, at step 14
+    stop = ConvergenceStop(tol=1e9, patience=1, check_every=7) if stop_by == "convergence" else ConvergenceStop()
+    trainer = L.Trainer(max_steps=14 if stop_by == "step cap" else 100, accelerator="cpu", log_every_n_steps=5,
+                        logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[stop])
+    trainer.fit(module, CellDataModule(x, steps_per_epoch=7))
+    assert trainer.global_step == 14
+    # Lightning writes steps 5 and 10 (log_every_n_steps) and, when a callback stops training, the last
+    # step; self.log (about 0.5 ms a call) runs on those steps only
+    logged = sorted({step for step, name in calls if name == "train/loss"})
+    assert logged == ([5, 10, 14] if stop_by == "convergence" else [5, 10])
+    rows = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().strip().splitlines()
+    header = rows[0].split(",")
+    written = [dict(zip(header, row.split(","))) for row in rows[1:]]
+    assert [int(r["step"]) + 1 for r in written] == logged
+    if stop_by == "convergence":  # the last row written holds the last step's own loss, not an earlier step's
+        assert float(written[-1]["train/loss"]) == pytest.approx(float(module.last_terms["loss"]), rel=1e-6)

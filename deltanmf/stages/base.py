@@ -47,6 +47,7 @@ class NMFStageModule(L.LightningModule):
         self._prior_start_host: int | None = -1
         self.register_load_state_dict_post_hook(_forget_prior_start)
         self._switch_requested = False
+        self._logged, self._batch_cells = True, 0  # whether this step's terms were logged (training_step)
         self.converged = False
         # what the stage's initialisation reported (time, stability): kept in checkpoints, so a
         # stage continued from one need not initialise again
@@ -104,16 +105,39 @@ class NMFStageModule(L.LightningModule):
         terms = self.loss_terms(x, index)
         # kept (detached, no sync) so a non-finite loss can be traced to its term
         self.last_terms = {name: value.detach() for name, value in terms.items()}
-        for name, value in terms.items():
-            self.log(f"train/{name}", value, prog_bar=(name == "loss"), on_step=True, on_epoch=False,
-                     batch_size=x.shape[0])
-        if self.graph is not None:
-            self.log("train/alpha", self.alpha, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        self._batch_cells = x.shape[0]
+        self._logged = self._loggers_write()
+        if self._logged:
+            self._log_terms()
         return terms.total
+
+    def _loggers_write(self) -> bool:
+        """Whether Lightning writes this step's metrics: every ``trainer.log_every_n_steps``
+        steps (its own rule, which its monitoring callbacks consult too), every step of a
+        fast dev run, and when training stops (see :meth:`on_train_batch_end`).
+
+        ``self.log`` costs about half a millisecond per call in Lightning (it moves its
+        stored metric to the value's device every time), a tenth of a full-batch step on
+        the CPU here, so the terms are logged on the steps that are written only.
+        """
+        trainer = self._trainer
+        connector = getattr(trainer, "_logger_connector", None)
+        return connector is None or bool(trainer.fast_dev_run) or connector.should_update_logs
+
+    def _log_terms(self) -> None:
+        for name, value in self.last_terms.items():
+            self.log(f"train/{name}", value, prog_bar=(name == "loss"), on_step=True, on_epoch=False,
+                     batch_size=self._batch_cells)
+        if self.graph is not None:
+            self.log("train/alpha", self.alpha, on_step=True, on_epoch=False, batch_size=self._batch_cells)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.prior_on and self.global_step - self._prior_start() >= self.laplacian_steps:
             self.trainer.should_stop = True
+        if not self._logged and self._trainer is not None and self._trainer.should_stop:
+            # the last step (the convergence stop decided in its callback, which Lightning calls
+            # before this hook): Lightning writes it whatever the step, so it gets its own values
+            self._log_terms()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["deltanmf"] = {"converged": self.converged, "init": dict(self.init_record)}
