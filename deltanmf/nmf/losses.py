@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .matrix import as_csr_tensor, is_sparse_tensor, matmul, squared_norm
+from .matrix import as_csr_tensor, derived, is_sparse_tensor, matmul
 
 
 def squared_error(x: torch.Tensor, programs: torch.Tensor, usage: torch.Tensor) -> torch.Tensor:
@@ -33,8 +33,9 @@ def squared_error(x: torch.Tensor, programs: torch.Tensor, usage: torch.Tensor) 
     x = as_csr_tensor(x)
     if tuple(x.shape) != (usage.shape[0], programs.shape[0]):
         raise ValueError(f"x is {tuple(x.shape)} but usage @ programs.T is {(usage.shape[0], programs.shape[0])}")
+    values = x.values()
     # constant in the parameters (computed once for a reused full batch); cascaded sums of long pieces
-    norm = squared_norm(x, _piece(x.values().numel(), 1 << 20))
+    norm = derived(x, "norm", lambda: _sum_of_products(values, values, 1 << 20))
     cross = _sum_of_products(matmul(x, programs), usage)
     rows = max(1, _piece(usage.numel()) // max(1, usage.shape[1]))
     gram_u = sum(part.T @ part for part in (piece.double() for piece in usage.split(rows)))

@@ -119,8 +119,8 @@ _REUSED = "_deltanmf_reused"
 def reused(x: torch.Tensor, transposed_copy: bool = False) -> torch.Tensor:
     """Mark a sparse block that is used many times unchanged (a full batch), and return it.
 
-    The products then keep what they derive from it on the tensor itself: its squared
-    norm (:func:`squared_norm`), and with ``transposed_copy`` on the CPU a transposed copy
+    The products then keep what they derive from it on the tensor itself (:func:`derived`):
+    its squared norm, and with ``transposed_copy`` on the CPU a transposed copy
     of its non-zeros, built by the first :func:`t_matmul` and used by every later one
     (torch's multithreaded CSR product on the copy is about 3x faster than scipy's
     single-threaded one on the CSR arrays, for one more copy of the non-zeros). What is
@@ -142,20 +142,15 @@ def holds_transposed_copy(x: torch.Tensor) -> bool:
     return kept is not None and "transposed" in kept
 
 
-def squared_norm(x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``||x||^2`` of a sparse CSR block's values as a float64 scalar, summed by pieces of
-    ``chunk`` values (see :func:`deltanmf.nmf.losses.squared_error`); computed once for a
-    block marked by :func:`reused`."""
+def derived(x: torch.Tensor, key: str, compute):
+    """``compute()``, a value derived from the block ``x`` alone: computed once and kept on a
+    block marked by :func:`reused` (under ``key``), computed on every call otherwise."""
     kept = _kept(x)
-    if kept is not None and "norm" in kept:
-        return kept["norm"]
-    values = x.values()
-    total = torch.zeros((), dtype=torch.float64, device=values.device)
-    for part in values.split(chunk):
-        total = total + torch.sum(part * part).double()
-    if kept is not None:
-        kept["norm"] = total
-    return total
+    if kept is None:
+        return compute()
+    if key not in kept:
+        kept[key] = compute()
+    return kept[key]
 
 
 def t_matmul(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
@@ -172,9 +167,7 @@ def t_matmul(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     x = as_csr_tensor(x)
     kept = _kept(x)
     if kept is not None and kept["transposed_copy"]:
-        if "transposed" not in kept:
-            kept["transposed"] = transpose(x)
-        return kept["transposed"] @ dense.detach()
+        return derived(x, "transposed", lambda: transpose(x)) @ dense.detach()
     if x.device.type == "cpu":
         out = _scipy_view(x, transposed=True) @ dense.detach().contiguous().numpy()
         return torch.from_numpy(np.ascontiguousarray(out, dtype=_numpy_dtype(dense.dtype)))
