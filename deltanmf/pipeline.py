@@ -317,6 +317,15 @@ def _lazy_usage(datamodule: CellDataModule, trainer: L.Trainer) -> bool:
     return not datamodule.full_batch and trainer.world_size == 1
 
 
+def transposed_copy_setting(cfg: DictConfig) -> str | bool:
+    """``data.transposed_copy``, checked: ``"auto"``, True or False."""
+    value = cfg.data.get("transposed_copy", "auto")
+    if not (value == "auto" or isinstance(value, bool)):
+        raise InputError(f"data.transposed_copy={value!r} must be auto, true or false: give data.transposed_copy=auto "
+                         "(the default), true (fastest full-batch steps) or false (least memory)")
+    return value
+
+
 def transposed_copies(cfg: DictConfig, n_cells: int) -> tuple[bool, bool]:
     """Whether a stage's initialisation and its full-batch training keep a transposed copy
     of the cells' non-zeros (sparse data on the CPU; ``data.transposed_copy``).
@@ -327,9 +336,7 @@ def transposed_copies(cfg: DictConfig, n_cells: int) -> tuple[bool, bool]:
     of it would take the peak past twice the matrix, see README "Benchmarks").
     ``true``: both, always. ``false``: neither.
     """
-    value = cfg.data.get("transposed_copy", "auto")
-    if not (value == "auto" or isinstance(value, bool)):
-        raise InputError(f"data.transposed_copy={value!r} must be auto, true or false")
+    value = transposed_copy_setting(cfg)
     if isinstance(value, bool):
         return value, value
     max_cells = cfg.model.consensus.get("max_cells")
@@ -745,6 +752,7 @@ def run(cfg: DictConfig, run_dir: str | Path, adata: ad.AnnData | None = None) -
         raise InputError(f"{run_dir} already holds the results of a run; choose another directory "
                          "(hydra.run.dir=...) or replace them with overwrite=true")
     resume_source(cfg, run_dir)  # a bad resume=/ckpt_path= fails here, before any work
+    transposed_copy_setting(cfg)  # and so does a bad data.transposed_copy
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     baseline = _baseline_from(cfg)
     resource = instantiate_input(cfg.resource) if cfg.get("resource") else None

@@ -148,6 +148,7 @@ def test_train_py_on_a_user_h5ad(tmp_path):
         (["data.symbol_key=symbol"], "data.symbol_key='symbol' is not a column of .var"),
         (["data.path=/no/such/file.h5ad"], "was given with the demo's data settings; add data=h5ad"),
         (["data.simulation.n_genes=50"], "data.simulation: n_genes"),
+        (["data.transposed_copy=maybe"], "data.transposed_copy='maybe' must be auto, true or false: give"),
     ],
 )
 def test_bad_input_exits_with_one_clear_message(tmp_path, cache_dir, args, message):
