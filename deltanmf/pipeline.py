@@ -326,29 +326,28 @@ def transposed_copy_setting(cfg: DictConfig) -> str | bool:
     return value
 
 
-def transposed_copies(cfg: DictConfig, n_cells: int) -> tuple[bool, bool]:
+def keeps_transposed_copy(cfg: DictConfig, n_cells: int) -> bool:
     """Whether a stage's initialisation and its full-batch training keep a transposed copy
     of the cells' non-zeros (sparse data on the CPU; ``data.transposed_copy``).
 
-    ``auto``: both when the stage has at most ``model.consensus.max_cells`` cells (a small
-    matrix: the copy buys ~2x faster steps for a few tens of MB), neither above that, where
+    ``auto``: when the stage has at most ``model.consensus.max_cells`` cells (a small
+    matrix: the copy buys ~2x faster steps for a few tens of MB), not above that, where
     memory matters more (the initialisation then fits a subset of that many cells; a copy
     of it would take the peak past twice the matrix, see README "Benchmarks").
-    ``true``: both, always. ``false``: neither.
+    ``true``: always. ``false``: never.
     """
     value = transposed_copy_setting(cfg)
     if isinstance(value, bool):
-        return value, value
+        return value
     max_cells = cfg.model.consensus.get("max_cells")
-    small = max_cells is None or (isinstance(max_cells, int) and not isinstance(max_cells, bool)
-                                  and n_cells <= max_cells)
-    return small, small
+    return max_cells is None or (isinstance(max_cells, int) and not isinstance(max_cells, bool)
+                                 and n_cells <= max_cells)
 
 
-def _datamodule(x, cfg: DictConfig) -> CellDataModule:
+def _datamodule(x, cfg: DictConfig, transposed_copy: bool) -> CellDataModule:
     return CellDataModule(x, batch_size=cfg.data.get("batch_size"), num_workers=cfg.data.get("num_workers", 0),
                           seed=cfg.seed, steps_per_epoch=cfg.model.stop.check_every,
-                          transposed_copy=transposed_copies(cfg, x.shape[0])[1])
+                          transposed_copy=transposed_copy)
 
 
 def _loss_summary(module, recon: float, programs: torch.Tensor) -> dict:
@@ -388,11 +387,12 @@ def fit_stage1(x_control, cfg: DictConfig, run_dir: Path, graph: GeneGraph | Non
 
     ``name`` names the fit's checkpoint and TensorBoard folder (``stage1_rep2`` for a replicate).
     """
-    datamodule = _datamodule(x_control, cfg)
+    transposed_copy = keeps_transposed_copy(cfg, x_control.shape[0])
+    datamodule = _datamodule(x_control, cfg, transposed_copy)
     trainer = _trainer(cfg, run_dir, name)
     device = trainer.strategy.root_device
     matrix = CellMatrix(x_control, batch_size=cfg.data.get("batch_size"), device=device,
-                        transposed_copy=transposed_copies(cfg, x_control.shape[0])[0])
+                        transposed_copy=transposed_copy)
 
     record = _saved_init(trainer)
     if record is None:
@@ -426,11 +426,12 @@ def fit_stage2(x_case, baseline: np.ndarray, baseline_names: list[str], cfg: Dic
     given array, and only the case columns are rescaled to sum to 1. ``name`` names the fit's
     checkpoint and TensorBoard folder (``stage2_rep2``, ``stage2_null``).
     """
-    datamodule = _datamodule(x_case, cfg)
+    transposed_copy = keeps_transposed_copy(cfg, x_case.shape[0])
+    datamodule = _datamodule(x_case, cfg, transposed_copy)
     trainer = _trainer(cfg, run_dir, name)
     device = trainer.strategy.root_device
     matrix = CellMatrix(x_case, batch_size=cfg.data.get("batch_size"), device=device,
-                        transposed_copy=transposed_copies(cfg, x_case.shape[0])[0])
+                        transposed_copy=transposed_copy)
     k = baseline.shape[1]
     frozen = torch.from_numpy(np.ascontiguousarray(baseline, dtype=np.float32))
 

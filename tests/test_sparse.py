@@ -500,20 +500,20 @@ def test_transposed_copy_setting_reaches_the_consensus_and_the_training_batch(ke
 
 
 def test_transposed_copies_policy_and_its_bad_values(make_cfg):
-    from deltanmf.pipeline import transposed_copies
+    from deltanmf.pipeline import keeps_transposed_copy
 
     cfg, _ = make_cfg("model.consensus.max_cells=100")
-    assert transposed_copies(cfg, 100) == (True, True)  # a small matrix: speed
-    assert transposed_copies(cfg, 101) == (False, False)  # a large one: memory
-    for value, expected in (("true", (True, True)), ("false", (False, False))):
+    assert keeps_transposed_copy(cfg, 100) is True  # a small matrix: speed
+    assert keeps_transposed_copy(cfg, 101) is False  # a large one: memory
+    for value, expected in (("true", True), ("false", False)):
         cfg, _ = make_cfg("model.consensus.max_cells=100", f"data.transposed_copy={value}")
-        assert transposed_copies(cfg, 10**6) == expected
+        assert keeps_transposed_copy(cfg, 10**6) is expected
     cfg, _ = make_cfg("model.consensus.max_cells=null")
-    assert transposed_copies(cfg, 10**6) == (True, True)
+    assert keeps_transposed_copy(cfg, 10**6) is True
     for bad in ("yes", "1", "0.5"):
         cfg, _ = make_cfg(f"data.transposed_copy={bad}")
         with pytest.raises(InputError, match="data.transposed_copy=.* must be auto, true or false"):
-            transposed_copies(cfg, 10)
+            keeps_transposed_copy(cfg, 10)
 
 
 def test_fit_stage1_with_and_without_transposed_copies_agree(make_cfg, planted):
