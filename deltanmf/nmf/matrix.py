@@ -215,17 +215,22 @@ def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruction_at_nonzeros(x: torch.Tensor, programs: torch.Tensor, usage: torch.Tensor,
-                               chunk_nnz: int = 1 << 16) -> Iterator[tuple[slice, torch.Tensor]]:
+                               chunk_nnz: int = 1 << 20) -> Iterator[tuple[slice, torch.Tensor]]:
     """``(U W^T)`` at the non-zeros of a sparse block ``x``, by chunks of at most ``chunk_nnz``.
 
     Yields ``(part, values)``: ``values`` are the reconstruction at ``x``'s non-zeros
-    ``part`` (a slice of its CSR values). Chunking bounds the ``nnz x K`` temporaries;
-    the reconstruction is never formed for all cells x genes.
+    ``part`` (a slice of its CSR values). Each chunk is a run of whole rows, computed by
+    torch's sampled product (SDDMM, ``torch.sparse.sampled_addmm``) on the chunk's
+    pattern: only one value per non-zero is formed, never ``nnz x K`` gathers, and the
+    reconstruction is never formed for all cells x genes. A row with more than
+    ``chunk_nnz`` non-zeros is a chunk of its own.
     """
     x = as_csr_tensor(x)
-    crow, col = x.crow_indices(), x.col_indices()
+    crow, col, values = x.crow_indices(), x.col_indices(), x.values()
     bounds = crow.cpu().numpy()
-    n_rows, device = x.shape[0], crow.device
+    n_rows = x.shape[0]
+    programs_t = programs.T.to(values.dtype)
+    usage = usage.to(values.dtype)
     start = 0
     while start < n_rows:
         # rows [start, stop) hold at most chunk_nnz non-zeros (always at least one row)
@@ -233,9 +238,10 @@ def reconstruction_at_nonzeros(x: torch.Tensor, programs: torch.Tensor, usage: t
         stop = min(max(stop, start + 1), n_rows)
         lo, hi = int(bounds[start]), int(bounds[stop])
         if hi > lo:
-            counts = (crow[start + 1:stop + 1] - crow[start:stop]).long()
-            rows = torch.repeat_interleave(torch.arange(start, stop, device=device), counts)
-            yield slice(lo, hi), torch.sum(usage[rows] * programs[col[lo:hi].long()], dim=1)
+            pattern = csr_from_parts(crow[start:stop + 1] - crow[start], col[lo:hi], values[lo:hi],
+                                     (stop - start, x.shape[1]))
+            sampled = torch.sparse.sampled_addmm(pattern, usage[start:stop], programs_t, beta=0.0)
+            yield slice(lo, hi), sampled.values()
         start = stop
 
 
