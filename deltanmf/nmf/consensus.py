@@ -147,27 +147,29 @@ def kmeans(points: torch.Tensor, k: int, seed: int, restarts: int = 10, iteratio
         raise ValueError(f"cannot form {k} clusters from {n} spectra")
     gen = _generator(seed)
     best_labels, best_inertia = None, float("inf")
+    square = torch.cdist(points, points) ** 2  # k-means++ picks among the points themselves
     for _ in range(restarts):
-        first = int(torch.randint(n, (1,), generator=gen))
-        centers = points[first:first + 1].clone()  # a view would let the updates write into points
+        chosen = [int(torch.randint(n, (1,), generator=gen))]
+        d2 = square[:, chosen[0]].clone()  # squared distance of each point to its nearest pick
         for _ in range(1, k):
-            d2 = torch.cdist(points, centers).min(dim=1).values ** 2
             probs = (d2 / d2.sum()) if d2.sum() > 0 else torch.full_like(d2, 1.0 / n)
-            pick = int(torch.multinomial(probs.cpu(), 1, generator=gen))
-            centers = torch.cat([centers, points[pick:pick + 1]])
+            chosen.append(int(torch.multinomial(probs.cpu(), 1, generator=gen)))
+            d2 = torch.minimum(d2, square[:, chosen[-1]])
+        centers = points[chosen]  # indexing copies: the updates never write into points
         labels = torch.full((n,), -1, dtype=torch.long, device=points.device)
         for _ in range(iterations):
             new_labels = torch.cdist(points, centers).argmin(dim=1)
             if torch.equal(new_labels, labels):
                 break
             labels = new_labels
-            for j in range(k):
-                members = points[labels == j]
-                if len(members):
-                    centers[j] = members.mean(dim=0)
-                else:  # re-seed an empty cluster at the point worst served by its centre
-                    far = int(torch.cdist(points, centers).min(dim=1).values.argmax())
-                    centers[j] = points[far]
+            sizes = torch.bincount(labels, minlength=k)
+            sums = torch.zeros_like(centers).index_add_(0, labels, points)
+            filled = sizes > 0
+            centers[filled] = sums[filled] / sizes[filled, None].to(points.dtype)
+            for j in torch.nonzero(~filled).flatten().tolist():
+                # re-seed an empty cluster at the point worst served by its centre
+                far = int(torch.cdist(points, centers).min(dim=1).values.argmax())
+                centers[j] = points[far]
         inertia = float(((points - centers[labels]) ** 2).sum())
         if inertia < best_inertia:
             best_labels, best_inertia = labels, inertia
