@@ -970,6 +970,75 @@ def test_accelerated_updates_get_further_per_pass(planted, seed):
     assert fast_cos > 0.995 > short_cos  # plain 10 passes: 0.64-0.91; accelerated: 0.998-0.999
 
 
+def _reference_passes(x: np.ndarray, k: int, seeds, inner: int, tol: float, cap: int) -> int:
+    """Passes the replicate runs take under ``tol``, recomputed in plain float64 numpy: each
+    run's squared error at its new usage and the pass's programs, ``||X - U W^T||^2``."""
+    from deltanmf.nmf.consensus import _generator
+
+    scale = math.sqrt(max(math.sqrt((x**2).sum() / x.size), 1e-10) / k)
+    runs = []
+    for seed in seeds:  # the same seeded starts as the function
+        gen = _generator(seed)
+        w = (torch.rand(x.shape[1], k, generator=gen, dtype=torch.float64) * scale).numpy()
+        u = (torch.rand(x.shape[0], k, generator=gen, dtype=torch.float64) * scale).numpy()
+        runs.append([w, u])
+    previous = None
+    for passes in range(1, cap + 1):
+        errors = []
+        for run in runs:
+            w, u = run
+            for _ in range(inner):
+                u = u * (x @ w) / np.maximum(u @ (w.T @ w), 1e-10)
+            errors.append(((x - u @ w.T) ** 2).sum())
+            run[1] = u
+        errors = np.array(errors)
+        if previous is not None and np.all(previous - errors <= tol * np.abs(previous)):
+            return passes
+        previous = errors
+        for run in runs:
+            w, u = run
+            for _ in range(inner):
+                w = w * (x.T @ u) / np.maximum(w @ (u.T @ u), 1e-10)
+            run[0] = w
+    return cap
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("batch_size", [None, 57])
+def test_replicates_stop_once_no_run_improves_by_tol(planted, sparse, batch_size, monkeypatch):
+    """With ``tol`` the runs stop at the first pass that lowers no run's squared error by more
+    than tol (relative), as recomputed independently; the programs are then those of the
+    passes before, exactly as a run capped there gives. ``tol=0`` runs every pass."""
+    import deltanmf.nmf.consensus as consensus
+
+    counts, _, _ = planted
+    x = counts.astype(np.float64)
+    m = CellMatrix(sp.csr_matrix(x) if sparse else x, batch_size=batch_size, dtype=torch.float64)
+    products = []
+    real = consensus.matmul
+    monkeypatch.setattr(consensus, "matmul", lambda *a: products.append(1) or real(*a))
+    seeds, cap, tol = [3, 8], 40, 1e-3
+    expected = _reference_passes(x, 4, seeds, inner=4, tol=tol, cap=cap)
+    assert 2 < expected < cap  # the rule, not the cap, ends these runs
+
+    blocks = 1 if batch_size is None else -(-x.shape[0] // batch_size)
+    stopped = multiplicative_nmf_replicates(m, 4, cap, seeds, inner_updates=4, tol=tol)
+    assert len(products) == expected * blocks  # one X W product per block per pass
+    capped = multiplicative_nmf_replicates(m, 4, expected - 1, seeds, inner_updates=4)
+    for a, b in zip(stopped, capped):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+    products.clear()
+    multiplicative_nmf_replicates(m, 4, 12, seeds, inner_updates=4, tol=0)
+    assert len(products) == 12 * blocks
+
+
+@pytest.mark.parametrize("bad", [-1e-4, 1, 2.0, True, "1e-4", None])
+def test_consensus_tol_must_be_a_number_in_0_1(planted, bad):
+    with pytest.raises(InputError, match=r"model\.consensus\.tol=.*must be a number in \[0, 1\)"):
+        consensus_init(CellMatrix(planted[0]), 4, replicates=2, iterations=2, tol=bad)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True, "10"])
 def test_inner_updates_must_be_a_whole_number(planted, bad):
     with pytest.raises(InputError, match=r"model\.consensus\.inner_updates="):

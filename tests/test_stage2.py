@@ -297,7 +297,7 @@ def test_streamed_stage2_init_without_max_cells_keeps_streaming(monkeypatch):
     prepared = prepare(_simulate(n_control=100, n_case=300), "condition", "control", use_case=True)
     truth = simulation_truth(prepared.source)
     baseline = torch.tensor(truth.programs / prepared.gene_scale[:, None], dtype=torch.float32)
-    settings = dict(seed=0, replicates=2, iterations=20, refine_rounds=3, max_cells=None)
+    settings = dict(seed=0, replicates=2, iterations=20, tol=0, refine_rounds=3, max_cells=None)
     batch = 64
     in_memory = stage2.stage2_init(CellMatrix(prepared.case, batch_size=batch), baseline, 2, **settings)
 

@@ -60,8 +60,8 @@ def multiplicative_nmf(matrix, k: int, iterations: int, seed: int, inner_updates
     return multiplicative_nmf_replicates(matrix, k, iterations, [seed], inner_updates)[0]
 
 
-def multiplicative_nmf_replicates(matrix, k: int, iterations: int, seeds, inner_updates: int = 1
-                                  ) -> list[torch.Tensor]:
+def multiplicative_nmf_replicates(matrix, k: int, iterations: int, seeds, inner_updates: int = 1,
+                                  tol: float = 0.0) -> list[torch.Tensor]:
     """Short Frobenius NMFs by multiplicative updates, one per seed, run side by side.
 
     Returns one W (genes x K, L1-normalised columns) per seed. The R runs share every
@@ -86,15 +86,27 @@ def multiplicative_nmf_replicates(matrix, k: int, iterations: int, seeds, inner_
     for the programs), which are most of a pass's cost; a repeat costs only a product with
     a K x K Gram matrix. Every repeat is an ordinary multiplicative update, so the loss
     still never rises; a pass simply gets much further. 1 is the plain algorithm.
+
+    ``tol`` > 0 stops the runs before ``iterations`` passes once every run has converged:
+    when no run's squared error fell by more than ``tol`` (relative) in the last pass. The
+    error comes from the pass's own products (``||X||^2 - 2<X W, U> + <W^T W, U^T U>``
+    at the new usage and the pass's programs, the terms in float64), so checking costs
+    no extra pass over the data. 0 runs every pass.
     """
     if isinstance(inner_updates, bool) or not isinstance(inner_updates, (int, np.integer)) or inner_updates < 1:
         from ..data.errors import InputError  # here: deltanmf.data imports this package
 
         raise InputError(f"model.consensus.inner_updates={inner_updates!r} must be a whole number >= 1 "
                          "(1: plain multiplicative updates)")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) or not 0 <= tol < 1:
+        from ..data.errors import InputError  # here: deltanmf.data imports this package
+
+        raise InputError(f"model.consensus.tol={tol!r} must be a number in [0, 1): the relative fall of the "
+                         "runs' error per pass below which they stop (0: always run every pass)")
     seeds = [int(s) for s in seeds]
     device, dtype = matrix.device, matrix.dtype
-    mean = max(math.sqrt(matrix.squared_norm() / (matrix.n_cells * matrix.n_genes)), _EPS)
+    squared_norm = matrix.squared_norm()
+    mean = max(math.sqrt(squared_norm / (matrix.n_cells * matrix.n_genes)), _EPS)
     scale = math.sqrt(mean / k)
     programs, usage = [], []
     for seed in seeds:  # each run's start is the one it would have on its own
@@ -103,10 +115,13 @@ def multiplicative_nmf_replicates(matrix, k: int, iterations: int, seeds, inner_
         usage.append(torch.rand(matrix.n_cells, k, generator=gen, dtype=dtype) * scale)
     programs, usage = torch.cat(programs, dim=1).to(device), torch.cat(usage, dim=1).to(device)
     own = torch.block_diag(*[torch.ones(k, k, dtype=dtype)] * len(seeds)).to(device)
+    previous = None
     for _ in range(iterations):
         gram_w = (programs.T @ programs) * own
         cross = torch.zeros_like(programs)
         gram_u = torch.zeros_like(gram_w)
+        fit = torch.zeros(programs.shape[1], dtype=torch.float64, device=device)  # <X W, U> per column
+        gram_u64 = torch.zeros(gram_w.shape, dtype=torch.float64, device=device) if tol else None
         for index, x in matrix.batches():
             every = len(index) == matrix.n_cells  # full batch: update the usage in place
             idx = None if every else torch.as_tensor(index, device=device)
@@ -118,11 +133,22 @@ def multiplicative_nmf_replicates(matrix, k: int, iterations: int, seeds, inner_
                 for _ in range(inner_updates):
                     part = part * wx / (part @ gram_w).clamp_min(_EPS)
                 u[start:start + _UPDATE_CELLS] = part
+                if tol:
+                    part64 = part.double()
+                    fit += (part64 * wx.double()).sum(dim=0)
+                    gram_u64 += part64.T @ part64
             del data_w
             if not every:
                 usage[idx] = u
             cross += t_matmul(x, u).to(device)
             gram_u += (u.T @ u) * own
+        if tol:  # each run's squared error at the new usage (and this pass's programs)
+            w64 = programs.double()
+            gram = ((w64.T @ w64) * gram_u64 * own).sum(dim=0)
+            error = squared_norm + (gram - 2 * fit).reshape(len(seeds), k).sum(dim=1)
+            if previous is not None and bool(((previous - error) <= tol * previous.abs()).all()):
+                break  # the pass changed no run by more than tol: its programs stand as they are
+            previous = error
         for _ in range(inner_updates):
             programs = programs * cross / (programs @ gram_u).clamp_min(_EPS)
     programs = programs / programs.sum(dim=0, keepdim=True).clamp_min(_EPS)
@@ -267,6 +293,7 @@ def consensus_init(
     nnls_iterations: int = 200,
     max_cells: int | None = None,
     seed: int = 0,
+    tol: float = 1e-4,
 ) -> ConsensusResult:
     """Consensus programs and usage for a K-program NMF of ``matrix``.
 
@@ -287,7 +314,7 @@ def consensus_init(
     replicates
         R, number of seeded multiplicative-update runs pooled.
     iterations
-        Passes over the cells in each run.
+        Passes over the cells in each run, at most (see ``tol``).
     inner_updates
         Updates of each factor per pass (accelerated multiplicative updates; 1 = plain).
     neighbor_fraction
@@ -303,12 +330,15 @@ def consensus_init(
         ``seed``); None uses every cell.
     seed
         Replicate r uses ``seed + r``.
+    tol
+        The runs stop before ``iterations`` passes once a pass lowers no run's squared
+        error by more than this (relative); 0 runs every pass.
     """
     if replicates < 1:
         raise ValueError(f"consensus replicates must be >= 1, got {replicates}")
     fit_on = init_cells(matrix, max_cells, seed)
     runs = multiplicative_nmf_replicates(fit_on, k, iterations, [seed + r for r in range(replicates)],
-                                        inner_updates)
+                                        inner_updates, tol)
     spectra = torch.cat([w.T for w in runs])
     spectra = spectra / spectra.norm(dim=1, keepdim=True).clamp_min(_EPS)
     if replicates > 1:
