@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from .data import CellDataModule, InputError, PreparedData, demo_path, prepare, read_h5ad, simulation_truth
 from .data.backed import H5adFile, open_h5ad, prepare_backed
 from .nmf import CellMatrix, GeneGraph, consensus_init, matched_cosine, orthogonality_penalty, refit_usage
+from .nmf.consensus import check_settings as check_consensus_settings
 from .nmf.metrics import cosine_matrix, fit_error, matching, normalize_programs
 from .nmf.replicates import replicate_consensus
 from .report import casecontrol, plots
@@ -754,6 +755,7 @@ def run(cfg: DictConfig, run_dir: str | Path, adata: ad.AnnData | None = None) -
                          "(hydra.run.dir=...) or replace them with overwrite=true")
     resume_source(cfg, run_dir)  # a bad resume=/ckpt_path= fails here, before any work
     transposed_copy_setting(cfg)  # and so does a bad data.transposed_copy
+    check_consensus_settings(**cfg.model.consensus)  # or model.consensus setting
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     baseline = _baseline_from(cfg)
     resource = instantiate_input(cfg.resource) if cfg.get("resource") else None

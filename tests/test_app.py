@@ -149,6 +149,7 @@ def test_train_py_on_a_user_h5ad(tmp_path):
         (["data.path=/no/such/file.h5ad"], "was given with the demo's data settings; add data=h5ad"),
         (["data.simulation.n_genes=50"], "data.simulation: n_genes"),
         (["data.transposed_copy=maybe"], "data.transposed_copy='maybe' must be auto, true or false: give"),
+        (["model.consensus.tol=2"], "model.consensus.tol=2 must be a number in [0, 1)"),
     ],
 )
 def test_bad_input_exits_with_one_clear_message(tmp_path, cache_dir, args, message):

@@ -52,6 +52,30 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
+def check_settings(inner_updates: int = 1, tol: float = 0.0, max_cells: int | None = None, **_) -> None:
+    """Check the consensus settings a user gives (``model.consensus``), before any work.
+
+    Raises
+    ------
+    InputError
+        Naming the bad setting and what it must be.
+    """
+    from ..data.errors import InputError  # here: deltanmf.data imports this package
+
+    def whole(value) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    if not whole(inner_updates) or inner_updates < 1:
+        raise InputError(f"model.consensus.inner_updates={inner_updates!r} must be a whole number >= 1 "
+                         "(1: plain multiplicative updates)")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) or not 0 <= tol < 1:
+        raise InputError(f"model.consensus.tol={tol!r} must be a number in [0, 1): the relative fall of the "
+                         "runs' error per pass below which they stop (0: always run every pass)")
+    if max_cells is not None and (not whole(max_cells) or max_cells < 1):
+        raise InputError(f"model.consensus.max_cells={max_cells!r} must be a positive integer, or null to "
+                         "initialise from all cells")
+
+
 def multiplicative_nmf(matrix, k: int, iterations: int, seed: int, inner_updates: int = 1) -> torch.Tensor:
     """A short Frobenius NMF by multiplicative updates; returns W (genes x K), L1-normalised columns.
 
@@ -93,16 +117,7 @@ def multiplicative_nmf_replicates(matrix, k: int, iterations: int, seeds, inner_
     at the new usage and the pass's programs, the terms in float64), so checking costs
     no extra pass over the data. 0 runs every pass.
     """
-    if isinstance(inner_updates, bool) or not isinstance(inner_updates, (int, np.integer)) or inner_updates < 1:
-        from ..data.errors import InputError  # here: deltanmf.data imports this package
-
-        raise InputError(f"model.consensus.inner_updates={inner_updates!r} must be a whole number >= 1 "
-                         "(1: plain multiplicative updates)")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) or not 0 <= tol < 1:
-        from ..data.errors import InputError  # here: deltanmf.data imports this package
-
-        raise InputError(f"model.consensus.tol={tol!r} must be a number in [0, 1): the relative fall of the "
-                         "runs' error per pass below which they stop (0: always run every pass)")
+    check_settings(inner_updates=inner_updates, tol=tol)
     seeds = [int(s) for s in seeds]
     device, dtype = matrix.device, matrix.dtype
     squared_norm = matrix.squared_norm()
@@ -255,11 +270,7 @@ def sample_cells(n_cells: int, max_cells: int | None, seed: int) -> np.ndarray |
     """
     if max_cells is None:
         return None
-    if isinstance(max_cells, bool) or not isinstance(max_cells, (int, np.integer)) or max_cells < 1:
-        from ..data.errors import InputError  # here: deltanmf.data imports this package
-
-        raise InputError(f"model.consensus.max_cells={max_cells!r} must be a positive integer, or null to "
-                         "initialise from all cells")
+    check_settings(max_cells=max_cells)
     if n_cells <= max_cells:
         return None
     return np.sort(np.random.default_rng(seed).choice(n_cells, size=int(max_cells), replace=False))
