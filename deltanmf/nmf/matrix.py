@@ -215,7 +215,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruction_at_nonzeros(x: torch.Tensor, programs: torch.Tensor, usage: torch.Tensor,
-                               chunk_nnz: int = 1 << 20) -> Iterator[tuple[slice, torch.Tensor]]:
+                               chunk_nnz: int = 1 << 18) -> Iterator[tuple[slice, torch.Tensor]]:
     """``(U W^T)`` at the non-zeros of a sparse block ``x``, by chunks of at most ``chunk_nnz``.
 
     Yields ``(part, values)``: ``values`` are the reconstruction at ``x``'s non-zeros
