@@ -16,7 +16,7 @@ from deltanmf.nmf import CellMatrix, GeneGraph, consensus_init, matched_cosine, 
 from deltanmf.nmf.consensus import multiplicative_nmf, sample_cells
 from deltanmf.nmf.losses import reconstruction_loss, squared_error
 from deltanmf.nmf.matrix import (_scipy_view, _t_matmul_torch, csr_from_parts, csr_tensor, reconstruction_at_nonzeros,
-                                 t_matmul)
+                                 row_block, t_matmul)
 from deltanmf.nmf.metrics import fit_error
 from deltanmf.nmf.nnls import nnls_usage
 from deltanmf.pipeline import fit_stage1
@@ -536,6 +536,23 @@ def test_multiplicative_updates_by_pieces_of_cells_equal_the_whole(monkeypatch, 
     x = sp.csr_matrix(_sparse_data(n_cells=60, n_genes=30, density=0.3, seed=24).astype(np.float32))
     whole = consensus.multiplicative_nmf_replicates(CellMatrix(x, batch_size=batch_size), 3, 8, [0, 1], 4)
     monkeypatch.setattr(consensus, "_UPDATE_CELLS", 7)  # pieces of 7 cells, the last one shorter
+    rows = []  # X W too is formed piece by piece: no R*K-wide product of every cell of a block
+    real = consensus.matmul
+    monkeypatch.setattr(consensus, "matmul", lambda block, w: rows.append(block.shape[0]) or real(block, w))
     pieces = consensus.multiplicative_nmf_replicates(CellMatrix(x, batch_size=batch_size), 3, 8, [0, 1], 4)
     for a, b in zip(whole, pieces):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert max(rows) == 7 and sum(rows) == 8 * 60
+
+
+@pytest.mark.parametrize("start, stop", [(0, 25), (3, 11), (24, 25), (7, 7)])
+def test_row_block_of_a_csr_block_shares_its_arrays(start, stop):
+    x = _sparse_data(n_cells=25, n_genes=15, seed=31).astype(np.float32)
+    block = csr_tensor(sp.csr_matrix(x))
+    rows = row_block(block, start, stop)
+    assert rows.layout == torch.sparse_csr and tuple(rows.shape) == (stop - start, 15)
+    np.testing.assert_array_equal(rows.to_dense().numpy(), x[start:stop])
+    if rows.values().numel():  # a view of the block's values, not a copy
+        assert rows.values().untyped_storage().data_ptr() == block.values().untyped_storage().data_ptr()
+    dense = torch.tensor(x)
+    assert torch.equal(row_block(dense, start, stop), dense[start:stop])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .matrix import is_row_source, matmul, t_matmul
+from .matrix import is_row_source, matmul, row_block, t_matmul
 from .nnls import nnls_programs, nnls_usage
 
 _EPS = 1e-10
@@ -123,12 +123,13 @@ def multiplicative_nmf_replicates(matrix, k: int, iterations: int, seeds, inner_
     squared_norm = matrix.squared_norm()
     mean = max(math.sqrt(squared_norm / (matrix.n_cells * matrix.n_genes)), _EPS)
     scale = math.sqrt(mean / k)
-    programs, usage = [], []
-    for seed in seeds:  # each run's start is the one it would have on its own
+    programs = torch.empty(matrix.n_genes, len(seeds) * k, dtype=dtype)
+    usage = torch.empty(matrix.n_cells, len(seeds) * k, dtype=dtype)  # filled in place: no second copy
+    for r, seed in enumerate(seeds):  # each run's start is the one it would have on its own
         gen = _generator(seed)
-        programs.append(torch.rand(matrix.n_genes, k, generator=gen, dtype=dtype) * scale)
-        usage.append(torch.rand(matrix.n_cells, k, generator=gen, dtype=dtype) * scale)
-    programs, usage = torch.cat(programs, dim=1).to(device), torch.cat(usage, dim=1).to(device)
+        programs[:, r * k:(r + 1) * k] = torch.rand(matrix.n_genes, k, generator=gen, dtype=dtype) * scale
+        usage[:, r * k:(r + 1) * k] = torch.rand(matrix.n_cells, k, generator=gen, dtype=dtype) * scale
+    programs, usage = programs.to(device), usage.to(device)
     own = torch.block_diag(*[torch.ones(k, k, dtype=dtype)] * len(seeds)).to(device)
     previous = None
     for _ in range(iterations):
@@ -140,19 +141,19 @@ def multiplicative_nmf_replicates(matrix, k: int, iterations: int, seeds, inner_
         for index, x in matrix.batches():
             every = len(index) == matrix.n_cells  # full batch: update the usage in place
             idx = None if every else torch.as_tensor(index, device=device)
-            u, data_w = (usage if every else usage[idx]), matmul(x, programs)
-            # the updates are row by row: by pieces of cells, so that their temporaries stay
-            # small next to the R*K-wide usage itself (tens of MB at 50,000 cells)
+            u = usage if every else usage[idx]
+            # the updates are row by row: by pieces of cells (X W too), so that their temporaries
+            # stay small next to the R*K-wide usage itself (tens of MB at 50,000 cells)
             for start in range(0, u.shape[0], _UPDATE_CELLS):
-                part, wx = u[start:start + _UPDATE_CELLS], data_w[start:start + _UPDATE_CELLS]
+                stop = min(start + _UPDATE_CELLS, u.shape[0])
+                part, wx = u[start:stop], matmul(row_block(x, start, stop), programs)
                 for _ in range(inner_updates):
                     part = part * wx / (part @ gram_w).clamp_min(_EPS)
-                u[start:start + _UPDATE_CELLS] = part
+                u[start:stop] = part
                 if tol:
                     part64 = part.double()
                     fit += (part64 * wx.double()).sum(dim=0)
                     gram_u64 += part64.T @ part64
-            del data_w
             if not every:
                 usage[idx] = u
             cross += t_matmul(x, u).to(device)

@@ -214,6 +214,19 @@ def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x @ w
 
 
+def row_block(x: torch.Tensor, start: int, stop: int, bounds: tuple[int, int] | None = None) -> torch.Tensor:
+    """Rows ``[start, stop)`` of a block: a view of a dense one; for a sparse one, a CSR
+    tensor on the same column and value arrays (only its row pointers are new).
+    ``bounds``: the rows' range of non-zeros, when the caller knows it already."""
+    if not is_sparse_tensor(x):
+        return x[start:stop]
+    x = as_csr_tensor(x)
+    crow = x.crow_indices()
+    lo, hi = bounds if bounds is not None else (int(crow[start]), int(crow[stop]))
+    return csr_from_parts(crow[start:stop + 1] - crow[start], x.col_indices()[lo:hi], x.values()[lo:hi],
+                          (stop - start, x.shape[1]))
+
+
 def reconstruction_at_nonzeros(x: torch.Tensor, programs: torch.Tensor, usage: torch.Tensor,
                                chunk_nnz: int = 1 << 18) -> Iterator[tuple[slice, torch.Tensor]]:
     """``(U W^T)`` at the non-zeros of a sparse block ``x``, by chunks of at most ``chunk_nnz``.
@@ -226,11 +239,10 @@ def reconstruction_at_nonzeros(x: torch.Tensor, programs: torch.Tensor, usage: t
     ``chunk_nnz`` non-zeros is a chunk of its own.
     """
     x = as_csr_tensor(x)
-    crow, col, values = x.crow_indices(), x.col_indices(), x.values()
-    bounds = crow.cpu().numpy()
+    bounds = x.crow_indices().cpu().numpy()
     n_rows = x.shape[0]
-    programs_t = programs.T.to(values.dtype)
-    usage = usage.to(values.dtype)
+    programs_t = programs.T.to(x.dtype)
+    usage = usage.to(x.dtype)
     start = 0
     while start < n_rows:
         # rows [start, stop) hold at most chunk_nnz non-zeros (always at least one row)
@@ -238,8 +250,7 @@ def reconstruction_at_nonzeros(x: torch.Tensor, programs: torch.Tensor, usage: t
         stop = min(max(stop, start + 1), n_rows)
         lo, hi = int(bounds[start]), int(bounds[stop])
         if hi > lo:
-            pattern = csr_from_parts(crow[start:stop + 1] - crow[start], col[lo:hi], values[lo:hi],
-                                     (stop - start, x.shape[1]))
+            pattern = row_block(x, start, stop, bounds=(lo, hi))
             sampled = torch.sparse.sampled_addmm(pattern, usage[start:stop], programs_t, beta=0.0)
             yield slice(lo, hi), sampled.values()
         start = stop
