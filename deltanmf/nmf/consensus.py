@@ -90,8 +90,9 @@ def multiplicative_nmf_replicates(matrix, k: int, iterations: int, seeds, inner_
 
     Returns one W (genes x K, L1-normalised columns) per seed. The R runs share every
     pass over the data: their programs sit side by side in one genes x (R*K) matrix, so
-    each block is read once per pass and multiplied once by all R*K columns (a wide
-    product, several times faster than R narrow ones). Each run's Gram matrices are the
+    each block is read once per pass and multiplied once by all R*K columns (one wide
+    product, which costs about what R narrow ones do on the CPU, and reads a block streamed
+    from disk once instead of R times). Each run's Gram matrices are the
     diagonal K x K blocks of the joint ones, so every run follows exactly its own updates.
 
     Each pass is the exact full update, in full-batch and minibatch mode alike: the usage
