@@ -1033,6 +1033,15 @@ def test_replicates_stop_once_no_run_improves_by_tol(planted, sparse, batch_size
     assert len(products) == 12 * blocks
 
 
+@pytest.mark.parametrize("key", ["iterations", "replicates"])
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "15"])
+def test_consensus_passes_and_runs_must_be_whole_numbers(planted, key, bad):
+    """iterations=0 had run no pass at all and reported a meaningless stability."""
+    settings = {"replicates": 2, "iterations": 2, key: bad}
+    with pytest.raises(InputError, match=rf"model\.consensus\.{key}=.* must be a whole number >= 1"):
+        consensus_init(CellMatrix(planted[0]), 4, **settings)
+
+
 @pytest.mark.parametrize("bad", [-1e-4, 1, 2.0, True, "1e-4", None])
 def test_consensus_tol_must_be_a_number_in_0_1(planted, bad):
     with pytest.raises(InputError, match=r"model\.consensus\.tol=.*must be a number in \[0, 1\)"):

@@ -1,6 +1,6 @@
 """From an AnnData to the matrix the factorisation sees.
 
-Steps, in order (METHOD.md, "Input and preprocessing"): choose ``.X`` or a layer; split
+Steps, in order (README "Method", step 1): choose ``.X`` or a layer; split
 cells into controls and cases; keep genes detected in at least ``min_cells`` of the cells
 in use and drop a user list; keep genes present in a similarity resource; optionally
 normalise each cell's total; optionally scale each gene to unit variance with ONE scale

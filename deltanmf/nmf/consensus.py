@@ -52,7 +52,8 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
-def check_settings(inner_updates: int = 1, tol: float = 0.0, max_cells: int | None = None, **_) -> None:
+def check_settings(inner_updates: int = 1, tol: float = 0.0, max_cells: int | None = None,
+                   iterations: int = 1, replicates: int = 1, **_) -> None:
     """Check the consensus settings a user gives (``model.consensus``), before any work.
 
     Raises
@@ -65,12 +66,17 @@ def check_settings(inner_updates: int = 1, tol: float = 0.0, max_cells: int | No
     def whole(value) -> bool:
         return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
+    for name, value, meaning in (("replicates", replicates, "seeded runs pooled; the default is 5"),
+                                 ("iterations", iterations, "passes over the cells per run, at most; the default is 15")):
+        if not whole(value) or value < 1:
+            raise InputError(f"model.consensus.{name}={value!r} must be a whole number >= 1 ({meaning})")
     if not whole(inner_updates) or inner_updates < 1:
         raise InputError(f"model.consensus.inner_updates={inner_updates!r} must be a whole number >= 1 "
                          "(1: plain multiplicative updates)")
     if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) or not 0 <= tol < 1:
         raise InputError(f"model.consensus.tol={tol!r} must be a number in [0, 1): the relative fall of the "
-                         "runs' error per pass below which they stop (0: always run every pass)")
+                         "runs' error per pass below which they stop; give e.g. model.consensus.tol=1e-4 (the default), "
+                         "or 0 to always run every pass")
     if max_cells is not None and (not whole(max_cells) or max_cells < 1):
         raise InputError(f"model.consensus.max_cells={max_cells!r} must be a positive integer, or null to "
                          "initialise from all cells")
@@ -118,7 +124,7 @@ def multiplicative_nmf_replicates(matrix, k: int, iterations: int, seeds, inner_
     at the new usage and the pass's programs, the terms in float64), so checking costs
     no extra pass over the data. 0 runs every pass.
     """
-    check_settings(inner_updates=inner_updates, tol=tol)
+    check_settings(inner_updates=inner_updates, tol=tol, iterations=iterations, replicates=len(seeds))
     seeds = [int(s) for s in seeds]
     device, dtype = matrix.device, matrix.dtype
     squared_norm = matrix.squared_norm()
@@ -347,8 +353,7 @@ def consensus_init(
         The runs stop before ``iterations`` passes once a pass lowers no run's squared
         error by more than this (relative); 0 runs every pass.
     """
-    if replicates < 1:
-        raise ValueError(f"consensus replicates must be >= 1, got {replicates}")
+    check_settings(replicates=replicates)
     fit_on = init_cells(matrix, max_cells, seed)
     runs = multiplicative_nmf_replicates(fit_on, k, iterations, [seed + r for r in range(replicates)],
                                         inner_updates, tol)
