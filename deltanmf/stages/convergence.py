@@ -32,7 +32,7 @@ class ConvergenceStop(L.Callback):
         Window length in steps.
     """
 
-    def __init__(self, tol: float = 1e-4, patience: int = 5, check_every: int = 10):
+    def __init__(self, tol: float = 1e-4, patience: int = 3, check_every: int = 10):
         if tol < 0 or patience < 1 or check_every < 1:
             raise ValueError("convergence needs tol >= 0, patience >= 1 and check_every >= 1")
         self.tol, self.patience, self.check_every = tol, patience, check_every
