@@ -215,13 +215,26 @@ def test_full_sparse_matrix_shares_the_input_memory():
     assert full.col_indices().data_ptr() == csr.indices.ctypes.data
 
 
+@pytest.mark.parametrize("kind", ["dense", "scipy", "rows"])
+@pytest.mark.parametrize("gpu", [False, True])
+def test_datamodule_pins_minibatches_for_a_gpu(kind, gpu, monkeypatch):
+    """With a GPU, minibatches (sparse ones too) come from pinned memory; the full batch,
+    moved once, is not pinned; without a GPU nothing is."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    x = _sparse_data(dtype=np.float32)
+    data = {"dense": x, "scipy": sp.csr_matrix(x), "rows": RowSource(x)}[kind]
+    minibatch = CellDataModule(data, batch_size=8, seed=2)
+    assert minibatch.pin_memory is gpu
+    assert minibatch._minibatch_loader().pin_memory is gpu
+    assert CellDataModule(data, batch_size=None).pin_memory is False
+
+
 @pytest.mark.parametrize("kind", ["scipy", "rows"])
 @pytest.mark.parametrize("batch_size", [None, 8])
 def test_datamodule_serves_sparse_csr(kind, batch_size):
     x = _sparse_data(dtype=np.float32)
     data = sp.csr_matrix(x) if kind == "scipy" else RowSource(x)
     dm = CellDataModule(data, batch_size=batch_size, seed=2, steps_per_epoch=3)
-    assert not dm.pin_memory  # sparse tensors are not pinned
     batches = list(dm.train_dataloader())
     assert len(batches) == (3 if batch_size is None else 4)
     for block, index in batches:

@@ -255,8 +255,10 @@ class CellDataModule(L.LightningDataModule):
 
     @property
     def pin_memory(self) -> bool:
-        """Pinned host memory speeds copies to a GPU; torch pins dense tensors only."""
-        return torch.cuda.is_available() and not self.rows.sparse
+        """Whether the minibatch loader pins its batches: with a GPU, so each batch is copied
+        to it from page-locked memory. Sparse CSR batches are pinned too (torch pins their
+        three arrays). The full batch is moved once, so it is not pinned."""
+        return torch.cuda.is_available() and not self.full_batch
 
     def train_dataloader(self) -> DataLoader:
         if self.full_batch:
