@@ -37,6 +37,7 @@ from .report import casecontrol, plots
 from .report.outputs import results_anndata, standard_files, write_outputs
 from .resources import strip_version
 from .stages import ConvergenceStop, NonFiniteLossError, ProgressBar, Stage1Module, Stage2Module
+from .stages.convergence import check_stop_settings
 from .stages.checkpoint import RunCheckpoint, TrainingInterrupted, save_checkpoint
 from .stages.stage2 import check_refinement
 from .sweeps import hparams_record, register_resolvers
@@ -756,6 +757,7 @@ def run(cfg: DictConfig, run_dir: str | Path, adata: ad.AnnData | None = None) -
     resume_source(cfg, run_dir)  # a bad resume=/ckpt_path= fails here, before any work
     transposed_copy_setting(cfg)  # and so does a bad data.transposed_copy
     check_consensus_settings(**cfg.model.consensus)  # or model.consensus setting
+    check_stop_settings(**cfg.model.stop)  # or model.stop setting
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     baseline = _baseline_from(cfg)
     resource = instantiate_input(cfg.resource) if cfg.get("resource") else None

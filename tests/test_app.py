@@ -150,6 +150,7 @@ def test_train_py_on_a_user_h5ad(tmp_path):
         (["data.simulation.n_genes=50"], "data.simulation: n_genes"),
         (["data.transposed_copy=maybe"], "data.transposed_copy='maybe' must be auto, true or false: give"),
         (["model.consensus.tol=2"], "model.consensus.tol=2 must be a number in [0, 1)"),
+        (["model.stop.patience=0"], "model.stop.patience=0 must be a whole number >= 1: give e.g."),
     ],
 )
 def test_bad_input_exits_with_one_clear_message(tmp_path, cache_dir, args, message):

@@ -1,6 +1,8 @@
 """Stage 1 on simulated data: planted programs recovered, the prior does what it claims."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -79,6 +81,21 @@ def test_without_prior_the_convergence_stop_ends_training(make_cfg, dataset):
     fit = fit_stage1(prepared.control, cfg, run_dir)
     # a huge tolerance stops at the first possible check: 3 windows of 10 steps
     assert fit.stats["converged"] and fit.stats["steps"] == 30
+
+
+@pytest.mark.parametrize("settings, named", [
+    ({"patience": 0}, "model.stop.patience=0"), ({"patience": 2.5}, "model.stop.patience=2.5"),
+    ({"patience": True}, "model.stop.patience=True"), ({"check_every": 0}, "model.stop.check_every=0"),
+    ({"tol": -1e-4}, "model.stop.tol=-0.0001"), ({"tol": "small"}, "model.stop.tol='small'"),
+    ({"enabled": "yes"}, "model.stop.enabled='yes'"), ({"window": 5}, "model.stop has no setting ['window']"),
+])
+def test_bad_stop_settings_are_refused_by_name(settings, named):
+    from deltanmf.data import InputError
+    from deltanmf.stages.convergence import check_stop_settings
+
+    check_stop_settings(enabled=False, tol=0, patience=1, check_every=1)  # the smallest usable values
+    with pytest.raises(InputError, match=re.escape(named)):
+        check_stop_settings(**settings)
 
 
 def test_a_non_finite_loss_stops_with_the_step_and_term():
