@@ -350,17 +350,15 @@ class CellMatrix:
         shares the input's memory; its transposed copy does not."""
         self._full = None
 
-    def batches(self, shuffle: bool = False, generator: np.random.Generator | None = None
-                ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """Yield ``(cell_index, block)`` pairs covering every cell once."""
+    def batches(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Yield ``(cell_index, block)`` pairs covering every cell once, in order (consecutive
+        cells: the cheapest reads from a file). Training's shuffled batches come from
+        :class:`~deltanmf.data.CellDataModule`, not from here."""
         if self.full_batch:
             yield np.arange(self.n_cells), self.full()
             return
-        order = np.arange(self.n_cells)
-        if shuffle:
-            (generator or np.random.default_rng()).shuffle(order)
         for start in range(0, self.n_cells, self.batch_size):
-            index = np.sort(order[start:start + self.batch_size])
+            index = np.arange(start, min(start + self.batch_size, self.n_cells))
             yield index, self.rows(index)
 
     def subset(self, index: np.ndarray) -> "CellMatrix":
