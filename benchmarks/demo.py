@@ -85,7 +85,7 @@ def main() -> None:
     demo_path(OmegaConf.to_container(cfg.data.simulation, resolve=True), cfg.data.get("cache_dir"))
 
     lines = ["| mode | wall (s) | stage 1 (s) | stage 1 steps | stage 2 (s) | stage 2 steps | peak RSS (MB) "
-             "| rel. error | baseline recovery (min) | case recovery (min) | shifts called |",
+             "| rel. error (stage 2) | baseline recovery (min) | case recovery (min) | shifts called |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     device = ""
     for _ in range(args.repeats):

@@ -23,8 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 from hydra.errors import InstantiationException
-from lightning.pytorch.utilities import rank_zero_only
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from .data import CellDataModule, InputError, PreparedData, demo_path, prepare, read_h5ad, simulation_truth
@@ -198,8 +199,26 @@ def _trainer(cfg: DictConfig, run_dir: Path, version: str) -> L.Trainer:
         callbacks.append(ProgressBar(refresh_rate=cfg.model.stop.check_every))  # reading the loss syncs: not every step
     # under DDP the data module gives each process its share of the cells itself (RankShare);
     # Lightning's distributed sampler would share them out again, and pad with repeats
-    return instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
-                       use_distributed_sampler=False)
+    return _instantiate_trainer(cfg, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
+
+
+def _instantiate_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
+    """``cfg.trainer`` as a Lightning Trainer; settings Lightning refuses (trainer=gpu without a
+    GPU, more devices than there are) raise :class:`InputError`."""
+    try:
+        return instantiate(cfg.trainer, use_distributed_sampler=False, **kwargs)
+    except InstantiationException as err:
+        if not isinstance(err.__cause__, MisconfigurationException):
+            raise
+        raise InputError(f"the trainer settings cannot run here: {err.__cause__} (trainer.accelerator="
+                         f"{cfg.trainer.get('accelerator')}, trainer.devices={cfg.trainer.get('devices')}); "
+                         "trainer=default uses a GPU only when there is one, trainer=cpu never does") from None
+
+
+def check_trainer_settings(cfg: DictConfig) -> None:
+    """Let Lightning check the trainer settings before any work (a Trainer is cheap to build
+    and starts nothing), so a refused setting leaves nothing in the run directory."""
+    _instantiate_trainer(cfg, logger=False, callbacks=[])
 
 
 def _checkpointing(cfg: DictConfig, run_dir: Path, name: str) -> RunCheckpoint:
@@ -758,6 +777,7 @@ def run(cfg: DictConfig, run_dir: str | Path, adata: ad.AnnData | None = None) -
     transposed_copy_setting(cfg)  # and so does a bad data.transposed_copy
     check_consensus_settings(**cfg.model.consensus)  # or model.consensus setting
     check_stop_settings(**cfg.model.stop)  # or model.stop setting
+    check_trainer_settings(cfg)  # or trainer setting Lightning refuses (trainer=gpu without a GPU)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     baseline = _baseline_from(cfg)
     resource = instantiate_input(cfg.resource) if cfg.get("resource") else None

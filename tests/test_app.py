@@ -11,6 +11,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from deltanmf.data import simulate_case_control
 from deltanmf.pipeline import run
@@ -164,6 +165,17 @@ def test_bad_input_exits_with_one_clear_message(tmp_path, cache_dir, args, messa
     # a fresh directory keeps Hydra's record of what was tried
     assert (tmp_path / "out" / ".hydra" / "overrides.yaml").is_file()
     assert not (tmp_path / "out" / ".hydra.new").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_trainer_gpu_without_a_gpu_is_a_settings_error(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    proc = _train("trainer=gpu", "experiment=quick", "stage=onestage", f"data.cache_dir={cache_dir}",
+                  f"hydra.run.dir={out}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "the trainer settings cannot run here: No supported gpu backend found!" in proc.stderr
+    assert "trainer=cpu never does" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".hydra", "train.log"]  # refused before any work
 
 
 def test_a_refused_command_leaves_the_runs_record_alone(tmp_path, cache_dir):
