@@ -506,15 +506,14 @@ def test_cell_matrix_dense_and_sparse_blocks_identical(batch_size):
 
 
 @pytest.mark.parametrize("sparse", [False, True])
-@pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("batch_size", [1, 4, 7, 22])
-def test_cell_matrix_batches_cover_every_cell_once(batch_size, shuffle, sparse):
+def test_cell_matrix_batches_cover_every_cell_once(batch_size, sparse):
     x = _expression()
     m = CellMatrix(sp.csr_matrix(x) if sparse else x, batch_size=batch_size)
     assert not m.full_batch
     seen = []
     n_batches = 0
-    for index, block in m.batches(shuffle=shuffle, generator=np.random.default_rng(0)):
+    for index, block in m.batches():
         n_batches += 1
         assert len(index) <= batch_size
         assert np.all(np.diff(index) > 0)  # sorted, no repeats
@@ -526,14 +525,9 @@ def test_cell_matrix_batches_cover_every_cell_once(batch_size, shuffle, sparse):
     np.testing.assert_array_equal(np.sort(allidx), np.arange(x.shape[0]))
 
 
-def test_cell_matrix_shuffle_changes_batches_and_is_seeded():
-    m = CellMatrix(_expression(n_cells=40), batch_size=10)
-    plain = [i.tolist() for i, _ in m.batches()]
-    assert plain == [list(range(s, s + 10)) for s in range(0, 40, 10)]
-    a = [i.tolist() for i, _ in m.batches(shuffle=True, generator=np.random.default_rng(3))]
-    b = [i.tolist() for i, _ in m.batches(shuffle=True, generator=np.random.default_rng(3))]
-    assert a == b
-    assert a != plain
+def test_cell_matrix_batches_are_consecutive_cells_in_order():
+    m = CellMatrix(_expression(n_cells=43), batch_size=10)
+    assert [i.tolist() for i, _ in m.batches()] == [list(range(s, min(s + 10, 43))) for s in range(0, 43, 10)]
 
 
 @pytest.mark.parametrize("batch_size", [None, 23, 100])
@@ -541,7 +535,7 @@ def test_cell_matrix_full_batch_yields_one_block(batch_size):
     x = _expression()
     m = CellMatrix(sp.csr_matrix(x), batch_size=batch_size)
     assert m.full_batch
-    batches = list(m.batches(shuffle=True))
+    batches = list(m.batches())
     assert len(batches) == 1
     index, block = batches[0]
     np.testing.assert_array_equal(index, np.arange(x.shape[0]))
