@@ -67,7 +67,6 @@ All randomness comes from ``numpy.random.default_rng(seed)``.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import anndata
@@ -75,6 +74,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy.special import ndtri
+
+from .errors import real_number, whole_number
 
 __all__ = ["SimulationTruth", "simulate_case_control", "simulation_truth"]
 
@@ -129,8 +130,7 @@ class SimulationTruth:
 
 
 def _check_int(name: str, value, minimum: int) -> int:
-    # bool is an Integral subclass but passing True as a count is a bug.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not whole_number(value):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -148,7 +148,7 @@ def _check_float(
     lo_br = "(" if low_open else "["
     hi_br = ")" if high_open else "]"
     allowed = f"{lo_br}{low}, {high}{hi_br}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not real_number(value):
         raise ValueError(f"{name} must be a number in {allowed}, got {value!r}")
     value = float(value)
     ok = bool(np.isfinite(value))
@@ -412,7 +412,7 @@ def simulate_case_control(
     embedding_noise = _check_float(
         "embedding_noise", embedding_noise, 0.0, np.inf, False, True
     )
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+    if not whole_number(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     seed = int(seed)
 

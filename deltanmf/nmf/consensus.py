@@ -61,10 +61,8 @@ def check_settings(inner_updates: int = 1, tol: float = 0.0, max_cells: int | No
     InputError
         Naming the bad setting and what it must be.
     """
-    from ..data.errors import InputError  # here: deltanmf.data imports this package
-
-    def whole(value) -> bool:
-        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    from ..data.errors import InputError, real_number  # here: deltanmf.data imports this package
+    from ..data.errors import whole_number as whole
 
     for name, value, meaning in (("replicates", replicates, "seeded runs pooled; the default is 5"),
                                  ("iterations", iterations, "passes over the cells per run, at most; the default is 15")):
@@ -73,7 +71,7 @@ def check_settings(inner_updates: int = 1, tol: float = 0.0, max_cells: int | No
     if not whole(inner_updates) or inner_updates < 1:
         raise InputError(f"model.consensus.inner_updates={inner_updates!r} must be a whole number >= 1 "
                          "(1: plain multiplicative updates)")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) or not 0 <= tol < 1:
+    if not real_number(tol) or not 0 <= tol < 1:
         raise InputError(f"model.consensus.tol={tol!r} must be a number in [0, 1): the relative fall of the "
                          "runs' error per pass below which they stop; give e.g. model.consensus.tol=1e-4 (the default), "
                          "or 0 to always run every pass")

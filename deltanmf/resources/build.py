@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from ..data.errors import InputError
+from ..data.errors import InputError, real_number, whole_number
 from .similarity import strip_version
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def _check_embedding(embedding, name: str = "embedding") -> np.ndarray:
 
 
 def _check_block_size(block_size) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+    if not whole_number(block_size) or block_size < 1:
         raise InputError(f"block_size must be a positive integer, got {block_size!r}")
     return int(block_size)
 
@@ -165,7 +165,7 @@ def knn_similarity(embedding, k: int, block_size: int = 2048) -> sp.csr_matrix:
         When ``embedding`` is not a finite 2-D matrix or ``k`` / ``block_size`` is not a
         positive integer.
     """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    if not whole_number(k) or k < 1:
         raise InputError(f"knn: k must be a positive integer, got {k!r}")
     e = _check_embedding(embedding)
     block_size = _check_block_size(block_size)
@@ -246,7 +246,7 @@ def _scgpt_eps(args: dict, path: Path) -> float:
     for key in _SCGPT_EPS_KEYS:
         if key in args:
             value = args[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if not real_number(value) or not value > 0:
                 raise InputError(f"scGPT {path}: {key!r} must be a positive number, got {value!r}")
             return float(value)
     return _SCGPT_DEFAULT_EPS

@@ -5,28 +5,25 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from ..data.errors import InputError
+from ..data.errors import InputError, real_number, whole_number
 
 
 def check_stop_settings(enabled=True, tol=1e-4, patience=3, check_every=10, **unknown) -> None:
     """Raise :class:`~deltanmf.data.InputError` unless the ``model.stop`` settings are usable:
     ``enabled`` a boolean, ``tol`` a number >= 0, ``patience`` and ``check_every`` whole
     numbers >= 1. Called before any work, so a bad value costs nothing."""
-    def whole(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
     if unknown:
         raise InputError(f"model.stop has no setting {sorted(unknown)}: its settings are enabled, tol, "
                          "patience and check_every")
     if not isinstance(enabled, bool):
         raise InputError(f"model.stop.enabled={enabled!r} must be true or false")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+    if not real_number(tol) or not tol >= 0:
         raise InputError(f"model.stop.tol={tol!r} must be a number >= 0: give e.g. model.stop.tol=1e-4 "
                          "(the default); 0 stops only when a check does not improve at all")
-    if not whole(patience):
+    if not whole_number(patience) or patience < 1:
         raise InputError(f"model.stop.patience={patience!r} must be a whole number >= 1: give e.g. "
                          "model.stop.patience=3 (the default), or model.stop.enabled=false for no stop")
-    if not whole(check_every):
+    if not whole_number(check_every) or check_every < 1:
         raise InputError(f"model.stop.check_every={check_every!r} must be a whole number >= 1: give e.g. "
                          "model.stop.check_every=10 (the default)")
 

@@ -7,7 +7,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ..data.errors import InputError
+from ..data.errors import InputError, real_number, whole_number
 from ..nmf import (Activation, CellMatrix, GeneGraph, LossTerms, NeuralNMF, adaptive_strength, consensus_init,
                    refit_usage)
 from ..nmf.consensus import init_cells, usage_cross
@@ -188,8 +188,7 @@ def refine_case_programs(matrix, baseline: torch.Tensor, case: torch.Tensor, nnl
 def check_refinement(rounds, tol) -> None:
     """Raise :class:`~deltanmf.data.InputError` unless ``rounds`` is a whole number >= 0 and
     ``tol`` a number >= 0 (``model.stage2.refine_rounds`` and ``refine_tol``)."""
-    if (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0
-            or isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol < 0):
+    if not whole_number(rounds) or rounds < 0 or not real_number(tol) or tol < 0:
         raise InputError(f"model.stage2.refine_rounds={rounds!r} must be a whole number >= 0 and "
                          f"model.stage2.refine_tol={tol!r} a number >= 0 (refine_rounds=0: no refinement)")
 
