@@ -1,6 +1,5 @@
 """The one error type for bad input, so the command line can print it without a traceback."""
 
-
 import numbers
 
 

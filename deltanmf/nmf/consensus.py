@@ -61,21 +61,20 @@ def check_settings(inner_updates: int = 1, tol: float = 0.0, max_cells: int | No
     InputError
         Naming the bad setting and what it must be.
     """
-    from ..data.errors import InputError, real_number  # here: deltanmf.data imports this package
-    from ..data.errors import whole_number as whole
+    from ..data.errors import InputError, real_number, whole_number  # here: deltanmf.data imports this package
 
     for name, value, meaning in (("replicates", replicates, "seeded runs pooled; the default is 5"),
                                  ("iterations", iterations, "passes over the cells per run, at most; the default is 15")):
-        if not whole(value) or value < 1:
+        if not whole_number(value) or value < 1:
             raise InputError(f"model.consensus.{name}={value!r} must be a whole number >= 1 ({meaning})")
-    if not whole(inner_updates) or inner_updates < 1:
+    if not whole_number(inner_updates) or inner_updates < 1:
         raise InputError(f"model.consensus.inner_updates={inner_updates!r} must be a whole number >= 1 "
                          "(1: plain multiplicative updates)")
     if not real_number(tol) or not 0 <= tol < 1:
         raise InputError(f"model.consensus.tol={tol!r} must be a number in [0, 1): the relative fall of the "
                          "runs' error per pass below which they stop; give e.g. model.consensus.tol=1e-4 (the default), "
                          "or 0 to always run every pass")
-    if max_cells is not None and (not whole(max_cells) or max_cells < 1):
+    if max_cells is not None and (not whole_number(max_cells) or max_cells < 1):
         raise InputError(f"model.consensus.max_cells={max_cells!r} must be a positive integer, or null to "
                          "initialise from all cells")
 
@@ -141,8 +140,9 @@ def multiplicative_nmf_replicates(matrix, k: int, iterations: int, seeds, inner_
         gram_w = (programs.T @ programs) * own
         cross = torch.zeros_like(programs)
         gram_u = torch.zeros_like(gram_w)
-        fit = torch.zeros(programs.shape[1], dtype=torch.float64, device=device)  # <X W, U> per column
-        gram_u64 = torch.zeros(gram_w.shape, dtype=torch.float64, device=device) if tol else None
+        if tol:  # for each run's squared error: <X W, U> per column and U^T U, in float64
+            fit = torch.zeros(programs.shape[1], dtype=torch.float64, device=device)
+            gram_u64 = torch.zeros(gram_w.shape, dtype=torch.float64, device=device)
         for index, x in matrix.batches():
             every = len(index) == matrix.n_cells  # full batch: update the usage in place
             idx = None if every else torch.as_tensor(index, device=device)
