@@ -2,7 +2,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from deltanmf.pipeline import main
+from deltanmf.workflow.main import main
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -59,11 +59,10 @@ SIMULATION = ["data.simulation.n_genes=2000", "data.simulation.n_control=3000", 
 METHODS = ("full", "published", "sklearn", "init", "onestart", "minibatch", "streamed")
 
 
-def _compose(overrides: list[str], hydra_config: bool = False):
-    from hydra import compose, initialize_config_dir
+def _settings(overrides: list[str]):
+    from deltanmf.workflow.config import default_settings
 
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        return compose("config", overrides=overrides, return_hydra_config=hydra_config)
+    return default_settings(*overrides)
 
 
 def _overrides(method: str, args) -> list[str]:
@@ -88,17 +87,11 @@ def _shared(args) -> list[str]:
 
 # -- one method, in its own process ------------------------------------------------------
 def run_deltanmf(method: str, run_dir: str, args) -> dict:
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    from deltanmf.workflow.run import run
 
-    from deltanmf.pipeline import run
-
-    cfg = _compose([*_shared(args), *_overrides(method, args)], hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = run_dir
-    HydraConfig.instance().set_config(cfg)
+    settings = _settings([*_shared(args), *_overrides(method, args)])
     start = time.perf_counter()
-    metrics = run(cfg, run_dir).metrics
+    metrics = run(settings, run_dir).metrics
     out = {"wall_s": time.perf_counter() - start, "device": metrics["stage1"]["device"],
            "recovery": metrics.get("recovery", {})}
     for stage in ("stage1", "stage2"):
@@ -113,44 +106,44 @@ def run_sklearn(tol: float, args) -> dict:
     import scipy.sparse as sp
     from sklearn.decomposition import NMF
 
-    from deltanmf.nmf import CellMatrix
-    from deltanmf.nmf.metrics import fit_error
-    from deltanmf.pipeline import load_data, prepare_data, recovery
+    from deltanmf.core import CellMatrix, fit_error
+    from deltanmf.data import load_input, prepare
+    from deltanmf.tl.recovery import recovery
 
-    cfg = _compose(_shared(args))
+    settings = _settings(_shared(args))
     start = time.perf_counter()
     # use_case=True as in a two-stage run: the same genes and per-gene scale as DeltaNMF's stage 1
-    prepared = prepare_data(load_data(cfg.data), cfg.data, use_case=True)
+    prepared = prepare(load_input(settings.data), settings.data, use_case=True)
     x = prepared.control
     x = np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float32)
-    model = NMF(n_components=cfg.K, solver="cd", init="nndsvda", tol=tol, max_iter=args.sklearn_max_iter,
-                random_state=cfg.seed)
+    model = NMF(n_components=settings.K, solver="cd", init="nndsvda", tol=tol, max_iter=args.sklearn_max_iter,
+                random_state=settings.seed)
     fit_start = time.perf_counter()
     usage = model.fit_transform(x)
     fit_s = time.perf_counter() - fit_start
     wall = time.perf_counter() - start
     programs = model.components_.T.astype(np.float32)  # genes x K, as DeltaNMF's programs
     error = fit_error(CellMatrix(x, batch_size=None, device="cpu"), programs, usage.astype(np.float32))
-    return {"wall_s": wall, "device": "cpu", "recovery": recovery(prepared, programs, cfg.K) or {},
+    return {"wall_s": wall, "device": "cpu", "recovery": recovery(prepared, programs, settings.K) or {},
             "stage1": {"time_s": fit_s, "init_s": 0.0, "train_s": fit_s, "steps": int(model.n_iter_),
                        "relative_error": error["relative_error"]}}
 
 
 def run_init(args) -> dict:
-    from deltanmf.nmf import CellMatrix, consensus_init
-    from deltanmf.nmf.metrics import fit_error
-    from deltanmf.pipeline import load_data, prepare_data, recovery
+    from deltanmf.core import CellMatrix, consensus_init, fit_error
+    from deltanmf.data import load_input, prepare
+    from deltanmf.tl.recovery import recovery
 
-    cfg = _compose([*_shared(args), *_overrides("full", args)])
+    settings = _settings([*_shared(args), *_overrides("full", args)])
     start = time.perf_counter()
-    prepared = prepare_data(load_data(cfg.data), cfg.data, use_case=True)  # as stage 1 of a two-stage run
+    prepared = prepare(load_input(settings.data), settings.data, use_case=True)  # as stage 1 of a two-stage run
     matrix = CellMatrix(prepared.control, batch_size=None, device="cpu")
     fit_start = time.perf_counter()
-    init = consensus_init(matrix, cfg.K, seed=cfg.seed, **cfg.model.consensus)
+    init = consensus_init(matrix, settings.K, settings.model.consensus, settings.seed)
     fit_s = time.perf_counter() - fit_start
     wall = time.perf_counter() - start
     error = fit_error(matrix, init.programs, init.usage)
-    return {"wall_s": wall, "device": "cpu", "recovery": recovery(prepared, init.programs.numpy(), cfg.K) or {},
+    return {"wall_s": wall, "device": "cpu", "recovery": recovery(prepared, init.programs.numpy(), settings.K) or {},
             "stage1": {"time_s": fit_s, "init_s": fit_s, "train_s": 0.0, "steps": 0,
                        "relative_error": error["relative_error"]}}
 
@@ -291,13 +284,10 @@ def main() -> None:
         child(args.one[0], args.one[1], args)
         return
 
-    from omegaconf import OmegaConf
-
     from deltanmf.data import demo_path
 
     Path(args.scratch).mkdir(parents=True, exist_ok=True)
-    cfg = _compose(_shared(args))
-    demo_path(OmegaConf.to_container(cfg.data.simulation, resolve=True), args.scratch)  # simulate once, untimed
+    demo_path(_settings(_shared(args)).data.simulation, args.scratch)  # simulate once, untimed
     loads = [_uptime()]
 
     results: dict[str, dict] = {}
@@ -313,8 +303,7 @@ def main() -> None:
                  "onestart": "DeltaNMF full batch, one start (model.consensus.replicates=1)", "minibatch": f"DeltaNMF minibatch ({args.batch_size})",
                  "streamed": f"DeltaNMF streamed from disk ({args.batch_size})",
                  "published": f"published schedule ({args.published_steps:,} steps per stage)"}[method]
-        missing = method == "streamed" and "backed" not in cfg.data
-        runs.append((method, label, "not yet available: the configuration has no data.backed key" if missing else None))
+        runs.append((method, label, None))
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     repeats: dict[str, list[dict]] = {}

@@ -26,20 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def one_run(batch_size: str, run_dir: str, extra: list[str]) -> dict:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    from deltanmf.workflow.config import default_settings
+    from deltanmf.workflow.run import run
 
-    from deltanmf.pipeline import run
-
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = compose("config", overrides=[f"data.batch_size={batch_size}", "trainer.enable_progress_bar=false",
-                                           *extra], return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = run_dir
-    HydraConfig.instance().set_config(cfg)
+    settings = default_settings(f"data.batch_size={batch_size}", "trainer.enable_progress_bar=false", "logger=none",
+                                *extra)
     start = time.perf_counter()
-    metrics = run(cfg, run_dir).metrics
+    metrics = run(settings, run_dir).metrics
     out = {"wall_s": time.perf_counter() - start,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "device": metrics["stage1"]["device"], "recovery": metrics.get("recovery", {})}
@@ -75,14 +68,11 @@ def main() -> None:
         return
 
     # simulate (and cache) the demo once, outside the timed runs
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     from deltanmf.data import demo_path
+    from deltanmf.workflow.config import default_settings
 
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = compose("config", overrides=args.overrides)
-    demo_path(OmegaConf.to_container(cfg.data.simulation, resolve=True), cfg.data.get("cache_dir"))
+    data = default_settings(*args.overrides).data
+    demo_path(data.simulation, data.cache_dir)
 
     lines = ["| mode | wall (s) | stage 1 (s) | stage 1 steps | stage 2 (s) | stage 2 steps | peak RSS (MB) "
              "| rel. error (stage 2) | baseline recovery (min) | case recovery (min) | shifts called |",

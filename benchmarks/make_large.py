@@ -34,7 +34,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deltanmf.data.simulate import _make_embedding, _make_programs  # noqa: E402  (same planted programs)
+from deltanmf.data.generative import make_embedding, make_programs  # noqa: E402  (same planted programs)
 
 LIBRARY_SIGMA = 0.3
 
@@ -94,8 +94,8 @@ def write_large(path: str | Path, n_control: int = 1_000_000, n_case: int = 100_
     n_total = n_programs + n_case_programs
     if n_genes < n_total * markers_per_program:
         raise ValueError(f"n_genes={n_genes} is too small for {n_total} programs of {markers_per_program} markers")
-    programs, specific = _make_programs(rng, n_genes, n_total, markers_per_program, background_weight)
-    embedding = _make_embedding(rng, specific, 32, 0.5)
+    programs, specific = make_programs(rng, n_genes, n_total, markers_per_program, background_weight)
+    embedding = make_embedding(rng, specific, 32, 0.5)
     alpha = np.full(n_programs, usage_concentration)
     shifted = np.zeros(n_programs, dtype=np.int64)
     shifted[rng.choice(n_programs, size=min(n_shifted, n_programs), replace=False)] = \

@@ -4,7 +4,7 @@ Each case (a number of cells, a mode: full batch or minibatch, and a
 ``data.transposed_copy`` setting) runs in a fresh process that imports everything and
 runs stage 1 once on a tiny matrix (so lazy imports count as overhead), records its
 resident memory, builds a random sparse CSR matrix in chunks (no dense copy at any
-time), and runs stage 1 through the real code path (:func:`deltanmf.pipeline.fit_stage1`:
+time), and runs stage 1 through the real code path (:func:`deltanmf.tl.fit.fit_stage1`:
 the default consensus initialisation, training, fit error, checkpoint). Reported: peak
 RSS (``ru_maxrss``) minus the RSS before the matrix was built, divided by the bytes that
 must exist anyway: the CSR arrays, the model's parameters (programs and per-cell usage)
@@ -81,46 +81,40 @@ def random_csr(n_cells: int, n_genes: int, density: float, seed: int, chunk: int
 def worker(args) -> dict:
     """One mode in this process; returns the measurements."""
     import torch
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
 
-    from deltanmf.pipeline import fit_stage1
+    from deltanmf.tl.fit import fit_stage1
+    from deltanmf.workflow.config import default_settings
+    from deltanmf.workflow.run import training_plan
 
     torch.set_num_threads(args.threads)
     run_dir = Path(tempfile.mkdtemp(prefix="deltanmf-memory-"))
 
-    def config(batch: str):
-        overrides = [f"K={args.k}", f"data.batch_size={batch}", f"trainer.max_steps={args.steps}",
-                     "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "logger=none",
-                     f"data.transposed_copy={args.transposed_copy}"]
-        with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-            cfg = compose("config", overrides=overrides, return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(run_dir)
-        HydraConfig.instance().set_config(cfg)
-        return cfg
+    def stage1(x, batch: str, directory: Path):
+        settings = default_settings(f"K={args.k}", f"data.batch_size={batch}", f"trainer.max_steps={args.steps}",
+                                    "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "logger=none",
+                                    f"data.transposed_copy={args.transposed_copy}")
+        return fit_stage1(x, settings.K, settings.model, training_plan(settings, directory), seed=settings.seed)
 
     minibatch = args.mode != "full batch"
     # A tiny run first, in the same mode, so lazily imported modules and torch's one-off
     # allocations count as the process's overhead, not as memory used for the data.
-    fit_stage1(random_csr(1000, args.genes, args.density, args.seed + 1), config("250" if minibatch else "null"),
-               run_dir / "warmup")
-    cfg = config(str(args.batch_size) if minibatch else "null")
+    stage1(random_csr(1000, args.genes, args.density, args.seed + 1), "250" if minibatch else "null",
+           run_dir / "warmup")
     before = _rss_mb()
     start = time.perf_counter()
     x = random_csr(args.cells, args.genes, args.density, args.seed)
     build_s = time.perf_counter() - start
     after_build = _rss_mb()
     start = time.perf_counter()
-    fit = fit_stage1(x, cfg, run_dir)
+    fit = stage1(x, str(args.batch_size) if minibatch else "null", run_dir)
     fit_s = time.perf_counter() - start
     peak = _peak_mb()
 
     csr_bytes = x.data.nbytes + x.indices.nbytes + x.indptr.nbytes
     params = (args.cells + args.genes) * args.k * 4  # float32 programs and usage
     required = csr_bytes + 3 * params  # parameters + Adam's exp_avg and exp_avg_sq
-    return {"mode": args.mode, "transposed_copy": args.transposed_copy, "max_cells": cfg.model.consensus.max_cells,
+    max_cells = default_settings().model.consensus.max_cells
+    return {"mode": args.mode, "transposed_copy": args.transposed_copy, "max_cells": max_cells,
             "cells": args.cells, "genes": args.genes, "nnz": int(x.nnz),
             "csr_mb": csr_bytes / 2**20, "params_mb": params / 2**20, "required_mb": required / 2**20,
             "rss_before_mb": before, "rss_after_build_mb": after_build, "peak_rss_mb": peak,
@@ -175,7 +169,7 @@ def main(argv=None) -> None:
         "",
         "Each case runs in a fresh process: RSS is read after all imports and a warm-up fit on 1,000 cells, "
         "then the matrix is built",
-        "and stage 1 runs through `deltanmf.pipeline.fit_stage1` with the default settings (the 5-run consensus "
+        "and stage 1 runs through `deltanmf.tl.fit.fit_stage1` with the default settings (the 5-run consensus "
         f"initialisation, on every cell up to `model.consensus.max_cells` = {r0['max_cells']:,} and on a random "
         f"subset of that many above it; training capped at {args.steps} steps; fit error over all cells; "
         "checkpoint), except `data.transposed_copy` where the table says `false`.",

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 def read_speed(path: str, batch_size: int, batches: int = 60, seed: int = 0) -> dict:
     """Rows per second served from the control cells of ``path`` (raw counts, all genes)."""
     from deltanmf.data import H5adRows, open_h5ad
-    from deltanmf.nmf.matrix import scan_rows
+    from deltanmf.core.matrix import scan_rows
 
     file = open_h5ad(path)
     matrix = file.matrix()

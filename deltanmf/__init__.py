@@ -1,12 +1,42 @@
-"""DeltaNMF: two-stage neural NMF for gene programs in case-control single-cell data."""
-from .api import DeltaNMFResult, fit_onestage, fit_twostage
-from .data import simulate_case_control, simulation_truth
+"""DeltaNMF: two-stage neural NMF for gene programs in case-control single-cell data.
+
+The package is laid out by job, each layer importing only the ones below it:
+
+- :mod:`deltanmf.errors`, :mod:`deltanmf.settings`, :mod:`deltanmf.files`: the errors users
+  see, the typed settings, writing files atomically;
+- :mod:`deltanmf.core`: the math, in pure torch;
+- :mod:`deltanmf.data`: reading and preparing cells (in memory or streamed), the simulator;
+- :mod:`deltanmf.resources`: gene-similarity resources, built and loaded;
+- :mod:`deltanmf.train`: Lightning wiring (modules, data module, callbacks, trainer);
+- :mod:`deltanmf.tl`: analysis with plain arguments (fits, case-control statistics, K selection);
+- :mod:`deltanmf.pl`: figures;
+- :mod:`deltanmf.workflow`: the edge (Hydra config -> settings -> fits -> files, the Python API).
+
+Importing the package loads nothing heavy; the names below load on first use.
+"""
+from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = ["DeltaNMFResult", "fit_onestage", "fit_twostage", "simulate_case_control", "simulation_truth",
-           "__version__"]
 
-import warnings as _warnings
+_EXPORTS = {
+    "DeltaNMFResult": "deltanmf.workflow.api",
+    "fit_onestage": "deltanmf.workflow.api",
+    "fit_twostage": "deltanmf.workflow.api",
+    "simulate_case_control": "deltanmf.data.simulate",
+    "simulation_truth": "deltanmf.data.simulate",
+    "default_settings": "deltanmf.workflow.config",
+    "InputError": "deltanmf.errors",
+}
+__all__ = [*sorted(_EXPORTS), "__version__"]
 
-# Lightning calls a torch API that torch itself deprecated; nothing a user can act on.
-_warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'deltanmf' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups find it directly
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -13,21 +13,20 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from omegaconf import OmegaConf
 
 from conftest import ROOT
 from deltanmf.data import (
-    CellDataModule,
     H5adRows,
-    InputError,
+    load_input,
     open_h5ad,
     prepare,
-    prepare_backed,
     read_h5ad,
     simulate_case_control,
     simulation_truth,
 )
-from deltanmf.pipeline import load_data, run
+from deltanmf.errors import InputError
+from deltanmf.workflow.config import default_settings
+from helpers import consensus, data, datamodule, run
 
 
 def _sim(seed: int = 1, shuffle: bool = True) -> ad.AnnData:
@@ -64,8 +63,10 @@ SETTINGS = [
 @pytest.mark.parametrize("settings", SETTINGS)
 def test_streamed_preparation_equals_prepare(sim_file, settings):
     adata, path = sim_file
-    ref = prepare(adata, "condition", "control", **settings)
-    got = prepare_backed(open_h5ad(path), "condition", "control", pass_cells=64, **settings)
+    changes = dict(settings)
+    use_case = changes.pop("use_case", True)
+    ref = prepare(adata, data("condition", "control", **changes), use_case=use_case)
+    got = prepare(open_h5ad(path), data("condition", "control", **changes), use_case=use_case, pass_cells=64)
     assert isinstance(got.X, H5adRows)
     assert got.X.shape == ref.X.shape
     pd.testing.assert_index_equal(got.obs.index, ref.obs.index)
@@ -80,7 +81,7 @@ def test_streamed_preparation_equals_prepare(sim_file, settings):
     np.testing.assert_allclose(_dense(got.X.read_rows(index)), _dense(ref.X[index]), rtol=2e-6, atol=0)
     # the subset views the pipeline takes
     np.testing.assert_allclose(_dense(got.control.to_memory()), _dense(ref.control), rtol=2e-6)
-    if settings.get("use_case", True):
+    if use_case:
         np.testing.assert_allclose(_dense(got.case.to_memory()), _dense(ref.case), rtol=2e-6)
     assert got.source.n_obs == ref.source.n_obs and "sim_usage" in got.source.obsm
 
@@ -88,7 +89,7 @@ def test_streamed_preparation_equals_prepare(sim_file, settings):
 def test_rows_bit_for_bit_given_the_same_scales(sim_file):
     """With prepare's own scales the streamed rows are identical, in any order of cells and genes."""
     adata, path = sim_file
-    ref = prepare(adata, "condition", "control", normalize="total", scale_genes=True)
+    ref = prepare(adata, data("condition", "control", normalize="total", scale_genes=True), use_case=True)
     file = open_h5ad(path)
     cells = adata.obs_names.get_indexer(ref.obs.index)
     genes = adata.var_names.get_indexer(ref.var.index)
@@ -98,8 +99,8 @@ def test_rows_bit_for_bit_given_the_same_scales(sim_file):
     np.testing.assert_array_equal(x.toarray(), ref.X.toarray())
     # stage1_from: genes in a given (unsorted) order with a given scale
     order = np.random.default_rng(3).permutation(len(ref.var))
-    again = prepare_backed(file, "condition", "control", normalize="total", genes=list(ref.var.index[order]),
-                           gene_scale=ref.gene_scale[order])
+    again = prepare(file, data("condition", "control", normalize="total"), use_case=True,
+                    genes=list(ref.var.index[order]), gene_scale=ref.gene_scale[order])
     np.testing.assert_allclose(again.X.to_memory().toarray(), ref.X.toarray()[:, order], rtol=2e-6)
     assert again.X.to_memory().has_sorted_indices
 
@@ -114,19 +115,19 @@ def test_repeated_entries_on_disk_are_summed_as_in_memory(tmp_path):
     counts = np.diff(x.indptr)
     indptr = np.concatenate([[0], np.cumsum(2 * counts)])
     indices = np.concatenate([np.concatenate([r, r[::-1]]) for r in np.split(x.indices, x.indptr[1:-1])])
-    data = np.concatenate([np.concatenate([v * 0.25, v[::-1] * 0.75]) for v in np.split(x.data, x.indptr[1:-1])])
+    stored = np.concatenate([np.concatenate([v * 0.25, v[::-1] * 0.75]) for v in np.split(x.data, x.indptr[1:-1])])
     path = tmp_path / "repeated.h5ad"
     adata.write_h5ad(path)
     with h5py.File(path, "r+") as f:
         for name, values in (("indptr", indptr.astype(np.int64)), ("indices", indices.astype(np.int32)),
-                             ("data", data.astype(np.float32))):
+                             ("data", stored.astype(np.float32))):
             del f["X"][name]
             f["X"][name] = values
     on_disk = open_h5ad(path).matrix()
     assert on_disk.n_stored == 2 * x.nnz  # the file really holds the repeats
     settings = dict(normalize="total", min_cells=30)
-    ref = prepare(adata, "condition", "control", **settings)
-    got = prepare_backed(open_h5ad(path), "condition", "control", **settings)
+    ref = prepare(adata, data("condition", "control", **settings), use_case=True)
+    got = prepare(open_h5ad(path), data("condition", "control", **settings), use_case=True)
     assert got.gene_counts == ref.gene_counts
     np.testing.assert_allclose(got.cell_scale, ref.cell_scale, rtol=1e-6)
     np.testing.assert_allclose(got.gene_scale, ref.gene_scale, rtol=1e-5)
@@ -137,25 +138,25 @@ def test_repeated_entries_on_disk_are_summed_as_in_memory(tmp_path):
 
 def test_dense_matrix_on_disk_is_streamed_and_csc_refused(tmp_path):
     adata = _sim(seed=2)
-    ref = prepare(adata, "condition", "control", normalize="total")
+    ref = prepare(adata, data("condition", "control", normalize="total"), use_case=True)
     dense = adata.copy()
     dense.X = adata.X.toarray()
     dense.write_h5ad(tmp_path / "dense.h5ad")
-    got = prepare_backed(open_h5ad(tmp_path / "dense.h5ad"), "condition", "control", normalize="total",
-                         pass_cells=50)
+    got = prepare(open_h5ad(tmp_path / "dense.h5ad"), data("condition", "control", normalize="total"), use_case=True,
+                  pass_cells=50)
     np.testing.assert_allclose(got.X.to_memory().toarray(), ref.X.toarray(), rtol=2e-6)
 
     csc = adata.copy()
     csc.X = sp.csc_matrix(adata.X)
     csc.write_h5ad(tmp_path / "csc.h5ad")
     with pytest.raises(InputError, match=r"CSC.*data.backed=false.*csr_matrix\(adata.X\)"):
-        prepare_backed(open_h5ad(tmp_path / "csc.h5ad"), "condition", "control")
+        prepare(open_h5ad(tmp_path / "csc.h5ad"), data("condition", "control"), use_case=True)
     # a CSC layer: the fix names the layer (converting .X would leave the layer as it was)
     csc = adata.copy()
     csc.layers["counts"] = sp.csc_matrix(adata.layers["counts"])
     csc.write_h5ad(tmp_path / "csc_layer.h5ad")
-    message = _message(prepare_backed, open_h5ad(tmp_path / "csc_layer.h5ad"), "condition", "control",
-                       layer="counts")
+    message = _message(prepare, open_h5ad(tmp_path / "csc_layer.h5ad"), data("condition", "control", layer="counts"),
+                       use_case=True)
     assert "layers/counts" in message and "CSC" in message and "data.backed=false" in message
     assert "adata.layers['counts'] = scipy.sparse.csr_matrix(adata.layers['counts'])" in message
     assert "adata.X" not in message
@@ -165,11 +166,11 @@ def test_dense_matrix_on_disk_is_read_in_bounded_pieces(tmp_path, monkeypatch):
     """A dense matrix on disk is densified as it is read: every read of it holds at most
     SCAN_VALUES values, in the preparation passes, the norm fit_error takes and a read of
     many consecutive cells (a fixed 65,536 rows would be 8 GB at 30,000 genes)."""
-    import deltanmf.nmf.matrix as matrix_module
-    from deltanmf.nmf import CellMatrix
+    import deltanmf.core.matrix as matrix_module
+    from deltanmf.core import CellMatrix
 
     adata = _sim(seed=2)
-    ref = prepare(adata, "condition", "control", normalize="total")
+    ref = prepare(adata, data("condition", "control", normalize="total"), use_case=True)
     dense = adata.copy()
     dense.X = adata.X.toarray()
     dense.write_h5ad(tmp_path / "dense.h5ad")
@@ -184,7 +185,7 @@ def test_dense_matrix_on_disk_is_read_in_bounded_pieces(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(h5py.Dataset, "__getitem__", spy)
-    got = prepare_backed(open_h5ad(tmp_path / "dense.h5ad"), "condition", "control", normalize="total")
+    got = prepare(open_h5ad(tmp_path / "dense.h5ad"), data("condition", "control", normalize="total"), use_case=True)
     assert file_reads and max(file_reads) <= 40, file_reads
 
     source_reads = []
@@ -203,7 +204,7 @@ def test_dense_matrix_on_disk_is_read_in_bounded_pieces(tmp_path, monkeypatch):
 def test_scattered_rows_on_disk_are_read_in_bounded_pieces(tmp_path, monkeypatch):
     """Nearby rows share a read, but a read never spans more than SCAN_VALUES stored values,
     even when a random subset (the initialisation's max_cells) has small gaps everywhere."""
-    import deltanmf.nmf.matrix as matrix_module
+    import deltanmf.core.matrix as matrix_module
 
     adata = _sim(seed=3)
     adata.write_h5ad(tmp_path / "cells.h5ad")
@@ -248,14 +249,15 @@ def test_errors_are_those_of_prepare(tmp_path, bad):
         args["control"] = "NTC"
     adata.X = sp.csr_matrix(x)
     adata.write_h5ad(tmp_path / "bad.h5ad")
-    assert _message(prepare_backed, open_h5ad(tmp_path / "bad.h5ad"), pass_cells=64, **args) \
-        == _message(prepare, adata, **args)
+    settings = data(**args)
+    assert _message(prepare, open_h5ad(tmp_path / "bad.h5ad"), settings, use_case=True, pass_cells=64) \
+        == _message(prepare, adata, settings, use_case=True)
 
 
 def test_backed_needs_a_batch_size_and_an_existing_file(tmp_path, sim_file, monkeypatch):
     _, path = sim_file
     with pytest.raises(InputError, match="data.batch_size"):
-        load_data(OmegaConf.create({"source": "file", "path": str(path), "backed": True, "batch_size": None}))
+        default_settings("logger=none", "data=h5ad", f"data.path={path}", "data.backed=true", "data.batch_size=null")
     with pytest.raises(InputError, match="file not found"):
         open_h5ad(tmp_path / "missing.h5ad")
     monkeypatch.chdir(tmp_path)  # a relative path: the message says where it was looked for
@@ -265,13 +267,15 @@ def test_backed_needs_a_batch_size_and_an_existing_file(tmp_path, sim_file, monk
     (tmp_path / "junk.h5ad").write_text("not hdf5")
     with pytest.raises(InputError, match="cannot read"):
         open_h5ad(tmp_path / "junk.h5ad")
-    data = load_data(OmegaConf.create({"source": "file", "path": str(path), "backed": True, "batch_size": 64}))
-    assert data.n_obs == 500 and list(data.layers) == ["counts"]
+    settings = default_settings("logger=none", "data=h5ad", f"data.path={path}", "data.backed=true",
+                                "data.batch_size=64")
+    opened = load_input(settings.data)
+    assert opened.n_obs == 500 and list(opened.layers) == ["counts"]
 
 
 def test_block_batches_cover_each_cell_once_from_few_runs(sim_file):
     _, path = sim_file
-    rows = prepare_backed(open_h5ad(path), "condition", "control").X
+    rows = prepare(open_h5ad(path), data("condition", "control"), use_case=True).X
     rng = np.random.default_rng(0)
     epochs = [rows.batch_indices(64, rng, blocks_per_batch=4) for _ in range(3)]
     for batches in epochs:
@@ -290,10 +294,10 @@ def test_block_batches_cover_each_cell_once_from_few_runs(sim_file):
 
 def test_datamodule_serves_block_batches_from_disk(sim_file):
     adata, path = sim_file
-    prepared = prepare_backed(open_h5ad(path), "condition", "control", normalize="total")
+    prepared = prepare(open_h5ad(path), data("condition", "control", normalize="total"), use_case=True)
     control = prepared.control
-    reference = prepare(adata, "condition", "control", normalize="total").control.toarray()
-    dm = CellDataModule(control, batch_size=40, seed=0)
+    reference = prepare(adata, data("condition", "control", normalize="total"), use_case=True).control.toarray()
+    dm = datamodule(control, batch_size=40, seed=0)
     seen = []
     for block, index in dm.train_dataloader():
         x = block.to_dense() if block.layout != torch.strided else block
@@ -361,8 +365,8 @@ def test_generator_writes_a_readable_file_with_the_planted_model(tmp_path):
     # the same file streamed reads the same rows
     with h5py.File(path) as f:
         assert f["X"].attrs["encoding-type"] == "csr_matrix"
-    rows = prepare_backed(open_h5ad(path), "condition", "control", normalize="none", scale_genes=False,
-                          min_cells=0, use_case=False).X
+    rows = prepare(open_h5ad(path), data("condition", "control", normalize="none", scale_genes=False, min_cells=0),
+                   use_case=False).X
     np.testing.assert_array_equal(rows.to_memory().toarray(), adata.X[(adata.obs["condition"] == "control")
                                                                       .to_numpy()].toarray())
 
@@ -370,11 +374,11 @@ def test_generator_writes_a_readable_file_with_the_planted_model(tmp_path):
 def test_initialisation_reads_its_cells_into_memory_once(sim_file):
     """The consensus makes tens of passes over its cells: from a file they are read once (all of
     them when there are at most max_cells), not on every pass; max_cells=None keeps streaming."""
-    from deltanmf.nmf import CellMatrix, consensus_init
-    from deltanmf.nmf.consensus import init_cells
+    from deltanmf.core import CellMatrix, consensus_init
+    from deltanmf.core.consensus import init_cells
 
     adata, path = sim_file
-    ref = prepare(adata, "condition", "control", normalize="total", scale_genes=True)
+    ref = prepare(adata, data("condition", "control", normalize="total", scale_genes=True), use_case=True)
     file = open_h5ad(path)
     rows = H5adRows(file.matrix(), adata.obs_names.get_indexer(ref.obs.index),
                     adata.var_names.get_indexer(ref.var.index), ref.cell_scale, ref.gene_scale)
@@ -386,7 +390,7 @@ def test_initialisation_reads_its_cells_into_memory_once(sim_file):
     assert sp.issparse(cells.data) and cells.batch_size == 64 and reads == [streamed.n_cells]
     np.testing.assert_array_equal(cells.data.toarray(), ref.X.toarray())
     reads.clear()
-    consensus_init(streamed, 3, replicates=2, iterations=5, max_cells=10_000)
+    consensus_init(streamed, 3, consensus(replicates=2, iterations=5, max_cells=10_000), seed=0)
     # one read of all cells for the fits, then one pass by batches for the final usage
     assert sum(reads) == 2 * streamed.n_cells, reads
     some = init_cells(streamed, max_cells=50, seed=0)

@@ -1,4 +1,4 @@
-"""Tests for ``deltanmf.report.casecontrol``: case-control statistics on usage matrices.
+"""Tests for ``deltanmf.tl.casecontrol``: case-control statistics on usage matrices.
 
 Every statistic is checked against an independent reference written here in plain numpy /
 scipy (a hand-written Benjamini-Hochberg, ``scipy.stats.mannwhitneyu`` column by column,
@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from scipy.stats import mannwhitneyu
 
-from deltanmf.report.casecontrol import (
+from deltanmf.tl.casecontrol import (
     PSEUDO,
     baseline_share,
     bh_qvalues,

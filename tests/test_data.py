@@ -15,10 +15,9 @@ import scipy.sparse as sp
 import torch
 
 from conftest import write_similarity
+from deltanmf.core import CellMatrix
 from deltanmf.data import (
-    CellDataModule,
     H5adRows,
-    InputError,
     PreparedData,
     demo_path,
     open_h5ad,
@@ -28,8 +27,10 @@ from deltanmf.data import (
     simulation_truth,
     split_conditions,
 )
-from deltanmf.nmf import CellMatrix
+from deltanmf.errors import InputError
 from deltanmf.resources import FileResource, read_gene_list, similarity_from_embeddings
+from deltanmf.train import CellDataModule
+from helpers import data, datamodule, plan
 
 # ``deltanmf.data.prepare`` the attribute is the function (re-exported by the package), so
 # the modules are looked up by name.
@@ -82,7 +83,7 @@ RAW = dict(min_cells=0, scale_genes=False, normalize="none")
 @pytest.mark.parametrize("case", [None, "drug"])
 def test_split_controls_first_then_cases_in_file_order(case):
     adata = make_adata()
-    p = prepare(adata, "condition", "ctrl", case=case, **RAW)
+    p = prepare(adata, data("condition", "ctrl", case=case, **RAW), use_case=True)
     rows = cells_in_use(adata, case=case)
     n_case = N_DRUG + N_OTHER if case is None else N_DRUG
     assert len(rows) == N_CTRL + n_case
@@ -95,7 +96,7 @@ def test_split_controls_first_then_cases_in_file_order(case):
 
 def test_use_case_false_keeps_only_controls():
     adata = make_adata()
-    p = prepare(adata, "condition", "ctrl", use_case=False, **RAW)
+    p = prepare(adata, data("condition", "ctrl", **RAW), use_case=False)
     rows = cells_in_use(adata, use_case=False)
     assert p.X.shape == (N_CTRL, N_GENES)
     assert p.is_control.all()
@@ -109,7 +110,7 @@ def test_integer_condition_column_compared_as_strings(control, case):
     adata = make_adata()
     adata.obs["grp"] = (adata.obs["condition"] != "ctrl").astype(int).to_numpy()
     assert adata.obs["grp"].dtype.kind == "i"
-    p = prepare(adata, "grp", control, case=case, **RAW)
+    p = prepare(adata, data("grp", control, case=case, **RAW), use_case=True)
     rows = cells_in_use(adata)  # ctrl <-> 0, everything else <-> 1
     assert list(p.obs.index) == list(adata.obs_names[rows])
     assert p.is_control.sum() == N_CTRL
@@ -134,14 +135,14 @@ def test_input_error_is_value_error():
 
 def test_missing_condition_key_lists_columns():
     with pytest.raises(InputError) as err:
-        prepare(make_adata(), "treatment", "ctrl")
+        prepare(make_adata(), data("treatment", "ctrl"), use_case=True)
     msg = str(err.value)
     assert "'treatment'" in msg and "'condition'" in msg and "'batch'" in msg
 
 
 def test_absent_control_lists_values_with_counts():
     with pytest.raises(InputError) as err:
-        prepare(make_adata(), "condition", "ntc")
+        prepare(make_adata(), data("condition", "ntc"), use_case=True)
     msg = str(err.value)
     assert "'ntc'" in msg
     for value, n in [("ctrl", N_CTRL), ("drug", N_DRUG), ("other", N_OTHER)]:
@@ -151,7 +152,7 @@ def test_absent_control_lists_values_with_counts():
 @pytest.mark.parametrize("use_case", [True, False])
 def test_absent_case_lists_values_with_counts(use_case):
     with pytest.raises(InputError) as err:
-        prepare(make_adata(), "condition", "ctrl", case="kinase", use_case=use_case)
+        prepare(make_adata(), data("condition", "ctrl", case="kinase"), use_case=use_case)
     msg = str(err.value)
     assert "data.case='kinase'" in msg
     for value, n in [("ctrl", N_CTRL), ("drug", N_DRUG), ("other", N_OTHER)]:
@@ -161,10 +162,10 @@ def test_absent_case_lists_values_with_counts(use_case):
 def test_missing_layer_lists_layers():
     adata = make_adata()
     with pytest.raises(InputError, match=r"layers present: none"):
-        prepare(adata, "condition", "ctrl", layer="counts")
+        prepare(adata, data("condition", "ctrl", layer="counts"), use_case=True)
     adata.layers["raw"] = adata.X.copy()
     with pytest.raises(InputError) as err:
-        prepare(adata, "condition", "ctrl", layer="counts")
+        prepare(adata, data("condition", "ctrl", layer="counts"), use_case=True)
     assert "'counts'" in str(err.value) and "['raw']" in str(err.value)
 
 
@@ -178,7 +179,7 @@ def test_negative_values_counted(sparse):
     x[rows[-1], 7] = -0.5
     adata.X = sp.csr_matrix(x) if sparse else x
     with pytest.raises(InputError, match=r"holds 3 negative values"):
-        prepare(adata, "condition", "ctrl")
+        prepare(adata, data("condition", "ctrl"), use_case=True)
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -191,7 +192,7 @@ def test_nan_and_inf_counted(sparse):
     x[rows[-2], 9] = np.inf
     adata.X = sp.csr_matrix(x) if sparse else x
     with pytest.raises(InputError, match=r"holds 3 NaN or infinite values"):
-        prepare(adata, "condition", "ctrl")
+        prepare(adata, data("condition", "ctrl"), use_case=True)
 
 
 def test_bad_values_in_layer_name_the_layer():
@@ -199,40 +200,43 @@ def test_bad_values_in_layer_name_the_layer():
     bad = adata.X.copy()
     bad[cells_in_use(adata)[0], 0] = -3
     adata.layers["counts"] = bad
-    with pytest.raises(InputError, match=r"data.layer='counts' holds 1 negative values"):
-        prepare(adata, "condition", "ctrl", layer="counts")
+    with pytest.raises(InputError, match=r"data.layer=counts holds 1 negative values"):
+        prepare(adata, data("condition", "ctrl", layer="counts"), use_case=True)
 
 
 def test_use_case_without_case_cells():
     adata = make_adata()
     adata.obs["condition"] = "ctrl"
     with pytest.raises(InputError, match=r"no case cells"):
-        prepare(adata, "condition", "ctrl")
+        prepare(adata, data("condition", "ctrl"), use_case=True)
     # only controls are needed: fine
-    p = prepare(adata, "condition", "ctrl", use_case=False, **RAW)
+    p = prepare(adata, data("condition", "ctrl", **RAW), use_case=False)
     assert p.X.shape == adata.shape
 
 
 def test_no_genes_left():
     with pytest.raises(InputError) as err:
-        prepare(make_adata(), "condition", "ctrl", min_cells=10_000)
+        prepare(make_adata(), data("condition", "ctrl", min_cells=10_000), use_case=True)
     msg = str(err.value)
     assert "no genes left" in msg and "'input': 30" in msg and "'min_cells': 0" in msg
     with pytest.raises(InputError, match=r"no genes left.*'resource': 0"):
-        prepare(make_adata(), "condition", "ctrl", resource_genes=["notagene"])
+        prepare(make_adata(), data("condition", "ctrl"), use_case=True, resource_genes=["notagene"])
 
 
 def test_case_equal_to_control_is_rejected():
-    with pytest.raises(InputError, match=r"control"):
-        prepare(make_adata(), "condition", "ctrl", case="ctrl")
+    # refused by the data settings, before any data is read
+    with pytest.raises(InputError, match=r"data.case=ctrl is the same as data.control"):
+        data("condition", "ctrl", case="ctrl")
 
 
 def test_bad_normalize_and_min_cells():
+    # refused by the data settings, naming the key, the value and the allowed values
     with pytest.raises(InputError) as err:
-        prepare(make_adata(), "condition", "ctrl", normalize="log")
-    assert "'log'" in str(err.value) and "'total'" in str(err.value) and "'median'" in str(err.value)
-    with pytest.raises(InputError, match=r"min_cells"):
-        prepare(make_adata(), "condition", "ctrl", min_cells=-1)
+        data("condition", "ctrl", normalize="log")
+    msg = str(err.value)
+    assert "data.normalize=log" in msg and "total" in msg and "median" in msg
+    with pytest.raises(InputError, match=r"data.min_cells=-1"):
+        data("condition", "ctrl", min_cells=-1)
 
 
 # --------------------------------------------------------------------------------------
@@ -250,12 +254,12 @@ def _with_case_only_gene():
 
 def test_min_cells_counts_only_cells_in_use():
     adata = _with_case_only_gene()
-    ctrl_only = prepare(adata, "condition", "ctrl", use_case=False, min_cells=3, scale_genes=False)
-    both = prepare(adata, "condition", "ctrl", use_case=True, min_cells=3, scale_genes=False)
+    ctrl_only = prepare(adata, data("condition", "ctrl", min_cells=3, scale_genes=False), use_case=False)
+    both = prepare(adata, data("condition", "ctrl", min_cells=3, scale_genes=False), use_case=True)
     assert "gene4" not in ctrl_only.var.index
     assert "gene4" in both.var.index
     # also dropped when the cases in use are the "other" cells, which do not express it
-    other = prepare(adata, "condition", "ctrl", case="other", min_cells=3, scale_genes=False)
+    other = prepare(adata, data("condition", "ctrl", case="other", min_cells=3, scale_genes=False), use_case=True)
     assert "gene4" not in other.var.index
 
 
@@ -267,7 +271,7 @@ def test_min_cells_matches_numpy(use_case, min_cells):
     detected = (adata.X[rows] > 0).sum(axis=0)
     expected = adata.var_names[detected >= min_cells]
     assert 0 < len(expected) <= N_GENES
-    p = prepare(adata, "condition", "ctrl", use_case=use_case, min_cells=min_cells, scale_genes=False)
+    p = prepare(adata, data("condition", "ctrl", min_cells=min_cells, scale_genes=False), use_case=use_case)
     assert list(p.var.index) == list(expected)
     assert p.gene_counts["min_cells"] == len(expected)
 
@@ -284,8 +288,8 @@ def test_remove_and_resource_genes_and_counts():
     rng = np.random.default_rng(0)
     resource = [g for g in adata.var_names if g not in (kept_names[1],)] + ["extra1", "extra2"]
     resource = list(np.asarray(resource)[rng.permutation(len(resource))])  # scrambled order
-    p = prepare(adata, "condition", "ctrl", min_cells=25, remove_genes=remove, resource_genes=resource,
-                scale_genes=False)
+    p = prepare(adata, data("condition", "ctrl", min_cells=25, remove_genes=remove, scale_genes=False), use_case=True,
+                resource_genes=resource)
     expected = [g for g in adata.var_names if g in kept_names and g not in remove and g in resource]
     assert list(p.var.index) == expected  # the dataset's order, not the resource's
     assert p.gene_counts == {"input": N_GENES, "min_cells": n_min, "remove_genes": n_min - 2,
@@ -296,23 +300,26 @@ def test_remove_and_resource_genes_and_counts():
 
 
 def test_gene_counts_without_resource():
-    p = prepare(make_adata(), "condition", "ctrl", min_cells=0, remove_genes=["gene0", "gene1"])
+    p = prepare(make_adata(), data("condition", "ctrl", min_cells=0, remove_genes=["gene0", "gene1"]), use_case=True)
     assert p.gene_counts == {"input": N_GENES, "min_cells": N_GENES, "remove_genes": N_GENES - 2}
     assert "gene0" not in p.var.index and "gene1" not in p.var.index
 
 
 @pytest.mark.parametrize("as_type", [pd.Index, np.asarray])
-def test_remove_genes_accepts_index_or_array(as_type):
+def test_remove_genes_accepts_names_from_an_index_or_array(as_type):
+    # data.remove_genes is a list of names in the settings; names taken from an Index or an array
+    # (numpy strings) are accepted
     adata = make_adata()
-    p = prepare(adata, "condition", "ctrl", min_cells=0, remove_genes=as_type(["gene0", "gene1"]))
+    remove = list(as_type(["gene0", "gene1"]))
+    p = prepare(adata, data("condition", "ctrl", min_cells=0, remove_genes=remove), use_case=True)
     assert list(p.var.index) == list(adata.var_names[2:])
 
 
 def test_gene_ids_used_for_remove_and_resource():
     adata = make_adata()
     ids = adata.var["symbol"].to_numpy()
-    p = prepare(adata, "condition", "ctrl", min_cells=0, remove_genes=["SYM2", "gene3"],
-                resource_genes=[f"SYM{j}" for j in range(10)], gene_ids=ids, scale_genes=False)
+    p = prepare(adata, data("condition", "ctrl", min_cells=0, remove_genes=["SYM2", "gene3"], scale_genes=False),
+                use_case=True, resource_genes=[f"SYM{j}" for j in range(10)], gene_ids=ids)
     # removal and the resource match the symbols; var keeps the var_names
     assert list(p.var.index) == [f"gene{j}" for j in range(10) if j != 2]
 
@@ -327,11 +334,12 @@ def test_prepared_sparse_matrix_is_canonical_and_shared_not_copied(normalize, sc
     condition's cells are a view of it (controls come first), not a copy, and stay one in
     the holders (the 20 controls of 45 cells: scipy would copy a view of less than half its base)."""
     adata = make_adata(seed=4, sparse=True)
-    p = prepare(adata, "condition", "ctrl", normalize=normalize, scale_genes=scale_genes, min_cells=0)
+    p = prepare(adata, data("condition", "ctrl", normalize=normalize, scale_genes=scale_genes, min_cells=0),
+                use_case=True)
     assert p.X.has_canonical_format
     for cells, mask in ((p.control, p.is_control), (p.case, ~p.is_control)):
         assert (cells != p.X[np.flatnonzero(mask)]).nnz == 0 and cells.has_canonical_format
-        for holder in (cells, CellMatrix(cells).data, CellDataModule(cells).rows.data):
+        for holder in (cells, CellMatrix(cells).data, datamodule(cells).rows.data):
             assert np.shares_memory(holder.data, p.X.data)
 
 
@@ -339,8 +347,8 @@ def test_prepared_sparse_matrix_is_canonical_and_shared_not_copied(normalize, sc
 @pytest.mark.parametrize("target_sum", [None, 500.0])
 def test_normalize_total(sparse, target_sum):
     adata = make_adata(seed=2, sparse=sparse)
-    p = prepare(adata, "condition", "ctrl", normalize="total", target_sum=target_sum, min_cells=0,
-                scale_genes=False)
+    p = prepare(adata, data("condition", "ctrl", normalize="total", target_sum=target_sum, min_cells=0,
+                            scale_genes=False), use_case=True)
     target = 1e4 if target_sum is None else target_sum
     x_in = dense(adata.X)[cells_in_use(adata)].astype(np.float64)
     totals = x_in.sum(axis=1)
@@ -352,8 +360,8 @@ def test_normalize_total(sparse, target_sum):
 
 def test_normalize_total_uses_kept_genes():
     adata = make_adata(seed=2)
-    p = prepare(adata, "condition", "ctrl", normalize="total", remove_genes=["gene0", "gene1"],
-                min_cells=0, scale_genes=False)
+    p = prepare(adata, data("condition", "ctrl", normalize="total", remove_genes=["gene0", "gene1"], min_cells=0,
+                            scale_genes=False), use_case=True)
     np.testing.assert_allclose(p.X.sum(axis=1), 1e4, rtol=1e-5)
 
 
@@ -364,8 +372,7 @@ def test_normalize_median(sparse, use_case):
     rows = cells_in_use(adata, use_case=use_case)
     totals = dense(adata.X)[rows].astype(np.float64).sum(axis=1)
     assert (totals > 0).all()
-    p = prepare(adata, "condition", "ctrl", normalize="median", use_case=use_case, min_cells=0,
-                scale_genes=False)
+    p = prepare(adata, data("condition", "ctrl", normalize="median", min_cells=0, scale_genes=False), use_case=use_case)
     np.testing.assert_allclose(dense(p.X).sum(axis=1), np.median(totals), rtol=1e-5)
     np.testing.assert_allclose(p.cell_scale, np.median(totals) / totals, rtol=1e-6)
 
@@ -378,7 +385,7 @@ def test_cells_left_empty_are_an_error(sparse):
     x[rows[2]] = 0.0
     adata.X = sp.csr_matrix(x) if sparse else x
     with pytest.raises(InputError, match=r"1 cells have no expression left in the \d+ kept genes") as err:
-        prepare(adata, "condition", "ctrl", normalize="total", min_cells=0)
+        prepare(adata, data("condition", "ctrl", normalize="total", min_cells=0), use_case=True)
     assert repr(str(adata.obs_names[rows[2]])) in str(err.value) and "'input': 30" in str(err.value)
 
 
@@ -392,7 +399,7 @@ def test_scale_genes_pooled_unit_std(case):
     x_in = adata.X[rows].astype(np.float64)
     sd = x_in.std(axis=0)  # ddof=0, controls and cases pooled
     assert (sd > 0).all()
-    p = prepare(adata, "condition", "ctrl", case=case, min_cells=0)
+    p = prepare(adata, data("condition", "ctrl", case=case, min_cells=0), use_case=True)
     np.testing.assert_allclose(p.gene_scale, sd, rtol=1e-6)
     np.testing.assert_allclose(p.X, x_in / sd, rtol=1e-5)
     np.testing.assert_allclose(p.X.astype(np.float64).std(axis=0), 1.0, rtol=1e-5)
@@ -409,7 +416,7 @@ def test_scale_genes_after_normalize_total():
     x_in = adata.X[rows].astype(np.float64)
     xn = x_in * (1e4 / x_in.sum(axis=1))[:, None]
     sd = xn.std(axis=0)
-    p = prepare(adata, "condition", "ctrl", min_cells=0, normalize="total")
+    p = prepare(adata, data("condition", "ctrl", min_cells=0, normalize="total"), use_case=True)
     np.testing.assert_allclose(p.gene_scale, sd, rtol=1e-5)
     np.testing.assert_allclose(p.X, xn / sd, rtol=1e-5)
 
@@ -418,7 +425,7 @@ def test_scale_genes_use_case_false_uses_controls_only():
     adata = make_adata(seed=6)
     rows = cells_in_use(adata, use_case=False)
     x_in = adata.X[rows].astype(np.float64)
-    p = prepare(adata, "condition", "ctrl", min_cells=0, use_case=False)
+    p = prepare(adata, data("condition", "ctrl", min_cells=0), use_case=False)
     np.testing.assert_allclose(p.gene_scale, x_in.std(axis=0), rtol=1e-6)
 
 
@@ -429,7 +436,7 @@ def test_zero_variance_gene_divided_by_one_integer_constant(sparse, value):
     x = adata.X.copy()
     x[:, 3] = value
     adata.X = sp.csr_matrix(x) if sparse else x
-    p = prepare(adata, "condition", "ctrl", min_cells=0)
+    p = prepare(adata, data("condition", "ctrl", min_cells=0), use_case=True)
     assert p.gene_scale[3] == 1.0
     np.testing.assert_array_equal(dense(p.X)[:, 3], value)
 
@@ -444,7 +451,7 @@ def test_zero_variance_gene_divided_by_one_noninteger_constant(sparse):
     x = adata.X.copy()
     x[:, 3] = 0.1
     adata.X = sp.csr_matrix(x) if sparse else x
-    p = prepare(adata, "condition", "ctrl", case="drug", min_cells=0)  # 35 cells in use
+    p = prepare(adata, data("condition", "ctrl", case="drug", min_cells=0), use_case=True)  # 35 cells in use
     assert p.gene_scale[3] == 1.0
     np.testing.assert_allclose(dense(p.X)[:, 3], np.float32(0.1), rtol=1e-6)
 
@@ -454,8 +461,9 @@ def test_sparse_gene_scale_matches_dense_for_low_variance_gene():
     rng = np.random.default_rng(0)
     x = adata.X.copy()
     x[:, 5] = 1000.0 + rng.normal(0.0, 0.1, size=x.shape[0])  # CV ~ 1e-4
-    dense_p = prepare(ad.AnnData(X=x, obs=adata.obs), "condition", "ctrl", min_cells=0)
-    sparse_p = prepare(ad.AnnData(X=sp.csr_matrix(x), obs=adata.obs), "condition", "ctrl", min_cells=0)
+    dense_p = prepare(ad.AnnData(X=x, obs=adata.obs), data("condition", "ctrl", min_cells=0), use_case=True)
+    sparse_p = prepare(ad.AnnData(X=sp.csr_matrix(x), obs=adata.obs), data("condition", "ctrl", min_cells=0),
+                       use_case=True)
     sd = x.astype(np.float64).std(axis=0)  # all 45 cells are in use
     sd = np.where(sd > 0, sd, 1.0)
     np.testing.assert_allclose(dense_p.gene_scale, sd, rtol=1e-5)
@@ -466,7 +474,7 @@ def test_sparse_gene_scale_matches_dense_for_low_variance_gene():
 def test_scale_genes_false_leaves_values(sparse):
     adata = make_adata(seed=10, sparse=sparse)
     adata.X = adata.X.astype(np.float64) * 1.5
-    p = prepare(adata, "condition", "ctrl", min_cells=0, scale_genes=False)
+    p = prepare(adata, data("condition", "ctrl", min_cells=0, scale_genes=False), use_case=True)
     assert p.X.dtype == np.float32
     np.testing.assert_array_equal(dense(p.X), dense(adata.X)[cells_in_use(adata)].astype(np.float32))
     np.testing.assert_array_equal(p.gene_scale, 1.0)
@@ -486,8 +494,10 @@ def test_scale_genes_false_leaves_values(sparse):
 def test_sparse_equals_dense(kwargs):
     d = make_adata(seed=11)
     s = make_adata(seed=11, sparse=True)
-    pd_ = prepare(d, "condition", "ctrl", **kwargs)
-    ps = prepare(s, "condition", "ctrl", **kwargs)
+    changes = dict(kwargs)
+    use_case = changes.pop("use_case", True)
+    pd_ = prepare(d, data("condition", "ctrl", **changes), use_case=use_case)
+    ps = prepare(s, data("condition", "ctrl", **changes), use_case=use_case)
     assert isinstance(pd_.X, np.ndarray) and pd_.X.dtype == np.float32
     assert sp.isspmatrix_csr(ps.X) and ps.X.dtype == np.float32
     np.testing.assert_allclose(ps.X.toarray(), pd_.X, rtol=1e-5, atol=1e-6)
@@ -500,9 +510,9 @@ def test_sparse_equals_dense(kwargs):
 
 def test_sparse_input_other_formats_and_dtypes():
     d = make_adata(seed=12)
-    ref = prepare(d, "condition", "ctrl", min_cells=0)
+    ref = prepare(d, data("condition", "ctrl", min_cells=0), use_case=True)
     for x in (sp.csc_matrix(d.X), sp.csr_matrix(d.X.astype(np.int64)), sp.csr_array(d.X)):
-        p = prepare(ad.AnnData(X=x, obs=d.obs, var=d.var), "condition", "ctrl", min_cells=0)
+        p = prepare(ad.AnnData(X=x, obs=d.obs, var=d.var), data("condition", "ctrl", min_cells=0), use_case=True)
         assert sp.isspmatrix_csr(p.X) and p.X.dtype == np.float32
         np.testing.assert_allclose(p.X.toarray(), ref.X, rtol=1e-5)
 
@@ -512,9 +522,9 @@ def test_layer_is_used(sparse):
     adata = make_adata(seed=13, sparse=sparse)
     counts = dense(adata.X) * 2 + 1
     adata.layers["counts"] = sp.csr_matrix(counts) if sparse else counts
-    p = prepare(adata, "condition", "ctrl", layer="counts", **RAW)
+    p = prepare(adata, data("condition", "ctrl", layer="counts", **RAW), use_case=True)
     np.testing.assert_array_equal(dense(p.X), counts[cells_in_use(adata)])
-    p_x = prepare(adata, "condition", "ctrl", **RAW)
+    p_x = prepare(adata, data("condition", "ctrl", **RAW), use_case=True)
     np.testing.assert_array_equal(dense(p_x.X), dense(adata.X)[cells_in_use(adata)])
 
 
@@ -526,9 +536,9 @@ def test_input_anndata_not_modified(sparse):
     layer_before = dense(adata.layers["counts"]).copy()
     obs_before, var_before = adata.obs.copy(), adata.var.copy()
     dtype_before = adata.X.dtype
-    for kwargs in (dict(normalize="total"), dict(normalize="median", layer="counts"),
-                   dict(use_case=False, min_cells=5)):
-        p = prepare(adata, "condition", "ctrl", **kwargs)
+    for changes, use_case in ((dict(normalize="total"), True), (dict(normalize="median", layer="counts"), True),
+                              (dict(min_cells=5), False)):
+        p = prepare(adata, data("condition", "ctrl", **changes), use_case=use_case)
         # writing to the output must not reach the input
         if sparse:
             p.X.data[:] = -7
@@ -546,7 +556,7 @@ def test_input_anndata_not_modified(sparse):
 def test_control_case_and_source(sparse):
     adata = make_adata(seed=15, sparse=sparse)
     adata.obs["score"] = np.arange(adata.n_obs, dtype=float)
-    p = prepare(adata, "condition", "ctrl", case="drug", min_cells=10, normalize="total")
+    p = prepare(adata, data("condition", "ctrl", case="drug", min_cells=10, normalize="total"), use_case=True)
     out = dense(p.X)
     np.testing.assert_array_equal(dense(p.control), out[:N_CTRL])
     np.testing.assert_array_equal(dense(p.case), out[N_CTRL:])
@@ -568,7 +578,7 @@ def test_simulation_truth_survives_prepare():
                                 n_groups=1, n_shifted=1, markers_per_program=10, embedding_dim=4,
                                 library_size=300.0, seed=2)
     remove = list(sim.var_names[:5])
-    p = prepare(sim, "condition", "control", min_cells=8, remove_genes=remove)
+    p = prepare(sim, data("condition", "control", min_cells=8, remove_genes=remove), use_case=True)
     genes = [sim.var_names.get_loc(g) for g in p.var.index]
     assert 10 < len(genes) < 75  # some genes filtered
     truth = simulation_truth(p.source)
@@ -676,7 +686,7 @@ def _matrix(n=50, g=12, seed=0):
 @pytest.mark.parametrize("batch_size", [None, 50, 80])
 def test_full_batch(sparse, batch_size):
     x = _matrix()
-    dm = CellDataModule(sp.csr_matrix(x) if sparse else x, batch_size=batch_size, steps_per_epoch=4)
+    dm = datamodule(sp.csr_matrix(x) if sparse else x, batch_size=batch_size, steps_per_epoch=4)
     assert dm.full_batch and dm.n_cells == 50
     batches = list(dm.train_dataloader())
     assert len(batches) == 4
@@ -687,14 +697,18 @@ def test_full_batch(sparse, batch_size):
         np.testing.assert_array_equal(index.numpy(), np.arange(50))
 
 
-def test_full_batch_default_steps_per_epoch():
-    dm = CellDataModule(_matrix())
+def test_full_batch_default_steps_per_epoch(tmp_path):
+    # a stage's data module at the defaults: one epoch is one convergence window (model.stop.check_every)
+    from deltanmf.train.trainer import make_datamodule
+
+    dm = make_datamodule(_matrix(), plan(tmp_path), seed=0, transposed_copy=False)
+    assert dm.full_batch
     assert len(dm.train_dataloader()) == 10
     assert len(list(dm.train_dataloader())) == 10
 
 
 def test_full_batch_transfer_cached():
-    dm = CellDataModule(_matrix(), steps_per_epoch=3)
+    dm = datamodule(_matrix(), steps_per_epoch=3)
     loader = dm.train_dataloader()
     cpu = torch.device("cpu")
     moved = [dm.transfer_batch_to_device(b, cpu, 0) for b in loader]
@@ -704,7 +718,7 @@ def test_full_batch_transfer_cached():
 
 
 def test_full_batch_transfer_redone_on_device_change():
-    dm = CellDataModule(_matrix(), steps_per_epoch=2)
+    dm = datamodule(_matrix(), steps_per_epoch=2)
     batch = next(iter(dm.train_dataloader()))
     on_cpu = dm.transfer_batch_to_device(batch, torch.device("cpu"), 0)
     on_meta = dm.transfer_batch_to_device(batch, torch.device("meta"), 0)
@@ -714,7 +728,7 @@ def test_full_batch_transfer_redone_on_device_change():
 
 
 def test_minibatch_transfer_not_cached():
-    dm = CellDataModule(_matrix(), batch_size=16)
+    dm = datamodule(_matrix(), batch_size=16)
     b = next(iter(dm.train_dataloader()))
     cpu = torch.device("cpu")
     m1 = dm.transfer_batch_to_device(b, cpu, 0)
@@ -732,7 +746,7 @@ def _epoch(dm_or_loader):
 @pytest.mark.parametrize("sparse", [False, True])
 def test_minibatch_covers_every_cell_once(sparse):
     x = _matrix(n=50)
-    dm = CellDataModule(sp.csr_matrix(x) if sparse else x, batch_size=16, seed=3)
+    dm = datamodule(sp.csr_matrix(x) if sparse else x, batch_size=16, seed=3)
     assert not dm.full_batch
     loader = dm.train_dataloader()
     assert len(loader) == 4
@@ -761,15 +775,15 @@ def test_ddp_ranks_share_every_batch_and_train_each_cell_once(tmp_path, n, batch
     exactly once by exactly one process, all processes take the same number of steps, and no
     process gets an empty batch (a last batch smaller than the processes joins the one before)."""
     x = _matrix(n=n)
-    data = sp.csr_matrix(x)
+    source = sp.csr_matrix(x)
     if backed:
         path = tmp_path / "cells.h5ad"
-        ad.AnnData(X=data, obs=pd.DataFrame({"c": ["a"] * n}, index=[f"c{i}" for i in range(n)])).write_h5ad(path)
-        data = H5adRows(open_h5ad(path).matrix(), np.arange(n), np.arange(x.shape[1]), np.ones(n),
-                        np.ones(x.shape[1]))
+        ad.AnnData(X=source, obs=pd.DataFrame({"c": ["a"] * n}, index=[f"c{i}" for i in range(n)])).write_h5ad(path)
+        source = H5adRows(open_h5ad(path).matrix(), np.arange(n), np.arange(x.shape[1]), np.ones(n),
+                          np.ones(x.shape[1]))
     epochs = []
     for rank in range(world_size):
-        dm = CellDataModule(data, batch_size=batch_size, seed=4)
+        dm = datamodule(source, batch_size=batch_size, seed=4)
         dm.trainer = _Ranks(rank, world_size)
         loader = dm.train_dataloader()
         epochs.append([_epoch(loader), _epoch(loader)])
@@ -785,24 +799,14 @@ def test_ddp_ranks_share_every_batch_and_train_each_cell_once(tmp_path, n, batch
             for block, idx in step:
                 np.testing.assert_array_equal(block, x[idx])
     # the processes' batches follow the single-process batches
-    one = CellDataModule(data, batch_size=batch_size, seed=4)
+    one = datamodule(source, batch_size=batch_size, seed=4)
     first = _epoch(one.train_dataloader())[0][1]
     np.testing.assert_array_equal(np.sort(np.concatenate([epochs[r][0][0][1] for r in range(world_size)])),
                                   np.sort(first))
 
 
-@pytest.mark.parametrize("batch_size", [None, 10])
-def test_ddp_with_lightnings_distributed_sampler_is_refused(batch_size):
-    """Lightning's sampler would split each process's share again: a clear error instead."""
-    dm = CellDataModule(_matrix(n=50), batch_size=batch_size, seed=0)
-    dm.trainer = _Ranks(0, 2)
-    dm.trainer._accelerator_connector = type("Connector", (), {"use_distributed_sampler": True})()
-    with pytest.raises(InputError, match="use_distributed_sampler=False"):
-        dm.train_dataloader()
-
-
 def test_ddp_batch_smaller_than_the_processes_is_refused():
-    dm = CellDataModule(_matrix(n=50), batch_size=2, seed=0)
+    dm = datamodule(_matrix(n=50), batch_size=2, seed=0)
     dm.trainer = _Ranks(0, 4)
     with pytest.raises(InputError, match="data.batch_size=2 is smaller than the 4 processes"):
         dm.train_dataloader()
@@ -810,9 +814,9 @@ def test_ddp_batch_smaller_than_the_processes_is_refused():
 
 def test_minibatch_shuffled_and_reproducible():
     x = _matrix(n=50)
-    a = _epoch(CellDataModule(x, batch_size=10, seed=7))
-    b = _epoch(CellDataModule(x, batch_size=10, seed=7))
-    c = _epoch(CellDataModule(x, batch_size=10, seed=8))
+    a = _epoch(datamodule(x, batch_size=10, seed=7))
+    b = _epoch(datamodule(x, batch_size=10, seed=7))
+    c = _epoch(datamodule(x, batch_size=10, seed=8))
     groups = lambda e: [tuple(i) for _, i in e]  # noqa: E731
     assert groups(a) == groups(b)
     assert groups(a) != groups(c)
@@ -820,14 +824,14 @@ def test_minibatch_shuffled_and_reproducible():
     assert groups(a)[0] != tuple(range(10))
     assert set(groups(a)) != {tuple(range(k, k + 10)) for k in range(0, 50, 10)}
     # two epochs of one loader differ from each other
-    loader = CellDataModule(x, batch_size=10, seed=7).train_dataloader()
+    loader = datamodule(x, batch_size=10, seed=7).train_dataloader()
     assert groups(_epoch(loader)) != groups(_epoch(loader))
 
 
 def test_minibatch_sparse_equals_dense():
     x = _matrix(n=40, seed=2)
-    d = _epoch(CellDataModule(x, batch_size=7, seed=1))
-    s = _epoch(CellDataModule(sp.csr_matrix(x), batch_size=7, seed=1))
+    d = _epoch(datamodule(x, batch_size=7, seed=1))
+    s = _epoch(datamodule(sp.csr_matrix(x), batch_size=7, seed=1))
     assert len(d) == len(s) == 6
     for (bd, idd), (bs, ids) in zip(d, s):
         np.testing.assert_array_equal(idd, ids)
@@ -836,14 +840,15 @@ def test_minibatch_sparse_equals_dense():
 
 @pytest.mark.parametrize("bad", [0, -3])
 def test_batch_size_below_one(bad):
-    with pytest.raises(ValueError, match=r"batch_size"):
-        CellDataModule(_matrix(), batch_size=bad)
+    # checked by the data settings now, before any data module is built
+    with pytest.raises(ValueError, match=r"data.batch_size"):
+        data(batch_size=bad)
 
 
 def test_datamodule_from_prepared_sparse():
     adata = make_adata(seed=16, sparse=True)
-    p = prepare(adata, "condition", "ctrl", normalize="total")
-    dm = CellDataModule(p.control, batch_size=None, steps_per_epoch=1)
+    p = prepare(adata, data("condition", "ctrl", normalize="total"), use_case=True)
+    dm = datamodule(p.control, batch_size=None, steps_per_epoch=1)
     (block, idx), = list(dm.train_dataloader())
     assert block.layout == torch.sparse_csr
     np.testing.assert_allclose(block.to_dense().numpy(), p.control.toarray())
@@ -987,13 +992,13 @@ def test_duplicate_cell_and_gene_names_are_rejected():
     cells = adata.copy()
     cells.obs_names = [cells.obs_names[0]] + list(cells.obs_names[1:-1]) + [cells.obs_names[0]]
     with pytest.raises(InputError, match=r"1 cell names occur more than once .*obs_names_make_unique"):
-        prepare(cells, "condition", "ctrl")
+        prepare(cells, data("condition", "ctrl"), use_case=True)
     genes = adata.copy()
     genes.var_names = ["G0", "G0"] + list(genes.var_names[2:])
     with pytest.raises(InputError, match=r"1 gene names occur more than once \(e.g. \['G0'\]\)"):
-        prepare(genes, "condition", "ctrl")
+        prepare(genes, data("condition", "ctrl"), use_case=True)
     with pytest.raises(InputError, match=r"gene ID names occur more than once.*data.gene_id_column"):
-        prepare(adata, "condition", "ctrl", gene_ids=["X"] * adata.n_vars)
+        prepare(adata, data("condition", "ctrl"), use_case=True, gene_ids=["X"] * adata.n_vars)
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -1006,7 +1011,7 @@ def test_bad_values_say_how_many_and_where(sparse, value, kind):
     x[rows[9], 2] = value
     adata.X = sp.csr_matrix(x) if sparse else x
     with pytest.raises(InputError) as err:
-        prepare(adata, "condition", "ctrl")
+        prepare(adata, data("condition", "ctrl"), use_case=True)
     first = min((rows[4], 7), (rows[9], 2))
     assert f"2 {kind} values (the first in cell {str(adata.obs_names[first[0]])!r}, " \
            f"gene {str(adata.var_names[first[1]])!r})" in str(err.value)
@@ -1016,13 +1021,13 @@ def test_float64_is_converted_with_one_warning_and_integers_are_accepted():
     adata = make_adata()
     adata.X = np.asarray(dense(adata.X), dtype=np.float64)
     with pytest.warns(UserWarning, match="float64; converting to float32") as record:
-        p = prepare(adata, "condition", "ctrl", min_cells=0)
+        p = prepare(adata, data("condition", "ctrl", min_cells=0), use_case=True)
     assert len([w for w in record if "float64" in str(w.message)]) == 1 and p.X.dtype == np.float32
     counts = adata.copy()
     counts.X = sp.csr_matrix(np.asarray(dense(adata.X)).round().astype(np.int64))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        p = prepare(counts, "condition", "ctrl", min_cells=0)
+        p = prepare(counts, data("condition", "ctrl", min_cells=0), use_case=True)
     assert p.X.dtype == np.float32
 
 
@@ -1031,7 +1036,7 @@ def test_an_epochs_batches_depend_on_the_seed_and_epoch_alone(draw):
     """What makes minibatch resume exact: epoch e's batches are the same whether or not the
     epochs before it were drawn, every epoch covers every cell once, and epochs differ."""
     from deltanmf.data.backed import run_batches
-    from deltanmf.data.datamodule import EpochBatches, ResumableBatches
+    from deltanmf.train.samplers import EpochBatches, ResumableBatches
 
     n, batch_size = 103, 10
     runs = (lambda size, rng: run_batches(n, size, rng)) if draw else None  # as for cells on disk

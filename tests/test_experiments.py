@@ -4,36 +4,28 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from deltanmf.pipeline import _trainer, run
-
-from conftest import CONF
-
-
-def _compose(*overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose("config", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-    return cfg
+from deltanmf.errors import NonFiniteLossError
+from deltanmf.train import Stage1Module, build_trainer
+from deltanmf.workflow.config import default_settings, load_settings
+from deltanmf.workflow.run import training_plan
+from helpers import datamodule, module_args, run
 
 
 def test_published_preset_is_the_published_schedule():
-    default = _compose()
-    cfg = _compose("experiment=published")
-    # Adam at lr 0.01 in both stages, a fixed 10,000 full-batch steps, no early stop
-    assert cfg.model.stage1.lr == 0.01 and cfg.model.stage2.lr == 0.01
-    assert cfg.trainer.max_steps == 10_000
-    assert cfg.data.batch_size is None
-    assert cfg.model.stop.enabled is False and default.model.stop.enabled is True
+    default = default_settings("logger=none")
+    published = default_settings("logger=none", "experiment=published")
+    # Adam at lr 0.01 (both stages' modules), a fixed 10,000 full-batch steps, no early stop
+    assert published.model.lr == 0.01
+    assert published.trainer["max_steps"] == 10_000
+    assert published.data.batch_size is None
+    assert published.model.stop.enabled is False and default.model.stop.enabled is True
     # the same initialisation and everything else as the defaults: the preset lists only the schedule
-    assert cfg.model.consensus == default.model.consensus
-    assert cfg.model.activation == default.model.activation and cfg.model.beta == default.model.beta
-    assert cfg.data.simulation == default.data.simulation and cfg.K == default.K
+    assert published.model.consensus == default.model.consensus
+    assert published.model.activation == default.model.activation and published.model.beta == default.model.beta
+    assert published.data.simulation == default.data.simulation and published.K == default.K
     # command-line overrides still win over the preset
-    assert _compose("experiment=published", "trainer.max_steps=40").trainer.max_steps == 40
+    assert default_settings("experiment=published", "trainer.max_steps=40").trainer["max_steps"] == 40
 
 
 def test_published_runs_exactly_max_steps_where_the_default_stops_early(make_cfg):
@@ -60,13 +52,11 @@ def test_published_runs_exactly_max_steps_where_the_default_stops_early(make_cfg
 
 
 def test_published_schedule_still_stops_on_a_non_finite_loss(make_cfg):
-    from deltanmf.data import CellDataModule
-    from deltanmf.stages import NonFiniteLossError, Stage1Module
-
     cfg, run_dir = make_cfg("logger=none", "experiment=published", "trainer.max_steps=100")
+    settings = load_settings(cfg)
     rng = np.random.default_rng(0)
     x = rng.random((40, 30), dtype=np.float32)
     x[5, 3] = 3e38  # its square overflows float32: the loss is inf from the first step
-    module = Stage1Module(torch.rand(30, 3), torch.rand(40, 3))
+    module = Stage1Module(torch.rand(30, 3), torch.rand(40, 3), **module_args(window=10))
     with pytest.raises(NonFiniteLossError, match="between steps 1 and 10"):
-        _trainer(cfg, run_dir, "stage1").fit(module, CellDataModule(x, steps_per_epoch=10))
+        build_trainer(training_plan(settings, run_dir), "stage1").fit(module, datamodule(x, steps_per_epoch=10))

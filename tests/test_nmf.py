@@ -1,4 +1,4 @@
-"""Tests for the pure-math layer ``deltanmf.nmf``.
+"""Tests for the pure-math layer ``deltanmf.core``.
 
 Every check compares against an independent reference written in plain numpy / scipy /
 scikit-learn (or, for the optimiser, against torch's own Adam / SparseAdam).
@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import nnls as scipy_nnls
 
-from deltanmf.data.errors import InputError
-from deltanmf.nmf.activation import Activation
-from deltanmf.nmf.consensus import (
+from helpers import DEFAULTS, consensus
+
+from deltanmf.core.activation import Activation
+from deltanmf.core.consensus import (
     ConsensusResult,
     consensus_init,
     density_filter,
@@ -28,24 +29,29 @@ from deltanmf.nmf.consensus import (
     refit_usage,
     silhouette,
 )
-from deltanmf.nmf.losses import (
+from deltanmf.core.losses import (
     GeneGraph,
     adaptive_strength,
+    fit_error,
     laplacian_penalty,
     reconstruction_loss,
     squared_error,
 )
-from deltanmf.nmf.matrix import CellMatrix
-from deltanmf.nmf.metrics import (
+from deltanmf.core.matrix import CellMatrix
+from deltanmf.core.metrics import (
     cosine_matrix,
-    fit_error,
     matched_cosine,
     matching,
     normalize_programs,
 )
-from deltanmf.nmf.model import NeuralNMF
-from deltanmf.nmf.nnls import nnls_gram, nnls_programs, nnls_usage
-from deltanmf.nmf.optim import LazyAdam
+from deltanmf.core.model import NeuralNMF
+from deltanmf.core.nnls import nnls_gram, nnls_programs, nnls_usage
+from deltanmf.core.optim import LazyAdam
+from deltanmf.errors import InputError
+
+# the defaults of conf/model/neural_nmf.yaml that the functions below now take explicitly
+RESTARTS = DEFAULTS.model.consensus.kmeans_restarts
+NNLS_ITER = DEFAULTS.model.consensus.nnls_iterations
 
 
 # --------------------------------------------------------------------------------------
@@ -177,7 +183,7 @@ def test_activation_inverse_lifts_tiny_values_to_floor(kind):
 def test_activation_inverse_does_not_alias_input():
     v = torch.rand(5, dtype=torch.float64) + 0.1
     keep = v.clone()
-    raw = Activation("relu").inverse(v)
+    raw = Activation("relu", 5.0).inverse(v)
     raw += 1.0
     assert torch.equal(v, keep)
 
@@ -741,7 +747,7 @@ def test_neural_nmf_initial_values(kind, sparse_grad):
 def test_neural_nmf_does_not_alias_inputs():
     w, u, _ = _model_inputs()
     keep = w.clone()
-    model = NeuralNMF(w, u, Activation("relu"))
+    model = NeuralNMF(w, u, Activation("relu", 5.0))
     with torch.no_grad():
         model.programs_raw.add_(1.0)
     assert torch.equal(w, keep)
@@ -793,7 +799,7 @@ def test_neural_nmf_laplacian_and_training_step_with_lazy_adam():
 
 def test_neural_nmf_rejects_mismatched_k():
     with pytest.raises(ValueError):
-        NeuralNMF(torch.rand(5, 3), torch.rand(4, 2), Activation())
+        NeuralNMF(torch.rand(5, 3), torch.rand(4, 2), Activation("softplus", 5.0))
 
 
 # --------------------------------------------------------------------------------------
@@ -811,30 +817,30 @@ def _blobs(seed: int = 21, per: int = 15, k: int = 3, dim: int = 5):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_kmeans_recovers_blobs(seed):
     pts, truth = _blobs(seed=30 + seed, k=4)
-    labels = kmeans(torch.tensor(pts), 4, seed=seed)
+    labels = kmeans(torch.tensor(pts), 4, seed=seed, restarts=RESTARTS)
     assert labels.shape == (len(truth),) and labels.dtype == torch.long
     assert set(labels.tolist()) == {0, 1, 2, 3}
     assert _same_partition(labels.numpy(), truth)
     # deterministic in its seed
-    assert torch.equal(labels, kmeans(torch.tensor(pts), 4, seed=seed))
+    assert torch.equal(labels, kmeans(torch.tensor(pts), 4, seed=seed, restarts=RESTARTS))
 
 
 def test_kmeans_too_few_points():
     with pytest.raises(ValueError):
-        kmeans(torch.rand(2, 3), 3, seed=0)
+        kmeans(torch.rand(2, 3), 3, seed=0, restarts=RESTARTS)
 
 
 def test_kmeans_does_not_modify_points_k2():
     pts = torch.tensor(_blobs(k=2)[0])
     keep = pts.clone()
-    kmeans(pts, 2, seed=0)
+    kmeans(pts, 2, seed=0, restarts=RESTARTS)
     assert torch.equal(pts, keep)
 
 
 def test_kmeans_does_not_modify_points_k1():
     pts = torch.tensor(_blobs(k=2)[0])
     keep = pts.clone()
-    labels = kmeans(pts, 1, seed=0)
+    labels = kmeans(pts, 1, seed=0, restarts=RESTARTS)
     assert torch.equal(labels, torch.zeros(len(pts), dtype=torch.long))
     assert torch.equal(pts, keep)
 
@@ -956,7 +962,7 @@ def test_accelerated_updates_get_further_per_pass(planted, seed):
 
     def result(passes: int, inner: int) -> tuple[float, float]:
         w = multiplicative_nmf(m, 4, passes, seed, inner_updates=inner)
-        error = fit_error(m, w.numpy(), refit_usage(m, w).numpy())["relative_error"]
+        error = fit_error(m, w.numpy(), refit_usage(m, w, NNLS_ITER).numpy())["relative_error"]
         return error, matched_cosine(w.numpy(), w_true).min()
 
     (fast, fast_cos), (slow, _), (short, short_cos) = result(10, 10), result(30, 1), result(10, 1)
@@ -967,7 +973,7 @@ def test_accelerated_updates_get_further_per_pass(planted, seed):
 def _reference_passes(x: np.ndarray, k: int, seeds, inner: int, tol: float, cap: int) -> int:
     """Passes the replicate runs take under ``tol``, recomputed in plain float64 numpy: each
     run's squared error at its new usage and the pass's programs, ``||X - U W^T||^2``."""
-    from deltanmf.nmf.consensus import _generator
+    from deltanmf.core.consensus import _generator
 
     scale = math.sqrt(max(math.sqrt((x**2).sum() / x.size), 1e-10) / k)
     runs = []
@@ -1003,14 +1009,14 @@ def test_replicates_stop_once_no_run_improves_by_tol(planted, sparse, batch_size
     """With ``tol`` the runs stop at the first pass that lowers no run's squared error by more
     than tol (relative), as recomputed independently; the programs are then those of the
     passes before, exactly as a run capped there gives. ``tol=0`` runs every pass."""
-    import deltanmf.nmf.consensus as consensus
+    import deltanmf.core.consensus as consensus_module
 
     counts, _, _ = planted
     x = counts.astype(np.float64)
     m = CellMatrix(sp.csr_matrix(x) if sparse else x, batch_size=batch_size, dtype=torch.float64)
     products = []
-    real = consensus.matmul
-    monkeypatch.setattr(consensus, "matmul", lambda *a: products.append(1) or real(*a))
+    real = consensus_module.matmul
+    monkeypatch.setattr(consensus_module, "matmul", lambda *a: products.append(1) or real(*a))
     seeds, cap, tol = [3, 8], 40, 1e-3
     expected = _reference_passes(x, 4, seeds, inner=4, tol=tol, cap=cap)
     assert 2 < expected < cap  # the rule, not the cap, ends these runs
@@ -1029,23 +1035,23 @@ def test_replicates_stop_once_no_run_improves_by_tol(planted, sparse, batch_size
 
 @pytest.mark.parametrize("key", ["iterations", "replicates"])
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "15"])
-def test_consensus_passes_and_runs_must_be_whole_numbers(planted, key, bad):
-    """iterations=0 had run no pass at all and reported a meaningless stability."""
-    settings = {"replicates": 2, "iterations": 2, key: bad}
+def test_consensus_passes_and_runs_must_be_whole_numbers(key, bad):
+    """iterations=0 had run no pass at all and reported a meaningless stability. The
+    settings of consensus_init (``model.consensus``) refuse it when they are built."""
     with pytest.raises(InputError, match=rf"model\.consensus\.{key}=.* must be a whole number >= 1"):
-        consensus_init(CellMatrix(planted[0]), 4, **settings)
+        consensus(**{"replicates": 2, "iterations": 2, key: bad})
 
 
 @pytest.mark.parametrize("bad", [-1e-4, 1, 2.0, True, "1e-4", None])
-def test_consensus_tol_must_be_a_number_in_0_1(planted, bad):
+def test_consensus_tol_must_be_a_number_in_0_1(bad):
     with pytest.raises(InputError, match=r"model\.consensus\.tol=.*must be a number in \[0, 1\)"):
-        consensus_init(CellMatrix(planted[0]), 4, replicates=2, iterations=2, tol=bad)
+        consensus(replicates=2, iterations=2, tol=bad)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True, "10"])
-def test_inner_updates_must_be_a_whole_number(planted, bad):
+def test_inner_updates_must_be_a_whole_number(bad):
     with pytest.raises(InputError, match=r"model\.consensus\.inner_updates="):
-        consensus_init(CellMatrix(planted[0]), 4, replicates=2, iterations=2, inner_updates=bad)
+        consensus(replicates=2, iterations=2, inner_updates=bad)
 
 
 def test_consensus_with_too_few_distinct_programs_is_named(planted):
@@ -1055,7 +1061,7 @@ def test_consensus_with_too_few_distinct_programs_is_named(planted):
     empty = np.zeros_like(counts[:50])
     empty[:, 0] = 1.0  # one gene carries everything: every run finds the same program
     with pytest.raises(InputError, match="fewer than K=4 distinct programs"):
-        consensus_init(CellMatrix(empty), 4, replicates=3, iterations=10, seed=0)
+        consensus_init(CellMatrix(empty), 4, consensus(replicates=3, iterations=10), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -1063,9 +1069,9 @@ def consensus_runs(planted):
     counts, _, _ = planted
     m = CellMatrix(counts)
     return {
-        "a": consensus_init(m, 4, replicates=5, seed=0),
-        "b": consensus_init(m, 4, replicates=5, seed=0),
-        "c": consensus_init(m, 4, replicates=5, seed=1),
+        "a": consensus_init(m, 4, consensus(replicates=5), seed=0),
+        "b": consensus_init(m, 4, consensus(replicates=5), seed=0),
+        "c": consensus_init(m, 4, consensus(replicates=5), seed=1),
     }
 
 
@@ -1113,14 +1119,15 @@ def test_consensus_init_seeding(consensus_runs):
 def test_consensus_init_minibatch_recovers_planted(planted):
     counts, w_true, _ = planted
     m = CellMatrix(sp.csr_matrix(counts), batch_size=128)
-    res = consensus_init(m, 4, replicates=3, iterations=60, seed=2)
+    res = consensus_init(m, 4, consensus(replicates=3, iterations=60), seed=2)
     assert (res.programs >= 0).all() and (res.usage >= 0).all()
     assert res.kept.shape == (3 * 4,)
     assert matched_cosine(res.programs.numpy(), w_true).min() >= 0.95
-    res2 = consensus_init(m, 4, replicates=3, iterations=60, seed=2)
+    res2 = consensus_init(m, 4, consensus(replicates=3, iterations=60), seed=2)
     assert torch.equal(res.programs, res2.programs)
 
 
-def test_consensus_init_rejects_zero_replicates(planted):
-    with pytest.raises(ValueError):
-        consensus_init(CellMatrix(planted[0]), 4, replicates=0)
+def test_consensus_init_rejects_zero_replicates():
+    # consensus_init takes its settings as ConsensusSettings, which refuse R=0 when built
+    with pytest.raises(ValueError, match=r"model\.consensus\.replicates=0"):
+        consensus(replicates=0)

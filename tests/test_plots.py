@@ -1,24 +1,26 @@
-"""Tests for ``deltanmf.report.plots``: every writer produces a valid, readable PNG from the
-tables of ``deltanmf.report.casecontrol``, and what it draws matches those tables.
+"""Tests for ``deltanmf.pl``: every plot function returns a matplotlib Figure (no pyplot,
+no backend change) built from the tables of ``deltanmf.tl.casecontrol``, saved by
+``deltanmf.pl.save_figure`` as a valid, readable PNG, and what it draws matches those tables.
 
-Drawn content is checked through the figure's axes (captured by wrapping
-``plt.subplots``): heatmap values, called dots, arrows and stars are compared with the
-tables recomputed here with pandas.
+Drawn content is checked through the returned figure's axes: heatmap values, called dots,
+arrows and stars are compared with the tables recomputed here with pandas.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
+import matplotlib.image as mpimg
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.image as mpimg  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-
-from deltanmf.nmf.metrics import cosine_matrix  # noqa: E402
-from deltanmf.report import plots  # noqa: E402
-from deltanmf.report.casecontrol import case_program_table, group_usage_table, usage_shift_table  # noqa: E402
+from deltanmf import pl
+from deltanmf.core.metrics import cosine_matrix
+from deltanmf.tl.casecontrol import case_program_table, group_usage_table, usage_shift_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 K, C, G = 5, 2, 30
@@ -35,19 +37,16 @@ def assert_png(path, min_side=100):
     return image
 
 
-@pytest.fixture
-def capture_axes(monkeypatch):
-    """Record the axes of every figure a plot function creates."""
-    made = []
-    original = plots.plt.subplots
+def save_png(fig, path, min_side=100):
+    """``fig`` is a Figure; written by :func:`deltanmf.pl.save_figure` to a valid PNG."""
+    assert isinstance(fig, Figure)
+    pl.save_figure(fig, path)
+    return assert_png(path, min_side)
 
-    def spy(*args, **kwargs):
-        fig, axes = original(*args, **kwargs)
-        made.append(axes)
-        return fig, axes
 
-    monkeypatch.setattr(plots.plt, "subplots", spy)
-    return made
+def plot_axes(fig):
+    """The plotting axes of ``fig`` (its colorbar axes left out)."""
+    return [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
 
 
 def _usage(rng, n, alpha, case_fraction=0.0):
@@ -75,32 +74,35 @@ def fit():
     return ctrl, case, programs, genes, shift, cases
 
 
-def test_top_genes_plot_writes_png(tmp_path, fit, capture_axes):
+def test_top_genes_plot_writes_png(tmp_path, fit):
     _, _, programs, genes, _, _ = fit
-    path = tmp_path / "top_genes.png"
-    plots.top_genes_plot(path, programs, NAMES, genes, n_top=8)
-    assert_png(path)
-    axes = capture_axes[0]
-    assert axes.shape == (2, 5)  # 7 programs, 5 per row
-    for j, ax in enumerate(axes.flat[:len(NAMES)]):
+    fig = pl.top_genes_plot(programs, NAMES, genes, n_top=8)
+    save_png(fig, tmp_path / "top_genes.png")
+    axes = plot_axes(fig)
+    assert len(axes) == 10 and all(ax.get_subplotspec().get_geometry()[:2] == (2, 5) for ax in axes)
+    assert [ax.get_subplotspec().num1 for ax in axes] == list(range(10))  # 7 programs, 5 per row, row by row
+    for j, ax in enumerate(axes[:len(NAMES)]):
         assert ax.get_title() == NAMES[j]
         labels = [t.get_text() for t in ax.get_yticklabels()]
         top = np.argsort(-programs[:, j])[:8]
         assert labels == list(genes[top][::-1])  # highest at the top of the chart
         widths = [bar.get_width() for bar in ax.patches]
         np.testing.assert_allclose(widths, programs[top[::-1], j])
-    assert not axes.flat[-1].axison  # the unused panel is hidden
+    assert not axes[-1].axison  # the unused panel is hidden
 
 
-def test_top_genes_weight_labels_do_not_run_together(tmp_path, capture_axes):
+def test_top_genes_weight_labels_do_not_run_together(tmp_path):
     """Programs sum to 1 over many genes, so weights are small decimals; the weight axis
     of each panel must still have readable, separate tick labels."""
     programs = np.random.default_rng(0).uniform(0.0, 1.6, size=(200, 4))
     programs[:10] = np.linspace(2.5, 3.0, 10)[:, None]  # top weights ~0.015, as a fit of 200 genes gives
     programs /= programs.sum(axis=0)
-    plots.top_genes_plot(tmp_path / "top_genes.png", programs, NAMES[:4], [f"ENSG{i:011d}" for i in range(200)])
-    for ax in capture_axes[0].flat:
-        renderer = FigureCanvasAgg(ax.figure).get_renderer()  # the figure is closed once saved
+    fig = pl.top_genes_plot(programs, NAMES[:4], [f"ENSG{i:011d}" for i in range(200)])
+    save_png(fig, tmp_path / "top_genes.png")
+    canvas = FigureCanvasAgg(fig)  # a Figure without pyplot: lay it out on an Agg canvas
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    for ax in plot_axes(fig):
         lo, hi = ax.get_xlim()
         boxes = sorted((t.get_window_extent(renderer) for t, x in zip(ax.get_xticklabels(), ax.get_xticks())
                         if lo <= x <= hi and t.get_text()), key=lambda b: b.x0)
@@ -109,18 +111,16 @@ def test_top_genes_weight_labels_do_not_run_together(tmp_path, capture_axes):
 
 
 def test_top_genes_plot_single_program(tmp_path):
-    path = tmp_path / "one.png"
-    plots.top_genes_plot(path, np.arange(12.0)[:, None], ["base_1"], [f"g{i}" for i in range(12)])
-    assert_png(path, min_side=50)
+    fig = pl.top_genes_plot(np.arange(12.0)[:, None], ["base_1"], [f"g{i}" for i in range(12)])
+    save_png(fig, tmp_path / "one.png", min_side=50)
 
 
-def test_usage_share_plot_writes_png(tmp_path, fit, capture_axes):
+def test_usage_share_plot_writes_png(tmp_path, fit):
     *_, shift, cases = fit
     assert set(shift["shift"]) == {"up", "down", "none"} and cases["emergent"].any()
-    path = tmp_path / "usage_share.png"
-    plots.usage_share_plot(path, shift, cases)
-    assert_png(path)
-    ax1, ax2 = capture_axes[0]
+    fig = pl.usage_share_plot(shift, cases)
+    save_png(fig, tmp_path / "usage_share.png")
+    ax1, ax2 = plot_axes(fig)
     heights = [b.get_height() for b in ax1.patches]
     np.testing.assert_allclose(heights, list(shift["control_share"]) + list(shift["case_share"]))
     arrows = [t.get_text() for t in ax1.texts]
@@ -136,18 +136,15 @@ def test_usage_share_plot_nothing_called(tmp_path):
     shift = usage_shift_table(ctrl, case, NAMES, K)
     cases = case_program_table(ctrl, case, NAMES, K, rng.gamma(1, 1, (G, K + C)), np.arange(G))
     assert (shift["shift"] == "none").all() and not cases["emergent"].any()
-    path = tmp_path / "quiet.png"
-    plots.usage_share_plot(path, shift, cases)
-    assert_png(path)
+    save_png(pl.usage_share_plot(shift, cases), tmp_path / "quiet.png")
 
 
-def test_similarity_plot_writes_png(tmp_path, fit, capture_axes):
+def test_similarity_plot_writes_png(tmp_path, fit):
     *_, programs, _, _, _ = fit
     cos = cosine_matrix(programs[:, :K], programs[:, K:])
-    path = tmp_path / "similarity.png"
-    plots.similarity_plot(path, cos, NAMES[:K], NAMES[K:])
-    assert_png(path)
-    ax = capture_axes[0]
+    fig = pl.similarity_plot(cos, NAMES[:K], NAMES[K:])
+    save_png(fig, tmp_path / "similarity.png")
+    (ax,) = plot_axes(fig)
     np.testing.assert_allclose(np.asarray(ax.images[0].get_array()), cos)
     assert [t.get_text() for t in ax.texts] == [f"{v:.2f}" for v in cos.ravel()]
 
@@ -165,13 +162,12 @@ def _group_table(n_groups, seed=22, cells=12):
     return group_usage_table(np.vstack(blocks), np.array(groups), is_control, NAMES, K)
 
 
-def test_group_usage_plot_writes_png(tmp_path, capture_axes):
+def test_group_usage_plot_writes_png(tmp_path):
     table = _group_table(8, cells=40)
     assert table["called"].any()
-    path = tmp_path / "groups.png"
-    plots.group_usage_plot(path, table)
-    assert_png(path)
-    ax = capture_axes[0]
+    fig = pl.group_usage_plot(table)
+    save_png(fig, tmp_path / "groups.png")
+    (ax,) = plot_axes(fig)
     wide = table.pivot(index="group", columns="program", values="log2_fold_change")[NAMES]
     assert [t.get_text() for t in ax.get_yticklabels()] == list(wide.index)
     assert [t.get_text() for t in ax.get_xticklabels()] == NAMES
@@ -182,13 +178,12 @@ def test_group_usage_plot_writes_png(tmp_path, capture_axes):
     assert sorted(map(tuple, np.asarray(dots).tolist())) == sorted(zip(xs.tolist(), ys.tolist()))
 
 
-def test_group_usage_plot_keeps_60_most_changed_groups(tmp_path, capture_axes):
+def test_group_usage_plot_keeps_60_most_changed_groups(tmp_path):
     table = _group_table(75)
     assert table["group"].nunique() == 75
-    path = tmp_path / "many_groups.png"
-    plots.group_usage_plot(path, table)
-    assert_png(path)
-    ax = capture_axes[0]
+    fig = pl.group_usage_plot(table)
+    save_png(fig, tmp_path / "many_groups.png")
+    (ax,) = plot_axes(fig)
     change = table.assign(a=table["log2_fold_change"].abs()).groupby("group")["a"].max()
     expected = list(change.sort_values(ascending=False).index[:60])
     shown = [t.get_text() for t in ax.get_yticklabels()]
@@ -200,3 +195,51 @@ def test_group_usage_plot_keeps_60_most_changed_groups(tmp_path, capture_axes):
     # dots only for called cells among the kept groups
     called = table.pivot(index="group", columns="program", values="called").loc[expected, NAMES]
     assert len(ax.collections[0].get_offsets()) == int(called.to_numpy().sum())
+
+
+# -- no pyplot, no backend change ---------------------------------------------------------------
+_NO_PYPLOT = textwrap.dedent("""
+    import sys, tempfile
+    from pathlib import Path
+    import matplotlib
+    before = matplotlib.get_backend(auto_select=False)  # None until chosen; does not import pyplot
+    import numpy as np, pandas as pd
+    import deltanmf
+    import deltanmf.pl as pl
+    from deltanmf.tl.casecontrol import case_program_table, group_usage_table, usage_shift_table
+    rng = np.random.default_rng(0)
+    names = ["base_1", "base_2", "base_3", "case_1"]
+    ctrl, case = rng.gamma(1, 1, (40, 4)), rng.gamma(1, 1, (40, 4))
+    programs = rng.gamma(1, 1, (20, 4))
+    shift = usage_shift_table(ctrl, case, names, 3)
+    cases = case_program_table(ctrl, case, names, 3, programs, np.arange(20))
+    groups = np.array(["ctrl"] * 40 + ["A"] * 20 + ["B"] * 20)
+    table = group_usage_table(np.vstack([ctrl, case]), groups, groups == "ctrl", names, 3)
+    ks = pd.DataFrame({"K": [3, 4, 5], "K_case": [None] * 3, "stage": ["onestage"] * 3,
+                       "stability": [0.9, 0.8, 0.5], "stage1_relative_error": [0.5, 0.4, 0.38],
+                       "explained_variance_gain": [np.nan] * 3, "null_explained_variance_gain": [np.nan] * 3})
+    figures = [pl.top_genes_plot(programs, names, np.arange(20)), pl.usage_share_plot(shift, cases),
+               pl.similarity_plot(np.full((3, 1), 0.5), names[:3], names[3:]), pl.group_usage_plot(table),
+               pl.k_selection_plot(ks, k=4)]
+    with tempfile.TemporaryDirectory() as folder:
+        for i, fig in enumerate(figures):
+            pl.save_figure(fig, Path(folder) / f"{i}.png")
+            assert (Path(folder) / f"{i}.png").read_bytes()[:4] == b"\\x89PNG"
+    assert "matplotlib.pyplot" not in sys.modules, "pyplot was imported"
+    after = matplotlib.get_backend(auto_select=False)
+    assert after == before, (before, after)
+    print("backend", before, after)
+""")
+
+
+@pytest.mark.parametrize("backend", [None, "svg"])
+def test_plotting_does_not_import_pyplot_or_change_the_backend(backend):
+    """In a fresh interpreter: importing deltanmf and deltanmf.pl, building every figure and
+    saving it leaves pyplot unimported and matplotlib's backend as it was (unset, or the
+    user's choice)."""
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    if backend is not None:
+        env["MPLBACKEND"] = backend
+    proc = subprocess.run([sys.executable, "-c", _NO_PYPLOT], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["backend", str(backend), str(backend)]

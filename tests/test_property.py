@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import deltanmf
 from deltanmf.data import prepare
+from helpers import data
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -57,8 +58,8 @@ def datasets(draw):
 def test_prepare_returns_finite_data_or_raises_value_error(adata, normalize, scale):
     before = adata.X.copy()
     try:
-        prepared = prepare(adata, condition_key="condition", control="control", min_cells=1,
-                           normalize=normalize, scale_genes=scale)
+        prepared = prepare(adata, data("condition", "control", min_cells=1, normalize=normalize, scale_genes=scale),
+                           use_case=True)
     except ValueError as err:
         assert str(err)  # a message, not a bare error
         event("refused")

@@ -1,4 +1,4 @@
-"""Replicate fits: their consensus and stability (deltanmf.nmf.replicates), and model.replicates /
+"""Replicate fits: their consensus and stability (deltanmf.core.replicates), and model.replicates /
 model.null_fit in a run."""
 from __future__ import annotations
 
@@ -9,9 +9,15 @@ import pytest
 import torch
 from sklearn.metrics import silhouette_score
 
-from deltanmf.nmf.metrics import fit_error, matched_cosine
-from deltanmf.nmf.replicates import _fill_empty_clusters, replicate_consensus
-from deltanmf.pipeline import replicate_seeds, run
+from helpers import DEFAULTS, model, run
+
+from deltanmf.core.losses import fit_error
+from deltanmf.core.metrics import matched_cosine
+from deltanmf.core.replicates import _fill_empty_clusters, replicate_consensus
+from deltanmf.errors import InputError
+from deltanmf.tl.fit import replicate_seeds
+
+RESTARTS = DEFAULTS.model.consensus.kmeans_restarts  # k-means restarts, as a run uses them
 
 
 def _planted(n_genes=200, k=5, seed=0) -> np.ndarray:
@@ -38,7 +44,7 @@ def _replicates(truth: np.ndarray, r: int, noise: float, seed: int = 0) -> list[
 def test_consensus_recovers_planted_programs_from_shuffled_noisy_replicates():
     truth = _planted()
     reps = _replicates(truth, r=6, noise=0.3)
-    found = replicate_consensus(reps, seed=0)
+    found = replicate_consensus(reps, seed=0, restarts=RESTARTS)
     programs = found.programs.numpy()
     assert programs.shape == truth.shape
     np.testing.assert_allclose(programs.sum(0), 1, rtol=1e-5)
@@ -56,7 +62,7 @@ def test_consensus_recovers_planted_programs_from_shuffled_noisy_replicates():
 def test_consensus_is_ordered_like_the_first_replicate():
     truth = _planted()
     reps = _replicates(truth, r=4, noise=0.2, seed=3)
-    programs = replicate_consensus(reps).programs.numpy()
+    programs = replicate_consensus(reps, seed=0, restarts=RESTARTS).programs.numpy()
     first = reps[0] / np.linalg.norm(reps[0], axis=0)
     cos = first.T @ (programs / np.linalg.norm(programs, axis=0))
     assert (np.argmax(cos, axis=1) == np.arange(5)).all()
@@ -64,7 +70,7 @@ def test_consensus_is_ordered_like_the_first_replicate():
 
 def test_stability_is_the_silhouette_of_the_pooled_programs():
     reps = _replicates(_planted(), r=4, noise=0.6, seed=1)
-    found = replicate_consensus(reps)
+    found = replicate_consensus(reps, seed=0, restarts=RESTARTS)
     pool = np.concatenate([w.T for w in reps])
     pool = pool / np.linalg.norm(pool, axis=1, keepdims=True)
     assert found.stability == pytest.approx(silhouette_score(pool, found.labels.numpy()), abs=1e-6)
@@ -74,22 +80,23 @@ def test_unstable_replicates_score_low():
     """Replicates that agree (same planted programs) against replicates that do not (fresh random
     programs each time): the stability must tell them apart."""
     truth = _planted()
-    close = replicate_consensus(_replicates(truth, r=5, noise=0.1)).stability
-    noisy = replicate_consensus(_replicates(truth, r=5, noise=0.6)).stability
+    close = replicate_consensus(_replicates(truth, r=5, noise=0.1), seed=0, restarts=RESTARTS).stability
+    noisy = replicate_consensus(_replicates(truth, r=5, noise=0.6), seed=0, restarts=RESTARTS).stability
     rng = np.random.default_rng(0)
-    disagree = replicate_consensus([rng.uniform(size=truth.shape) for _ in range(5)]).stability
+    disagree = replicate_consensus([rng.uniform(size=truth.shape) for _ in range(5)], seed=0,
+                                   restarts=RESTARTS).stability
     assert close > 0.85 > noisy > 0.3 > 0.1 > disagree
 
 
 def test_one_program_and_bad_input():
     truth = _planted(k=1)
-    found = replicate_consensus(_replicates(truth, r=3, noise=0.1))
+    found = replicate_consensus(_replicates(truth, r=3, noise=0.1), seed=0, restarts=RESTARTS)
     assert np.isnan(found.stability) and found.programs.shape == (200, 1)
     assert (found.labels == 0).all()
     with pytest.raises(ValueError, match="differ in shape"):
-        replicate_consensus([np.ones((10, 2)), np.ones((10, 3))])
+        replicate_consensus([np.ones((10, 2)), np.ones((10, 3))], seed=0, restarts=RESTARTS)
     with pytest.raises(ValueError, match="at least one"):
-        replicate_consensus([])
+        replicate_consensus([], seed=0, restarts=RESTARTS)
 
 
 def test_empty_clusters_are_filled():
@@ -100,12 +107,11 @@ def test_empty_clusters_are_filled():
     assert int(fixed[4]) == 2  # the point farthest from its cluster's centre moves
 
 
-def test_replicate_seeds_give_each_replicate_its_own_initialisation_runs(make_cfg):
-    cfg, _ = make_cfg("model.replicates=3", "seed=7")  # SMALL: model.consensus.replicates=3
-    assert replicate_seeds(cfg) == [7, 10, 13]
-    cfg, _ = make_cfg("model.replicates=0")
-    with pytest.raises(ValueError, match="model.replicates=0"):
-        replicate_seeds(cfg)
+def test_replicate_seeds_give_each_replicate_its_own_initialisation_runs():
+    assert replicate_seeds(7, model(replicates=3, consensus={"replicates": 3})) == [7, 10, 13]
+    # the model settings replicate_seeds reads refuse no replicates at all
+    with pytest.raises(InputError, match=r"model\.replicates=0"):
+        model(replicates=0)
 
 
 # a lighter fit than conftest's SMALL: these runs fit up to six stages
@@ -159,7 +165,9 @@ def test_twostage_run_with_replicates_and_the_null(make_cfg):
 def test_onestage_consensus_usage_is_the_nnls_refit(make_cfg):
     import anndata as ad
 
-    from deltanmf.nmf import CellMatrix
+    from deltanmf.core import CellMatrix
+    from deltanmf.data import load_input, prepare
+    from deltanmf.workflow.config import load_settings
 
     cfg, run_dir = make_cfg("stage=onestage", "model.replicates=2", *LIGHT)
     metrics = run(cfg, run_dir).metrics
@@ -167,9 +175,8 @@ def test_onestage_consensus_usage_is_the_nnls_refit(make_cfg):
     programs, usage = result.varm["deltanmf_programs"], result.obsm["X_deltanmf"]
     np.testing.assert_allclose(programs.sum(0), 1, rtol=1e-5)
     # recompute the error from the written programs and usage on the prepared control matrix
-    from deltanmf.pipeline import load_data, prepare_data
-
-    prepared = prepare_data(load_data(cfg.data), cfg.data, use_case=False)
+    data = load_settings(cfg).data
+    prepared = prepare(load_input(data), data, use_case=False)
     error = fit_error(CellMatrix(prepared.control), programs, usage)
     assert error["relative_error"] == pytest.approx(metrics["stage1"]["relative_error"], rel=1e-4)
     assert metrics["stage1"]["relative_error"] <= max(metrics["stage1"]["replicate_relative_error"]) + 1e-3

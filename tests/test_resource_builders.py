@@ -17,8 +17,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from deltanmf.data.errors import InputError
-from deltanmf.resources import FileResource, similarity_from_embeddings
+from deltanmf.errors import InputError
+from deltanmf.resources import FileResource, similarity_from_embeddings, strip_version
 from deltanmf.resources.__main__ import main
 from deltanmf.resources.build import (
     DENSE_NAME,
@@ -27,12 +27,13 @@ from deltanmf.resources.build import (
     build,
     correlation_similarity,
     knn_similarity,
+    write_resource,
+)
+from deltanmf.resources.loaders import (
     load_embedding_matrix,
     load_scgpt,
     load_transcriptformer,
     standardize_dimensions,
-    strip_version,
-    write_resource,
 )
 
 # ----------------------------------------------------------------------------- references
@@ -114,7 +115,7 @@ def test_scgpt_embedding_is_the_layer_normed_gene_encoder(tmp_path, scgpt_files,
     model_dir, gene_info, state = scgpt_files
     if args is not None:
         (model_dir / "args.json").write_text(json.dumps(args))
-    with caplog.at_level(logging.INFO, logger="deltanmf.resources.build"):
+    with caplog.at_level(logging.INFO, logger="deltanmf.resources.loaders"):
         genes, embedding = load_scgpt(model_dir, gene_info)
 
     # Special tokens, the unmapped symbol and the later alias are gone; IDs are version-less.

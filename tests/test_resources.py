@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import deltanmf
-from deltanmf.data import InputError
-from deltanmf.nmf import GeneGraph
-from deltanmf.pipeline import run
+from deltanmf.core import GeneGraph
+from deltanmf.errors import InputError
 from deltanmf.resources import FileResource, id_convention, similarity_from_embeddings, strip_version
+from helpers import run
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "model.consensus.replicates=2",

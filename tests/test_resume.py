@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from deltanmf import pipeline
-from deltanmf.data import InputError
-from deltanmf.pipeline import run
-from deltanmf.stages import NonFiniteLossError
-from deltanmf.stages.checkpoint import TrainingInterrupted
+import deltanmf.tl.fit as fit
+from deltanmf.errors import InputError, NonFiniteLossError, TrainingInterrupted
+from deltanmf.workflow import main as cli
+from helpers import run
 
 FAST = ("model.consensus.replicates=2", "model.consensus.iterations=50", "checkpoint.every_n_steps=10")
 
@@ -35,15 +34,15 @@ def inject(monkeypatch):
     """Add a callback to the trainer of one stage of the next run."""
 
     def _inject(stage: str, callback: L.Callback):
-        original = pipeline._trainer
+        original = fit.build_trainer
 
-        def trainer_with(cfg, run_dir, version):
-            trainer = original(cfg, run_dir, version)
-            if version == stage:
+        def trainer_with(plan, name):
+            trainer = original(plan, name)
+            if name == stage:
                 trainer.callbacks.append(callback)
             return trainer
 
-        monkeypatch.setattr(pipeline, "_trainer", trainer_with)
+        monkeypatch.setattr(fit, "build_trainer", trainer_with)
 
     return _inject
 
@@ -72,7 +71,9 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(make_cfg, inject, m
             run(cfg, run_dir)
     else:
         inject(stage, _AtStep(15, lambda m: os.kill(os.getpid(), interruption)))
-        with pytest.raises(TrainingInterrupted, match=f"{interruption.name} received: stopped {stage} after step 16"):
+        # Ctrl+C is acted on at the end of the next step; SIGTERM (Lightning) at the end of the step it arrived in
+        step = 16 if interruption == signal.SIGINT else 15
+        with pytest.raises(TrainingInterrupted, match=f"{interruption.name} received: stopped {stage} after step {step}"):
             run(cfg, run_dir)
     assert (run_dir / "checkpoints" / f"{stage}-last.ckpt").is_file()
     assert not (run_dir / "results.h5ad").exists()
@@ -96,8 +97,6 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(make_cfg, inject, m
 
 def _count_initialisations(monkeypatch) -> dict:
     """Count the calls of each stage's initialisation from now on."""
-    import deltanmf.stages.stage2 as stage2_module
-
     counts = {"stage1": 0, "stage2": 0}
 
     def counting(module, attr, key):
@@ -109,8 +108,8 @@ def _count_initialisations(monkeypatch) -> dict:
 
         monkeypatch.setattr(module, attr, wrapper)
 
-    counting(pipeline, "consensus_init", "stage1")
-    counting(stage2_module, "stage2_init", "stage2")
+    counting(fit, "consensus_init", "stage1")
+    counting(fit, "stage2_init", "stage2")
     return counts
 
 
@@ -205,20 +204,20 @@ def test_ctrl_c_outside_training_says_what_is_kept(make_cfg, monkeypatch, capsys
         raise KeyboardInterrupt
 
     cfg, run_dir = make_cfg(*FAST, "logger=none")
-    monkeypatch.setattr(pipeline, "consensus_init", interrupt)  # stage 1's initialisation
+    monkeypatch.setattr(fit, "consensus_init", interrupt)  # stage 1's initialisation
     with pytest.raises(SystemExit) as exit_info:
-        pipeline.main(cfg)
+        cli.main(cfg)
     assert exit_info.value.code == 130
     assert "nothing was saved: run the command again" in capsys.readouterr().err
     monkeypatch.undo()
 
-    monkeypatch.setattr(pipeline, "fit_stage2", interrupt)  # after stage 1 finished
+    monkeypatch.setattr(fit, "fit_stage2", interrupt)  # after stage 1 finished
     with pytest.raises(SystemExit) as exit_info:
-        pipeline.main(cfg)
+        cli.main(cfg)
     assert exit_info.value.code == 130
     err = capsys.readouterr().err
     assert "kept stage1.ckpt" in err and "resume=true" in err and str(run_dir) in err
     monkeypatch.undo()
     cfg, _ = make_cfg(*FAST, "logger=none", "resume=true")
-    assert pipeline.main(cfg) > 0  # continues from stage 1's checkpoint to the end
+    assert cli.main(cfg) > 0  # continues from stage 1's checkpoint to the end
     assert (run_dir / "results.h5ad").is_file()

@@ -11,8 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from deltanmf import select_k as sk
-from deltanmf.sweeps import SWEPT_KEYS_ENV, SweepCallback, hparams_record, sweep_subdir
+from helpers import run
+
+from deltanmf.select_k import main as select_k_main
+from deltanmf.tl import select_k as sk
+from deltanmf.workflow.config import load_settings
+from deltanmf.workflow.sweeps import SWEPT_KEYS_ENV, SweepCallback, hparams_record, sweep_subdir
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -119,7 +123,7 @@ def test_command_line(tmp_path):
     assert "suggested K=10: the largest K whose stability" in proc.stdout
     assert (tmp_path / "sweep" / "k_selection.csv").is_file()
     (tmp_path / "empty").mkdir()
-    assert sk.main([str(tmp_path / "empty")]) == 2
+    assert select_k_main([str(tmp_path / "empty")]) == 2
     with pytest.raises(ValueError, match="not a directory"):
         sk.select_k(tmp_path / "missing")
 
@@ -144,8 +148,6 @@ def _hparams_events(folder: Path) -> tuple[dict, dict]:
 
 
 def test_each_run_records_hparams_with_its_final_metrics(make_cfg):
-    from deltanmf.pipeline import run
-
     cfg, run_dir = make_cfg("stage=onestage", "K=4", "model.lr=0.02")
     metrics = run(cfg, run_dir).metrics
     params, values = _hparams_events(run_dir / "tensorboard" / "hparams")
@@ -160,7 +162,7 @@ def test_hparams_record_of_a_twostage_run(make_cfg):
                "stage1": {"relative_error": 0.4, "consensus_stability": float("nan")},
                "stage2": {"relative_error": 0.35, "explained_variance_gain": 0.1,
                           "null_explained_variance_gain": 0.01, "baseline_only_relative_error": 0.45}}
-    params, final = hparams_record(cfg, metrics)
+    params, final = hparams_record(load_settings(cfg), metrics)
     assert params["K_case"] == 4 and params["model/null_fit"] is True and params["data/batch_size"] == "full"
     assert final == {"final/stage1_relative_error": 0.4, "final/stage2_relative_error": 0.35,
                      "final/baseline_only_relative_error": 0.45, "final/explained_variance_gain": 0.1,
@@ -176,7 +178,7 @@ def test_callback_tells_jobs_in_other_processes_which_keys_are_swept(monkeypatch
     assert sweep_subdir(["K=5", "data.path=/x/y.h5ad"], 3) == "job3"
     config = OmegaConf.create({"hydra": {"overrides": {"task": ["K=5,10", "data.path=/x/y.h5ad", "seed=range(2)"]},
                                          "sweep": {"dir": str(tmp_path)}}})
-    callback = SweepCallback(select_k=True)
+    callback = SweepCallback(select_k=True, margin=sk.MARGIN, gain_tolerance=sk.GAIN_TOLERANCE)
     callback.on_multirun_start(config)
     assert os.environ[SWEPT_KEYS_ENV] == "K,seed"
     assert sweep_subdir(["K=5", "data.path=/x/y.h5ad", "seed=1"], 0) == "K=5,seed=1"
@@ -223,8 +225,6 @@ def test_joblib_sweep_writes_one_run_per_value_and_the_k_selection(tmp_path, cac
 @pytest.mark.slow
 def test_suggested_k_is_near_the_planted_number_of_programs(make_cfg, tmp_path):
     """A K sweep on simulated data with 5 planted programs: the suggestion is within +-2 of 5."""
-    from deltanmf.pipeline import run
-
     sweep = tmp_path / "sweep"
     for K in range(2, 10):
         cfg, _ = make_cfg("stage=onestage", f"K={K}", "logger=none")

@@ -1,6 +1,8 @@
 """Stage 2 and the case-control answer, on simulated data with a known truth."""
 from __future__ import annotations
 
+import re
+
 import lightning as L
 import numpy as np
 import pandas as pd
@@ -8,8 +10,11 @@ import pytest
 import torch
 
 import deltanmf
-from deltanmf.nmf import CellMatrix
-from deltanmf.stages import Stage2Module
+import deltanmf.core.stage2 as stage2
+from deltanmf.core import CellMatrix, matching, stage2_init
+from deltanmf.errors import InputError
+from deltanmf.train import Stage2Module
+from helpers import consensus, data, datamodule, module_args, run
 
 FAST = ["trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "model.consensus.replicates=3",
         "model.consensus.iterations=100", "trainer.max_steps=600"]
@@ -80,7 +85,7 @@ def test_group_table_places_each_case_program_in_its_group(twostage):
     rec = result.metrics["recovery"]
     groups = result.group_usage
     assert set(groups["group"]) == {"TARGET1", "TARGET2"}  # control cells are the reference, not a group
-    fitted = deltanmf.nmf.metrics.matching(
+    fitted = matching(
         result.programs.to_numpy()[:, 5:] * result.results.var["deltanmf_gene_scale"].to_numpy()[:, None],
         truth.case_programs)
     for planted, group in enumerate(truth.case_program_groups):
@@ -109,16 +114,15 @@ def test_baseline_is_a_frozen_buffer_and_stays_bit_identical():
     baseline = torch.from_numpy(np.abs(np.random.default_rng(0).random((x.shape[1], 5), dtype=np.float32)))
     before = baseline.clone()
     matrix = CellMatrix(x)
-    module = Stage2Module.from_baseline(matrix, baseline, 2, seed=0, rel_gamma=0.5,
-                                        consensus=dict(replicates=2, iterations=30))
+    case, usage = stage2_init(matrix, baseline, 2, consensus=consensus(replicates=2, iterations=30), refine_rounds=50,
+                              refine_tol=1e-4, seed=0)
+    module = Stage2Module(baseline, case, usage, rel_gamma=0.5, **module_args())
     names = [n for n, _ in module.named_parameters()]
     assert not any("fixed" in n for n in names) and len(names) == 2
     case_before = module.model.trainable_programs().detach().clone()
-    from deltanmf.data import CellDataModule
-
     trainer = L.Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, CellDataModule(x, steps_per_epoch=10))
+    trainer.fit(module, datamodule(x, steps_per_epoch=10))
     programs = module.programs()
     assert torch.equal(programs[:, :5], before)          # bit for bit
     assert torch.equal(module.baseline, before)
@@ -142,7 +146,7 @@ def test_raising_rel_gamma_lowers_baseline_case_similarity():
 def test_stage1_from_gives_the_same_stage2(tmp_path, caplog):
     adata = _simulate(seed=4)
     first = deltanmf.fit_twostage(adata.copy(), K=5, K_case=2, out_dir=tmp_path / "a", overrides=FAST)
-    with caplog.at_level("WARNING", logger="deltanmf.pipeline"):
+    with caplog.at_level("WARNING", logger="deltanmf.workflow.run"):
         again = deltanmf.fit_twostage(adata.copy(), K=5, K_case=2, stage1_from=tmp_path / "a",
                                       out_dir=tmp_path / "b", overrides=FAST)
     assert not any("one-stage run" in r.getMessage() for r in caplog.records)  # a two-stage source is fine
@@ -166,7 +170,7 @@ def test_stage1_from_errors_name_the_problem(tmp_path):
 def test_stage1_from_a_one_stage_run_is_warned_about(tmp_path, caplog):
     adata = _simulate(seed=4)
     deltanmf.fit_onestage(adata.copy(), K=5, out_dir=tmp_path / "one", overrides=FAST)
-    with caplog.at_level("WARNING", logger="deltanmf.pipeline"):
+    with caplog.at_level("WARNING", logger="deltanmf.workflow.run"):
         deltanmf.fit_twostage(adata.copy(), K=5, K_case=2, stage1_from=tmp_path / "one", overrides=FAST)
     assert any("is a one-stage run" in r.getMessage() and "stage=twostage" in r.getMessage() for r in caplog.records)
 
@@ -184,16 +188,14 @@ def test_case_program_refinement_lowers_the_loss_and_finds_the_planted_programs(
     """Stage 2's init refines the residual consensus by alternating NNLS on the case cells:
     every round lowers the reconstruction error, and the refined programs sit much closer
     to the planted case programs than the residual consensus does."""
+    from deltanmf.core import fit_error, matched_cosine, refine_case_programs, refit_usage
     from deltanmf.data import prepare, simulation_truth
-    from deltanmf.nmf import matched_cosine, refit_usage
-    from deltanmf.nmf.metrics import fit_error
-    from deltanmf.stages.stage2 import refine_case_programs, stage2_init
 
-    prepared = prepare(_simulate(), "condition", "control", use_case=True)
+    prepared = prepare(_simulate(), data(), use_case=True)
     truth = simulation_truth(prepared.source)
     baseline = torch.tensor(truth.programs / prepared.gene_scale[:, None], dtype=torch.float64)
     matrix = CellMatrix(prepared.case, dtype=torch.float64)
-    consensus = dict(replicates=3, iterations=50)
+    light = consensus(replicates=3, iterations=50)
 
     def recovery(case):
         return matched_cosine(case.numpy() * prepared.gene_scale[:, None], truth.case_programs).min()
@@ -202,39 +204,36 @@ def test_case_program_refinement_lowers_the_loss_and_finds_the_planted_programs(
         joint = torch.cat([baseline, case], dim=1)
         return fit_error(matrix, joint, refit_usage(matrix, joint, 500))["relative_error"]
 
-    start, _ = stage2_init(matrix, baseline, 2, seed=0, refine_rounds=0, **consensus)
-    errors = [error(refine_case_programs(matrix, baseline, start, rounds=r, tol=0)) for r in range(5)]
+    start, _ = stage2_init(matrix, baseline, 2, consensus=light, refine_rounds=0, refine_tol=1e-4, seed=0)
+    errors = [error(refine_case_programs(matrix, baseline, start, 200, rounds=r, tol=0)) for r in range(5)]
     assert all(b <= a + 1e-9 for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < errors[0]
-    refined, usage = stage2_init(matrix, baseline, 2, seed=0, **consensus)
+    refined, usage = stage2_init(matrix, baseline, 2, consensus=light, refine_rounds=50, refine_tol=1e-4, seed=0)
     assert recovery(refined) > 0.995 and recovery(refined) > recovery(start) + 0.01, (recovery(start), recovery(refined))
     assert usage.shape == (matrix.n_cells, 7) and (usage >= 0).all()
     # a loose tolerance stops after the first round
-    torch.testing.assert_close(refine_case_programs(matrix, baseline, start, rounds=50, tol=1.0),
-                               refine_case_programs(matrix, baseline, start, rounds=1))
-    with pytest.raises(ValueError, match="model.stage2.refine_rounds"):
-        refine_case_programs(matrix, baseline, start, rounds=-1)
+    torch.testing.assert_close(refine_case_programs(matrix, baseline, start, 200, rounds=50, tol=1.0),
+                               refine_case_programs(matrix, baseline, start, 200, rounds=1, tol=1e-4))
 
 
-@pytest.mark.parametrize("override", ["model.stage2.refine_rounds=-1", "model.stage2.refine_rounds=2.5",
-                                      "model.stage2.refine_tol=-0.1", "model.stage2.refine_rounds=null"])
-def test_bad_refinement_settings_stop_before_any_fit(make_cfg, override):
-    from deltanmf.pipeline import run
-
+@pytest.mark.parametrize("override, named", [
+    ("model.stage2.refine_rounds=-1", "model.stage2.refine_rounds=-1 must be a whole number >= 0"),
+    ("model.stage2.refine_rounds=2.5", "model.stage2.refine_rounds=2.5 must be a whole number >= 0"),
+    ("model.stage2.refine_tol=-0.1", "model.stage2.refine_tol=-0.1 must be a number >= 0"),
+    ("model.stage2.refine_rounds=null", "model.stage2.refine_rounds=null must be a whole number >= 0"),
+])
+def test_bad_refinement_settings_stop_before_any_fit(make_cfg, override, named):
     cfg, run_dir = make_cfg(override)
-    with pytest.raises(ValueError, match=r"model\.stage2\.refine_rounds=.* must be a whole number >= 0"):
+    with pytest.raises(InputError, match=re.escape(named)):
         run(cfg, run_dir)
     assert not (run_dir / "checkpoints").exists()
 
 
 def test_refinement_settings_reach_the_stage2_init(make_cfg, monkeypatch):
-    import deltanmf.stages.stage2 as stage2
-    from deltanmf.pipeline import run
-
     seen = []
     original = stage2.refine_case_programs
 
-    def recording(matrix, baseline, case, nnls_iter=200, rounds=50, tol=1e-4):
+    def recording(matrix, baseline, case, nnls_iter, rounds, tol):
         seen.append((rounds, tol))
         return original(matrix, baseline, case, nnls_iter, rounds, tol)
 
@@ -247,12 +246,11 @@ def test_refinement_settings_reach_the_stage2_init(make_cfg, monkeypatch):
 def test_each_stage_holds_one_device_copy_of_its_cells(make_cfg, monkeypatch):
     """The initialisation's full block (a GPU copy off the CPU) is released before the loader
     puts its own on the device, and the loader's is dropped after training."""
-    from deltanmf import pipeline
-    from deltanmf.data import CellDataModule
-    from deltanmf.nmf import CellMatrix
+    import deltanmf.tl.fit as fit
+    from deltanmf.train import CellDataModule
 
     events = []
-    release, teardown, train = CellMatrix.release, CellDataModule.teardown, pipeline._train
+    release, teardown, train = CellMatrix.release, CellDataModule.teardown, fit.fit_module
 
     def recording_release(self):
         events.append("release")
@@ -263,15 +261,15 @@ def test_each_stage_holds_one_device_copy_of_its_cells(make_cfg, monkeypatch):
         teardown(self, stage)
         assert self._device_batch is None
 
-    def recording_train(module, datamodule, trainer, run_dir, name):
+    def recording_train(module, datamodule, trainer, plan, name):
         events.append(name)
-        return train(module, datamodule, trainer, run_dir, name)
+        return train(module, datamodule, trainer, plan, name)
 
     monkeypatch.setattr(CellMatrix, "release", recording_release)
     monkeypatch.setattr(CellDataModule, "teardown", recording_teardown)
-    monkeypatch.setattr(pipeline, "_train", recording_train)
+    monkeypatch.setattr(fit, "fit_module", recording_train)
     cfg, run_dir = make_cfg("logger=none")
-    pipeline.run(cfg, run_dir)
+    run(cfg, run_dir)
     assert events == ["release", "stage1", "teardown", "release", "stage2", "teardown"]
 
 
@@ -291,13 +289,14 @@ def test_streamed_stage2_init_without_max_cells_keeps_streaming(monkeypatch):
     """model.consensus.max_cells=null with cells streamed from disk: the case cells, and their
     residual, are only ever held one batch at a time (never every case non-zero at once),
     and the case programs and usage are those of the same initialisation in memory."""
-    import deltanmf.stages.stage2 as stage2
     from deltanmf.data import prepare, simulation_truth
 
-    prepared = prepare(_simulate(n_control=100, n_case=300), "condition", "control", use_case=True)
+    prepared = prepare(_simulate(n_control=100, n_case=300), data(), use_case=True)
     truth = simulation_truth(prepared.source)
     baseline = torch.tensor(truth.programs / prepared.gene_scale[:, None], dtype=torch.float32)
-    settings = dict(seed=0, replicates=2, iterations=20, tol=0, refine_rounds=3, max_cells=None)
+    iterations = 20
+    settings = dict(seed=0, consensus=consensus(replicates=2, iterations=iterations, tol=0, max_cells=None),
+                    refine_rounds=3, refine_tol=1e-4)
     batch = 64
     in_memory = stage2.stage2_init(CellMatrix(prepared.case, batch_size=batch), baseline, 2, **settings)
 
@@ -318,6 +317,6 @@ def test_streamed_stage2_init_without_max_cells_keeps_streaming(monkeypatch):
     n_batches = -(-source.shape[0] // batch)
     assert max(source.reads) <= batch and max(residual_rows) <= batch
     # recomputed on every pass of the consensus, not kept for all cells
-    assert len(residual_rows) >= settings["iterations"] * n_batches
+    assert len(residual_rows) >= iterations * n_batches
     for s, m in zip(streamed, in_memory):
         torch.testing.assert_close(s, m, rtol=1e-5, atol=1e-5 * float(m.abs().max()))

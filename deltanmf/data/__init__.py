@@ -1,13 +1,13 @@
-"""Reading, splitting, filtering and normalising cells; the demo data; the DataModule."""
-from .backed import H5adFile, H5adRows, open_h5ad, prepare_backed
-from .datamodule import CellDataModule
+"""Reading and preparing cells: in memory or streamed from disk, one preparation for both;
+the simulator and the demo; finished runs' programs read back."""
+from .backed import H5adFile, H5adRows
 from .demo import demo_path
-from .errors import InputError
-from .prepare import PreparedData, prepare, read_h5ad, split_conditions
+from .prepare import PreparedData, prepare, split_conditions
+from .programs import Baseline, load_stage1
+from .read import load_input, open_h5ad, read_h5ad
 from .simulate import SimulationTruth, simulate_case_control, simulation_truth
 
 __all__ = [
-    "CellDataModule", "H5adFile", "H5adRows", "InputError", "PreparedData", "SimulationTruth", "demo_path",
-    "open_h5ad", "prepare", "prepare_backed", "read_h5ad",
-    "simulate_case_control", "simulation_truth", "split_conditions",
+    "Baseline", "H5adFile", "H5adRows", "PreparedData", "SimulationTruth", "demo_path", "load_input", "load_stage1",
+    "open_h5ad", "prepare", "read_h5ad", "simulate_case_control", "simulation_truth", "split_conditions",
 ]

@@ -1,34 +1,31 @@
 """Cells streamed from an ``.h5ad`` file on disk (``data.backed=true``).
 
-The expression matrix (``.X`` or a layer) is never loaded whole. :func:`open_h5ad` reads
-the small parts of the file (``.obs``, ``.var``, ``.uns``, ``.obsm``, ``.varm``) into memory;
-:func:`prepare_backed` is the streaming counterpart of :func:`~deltanmf.data.prepare.prepare`:
-two chunked passes over the matrix give the per-gene detection counts (``min_cells``),
-the value checks, the per-cell totals (normalisation) and the pooled per-gene variance
-(unit-variance scaling). Its ``PreparedData.X`` is an :class:`H5adRows`, a *row source*:
+The expression matrix (``.X`` or a layer) is never loaded whole. :class:`H5adFile` holds
+the small parts of the file (``.obs``, ``.var``, ``.uns``, ``.obsm``, ``.varm``) in memory
+and reads the matrix by rows (:class:`H5Matrix`); :func:`~deltanmf.data.prepare.prepare`
+passes over it by blocks and returns an :class:`H5adRows`, a *row source*:
 
 - ``.shape`` (cells, genes) of the processed matrix;
 - ``read_rows(index)`` the processed rows ``index`` (sorted) as float32 CSR, equal to the
-  same rows of ``prepare()``'s matrix;
+  same rows of the in-memory preparation;
 - ``rows[index]`` a view of a subset of the cells (e.g. the controls), costing only the index;
 - ``batch_indices(batch_size, rng)`` one epoch of minibatches, each made of a few randomly
   chosen runs of consecutive cells, so reading a batch is a few slices of the file instead
   of one read per cell.
 
 The on-disk layout read here is anndata's (encoding ``csr_matrix``: a group with ``data``,
-``indices``, ``indptr`` and the ``shape`` attribute), read with h5py directly. A dense
+``indices``, ``indptr`` and the ``shape`` attribute), read with h5py directly: anndata's own
+backed mode reads a row selection one row at a time, far slower for minibatches. A dense
 ``.X`` is read by blocks of rows, never more than
-:data:`~deltanmf.nmf.matrix.SCAN_VALUES` values at once; CSC cannot be read by cells
+:data:`~deltanmf.core.matrix.SCAN_VALUES` values at once; CSC cannot be read by cells
 and is refused.
 """
 from __future__ import annotations
 
 import logging
 import os
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import anndata as ad
 import h5py
@@ -36,10 +33,9 @@ import numpy as np
 import scipy.sparse as sp
 from anndata.io import read_elem
 
-from ..nmf import matrix as nmf_matrix
-from ..nmf.matrix import scan_rows
-from .errors import InputError
-from .prepare import PreparedData, _matrix, cells_in_use, check_no_empty_cells, existing_file, select_genes
+from ..core import matrix as core_matrix
+from ..core.matrix import scan_rows
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +110,7 @@ class H5Matrix:
 
     def block(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows ``start:stop`` in the file's dtype, one read per array. Callers keep the span
-        within :data:`~deltanmf.nmf.matrix.SCAN_VALUES` values (:meth:`rows`, the passes)."""
+        within :data:`~deltanmf.core.matrix.SCAN_VALUES` values (:meth:`rows`, the passes)."""
         if self.format == "dense":
             return sp.csr_matrix(self._node()[start:stop])
         if self._file is None or self._pid != os.getpid():
@@ -131,7 +127,7 @@ class H5Matrix:
 
     def rows(self, rows: np.ndarray) -> sp.csr_matrix:
         """The given rows (sorted, unique file positions); runs of nearby rows share one read,
-        of at most :data:`~deltanmf.nmf.matrix.SCAN_VALUES` values (rows skipped included)."""
+        of at most :data:`~deltanmf.core.matrix.SCAN_VALUES` values (rows skipped included)."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return sp.csr_matrix((0, self.shape[1]), dtype=self.dtype)
@@ -152,11 +148,11 @@ class H5Matrix:
 def _capped(run: np.ndarray, start: np.ndarray, end: np.ndarray) -> Iterator[np.ndarray]:
     """``run`` (positions into ``start``/``end``, the values' span of each row) cut into parts
     whose read, from the first row's start to the last row's end, holds at most
-    :data:`~deltanmf.nmf.matrix.SCAN_VALUES` values (at least one row each)."""
+    :data:`~deltanmf.core.matrix.SCAN_VALUES` values (at least one row each)."""
     ends = end[run]
     i = 0
     while i < len(run):
-        j = max(i + 1, int(np.searchsorted(ends, start[run[i]] + nmf_matrix.SCAN_VALUES, side="right")))
+        j = max(i + 1, int(np.searchsorted(ends, start[run[i]] + core_matrix.SCAN_VALUES, side="right")))
         yield run[i:j]
         i = j
 
@@ -192,8 +188,8 @@ class H5adFile:
     n_vars = property(lambda self: self.meta.n_vars)
 
     def matrix(self, layer: str | None = None) -> H5Matrix:
-        """``.X`` (``layer=None``) or a layer, on disk; errors as :func:`prepare` gives them."""
-        key = _matrix(SimpleNamespace(X=self.x_key, layers=self.layers), layer)
+        """``.X`` (``layer=None``) or a layer, on disk."""
+        key = "X" if layer is None else self.layers[layer]
         matrix = H5Matrix(self.path, key)
         if matrix.shape != (self.n_obs, self.n_vars):
             raise InputError(f"{key} in {self.path} has shape {matrix.shape} but .obs/.var describe "
@@ -202,17 +198,6 @@ class H5adFile:
 
     def __repr__(self) -> str:
         return f"H5adFile({str(self.path)!r}, {self.n_obs} cells x {self.n_vars} genes, matrices on disk)"
-
-
-def open_h5ad(path: str | Path) -> H5adFile:
-    """Open an ``.h5ad`` file for ``data.backed=true``, with errors that name the path."""
-    path = existing_file(path)
-    try:
-        return H5adFile(path)
-    except InputError:
-        raise
-    except Exception as exc:  # h5py/anndata raise many types for a file that is not an h5ad
-        raise InputError(f"data.path: cannot read {path} as an .h5ad file ({type(exc).__name__}: {exc}).") from exc
 
 
 def _generator(rng) -> np.random.Generator:
@@ -289,24 +274,15 @@ class H5adRows:
 
     def _process(self, raw: sp.csr_matrix, factor: np.ndarray) -> sp.csr_matrix:
         """Keep the columns in use, renumbered, and scale by row and column (float32)."""
-        n = raw.shape[0]
-        row_factor = np.repeat(factor, np.diff(raw.indptr))  # one per stored value
-        values = raw.data.astype(np.float32, copy=False)
         if self._all_genes:  # nothing to drop or renumber
-            column, indptr = raw.indices, raw.indptr
-        else:
-            column = self._column[raw.indices]
-            keep = column >= 0
-            kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
-            np.cumsum(keep, out=kept_before[1:])
-            indptr = kept_before[raw.indptr]
-            column, values, row_factor = column[keep], values[keep], row_factor[keep]
-        values = values * row_factor
-        values *= self._gene_factor[column]
-        out = sp.csr_matrix((values, column.astype(np.int32, copy=False), indptr), shape=(n, len(self.genes)))
-        if not self._sorted_genes:
-            out.sort_indices()
-        return out
+            return scale_rows(raw, factor, self._gene_factor)
+        column = self._column[raw.indices]
+        keep = column >= 0
+        kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
+        np.cumsum(keep, out=kept_before[1:])
+        kept = sp.csr_matrix((raw.data[keep], column[keep].astype(np.int32, copy=False), kept_before[raw.indptr]),
+                             shape=(raw.shape[0], len(self.genes)))
+        return scale_rows(kept, factor, self._gene_factor)
 
     def read_rows(self, index: np.ndarray) -> sp.csr_matrix:
         """Processed rows ``index`` (positions in this source, sorted) as float32 CSR."""
@@ -320,7 +296,7 @@ class H5adRows:
 
     def blocks(self, size: int | None = None) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
         """``(index, rows)`` for consecutive runs of ``size`` rows, covering every row once
-        (by default as many rows as :func:`~deltanmf.nmf.matrix.scan_rows` allows for the file)."""
+        (by default as many rows as :func:`~deltanmf.core.matrix.scan_rows` allows for the file)."""
         size = size or scan_rows(self.matrix.shape[1])
         for start in range(0, len(self), size):
             index = np.arange(start, min(start + size, len(self)))
@@ -337,6 +313,18 @@ class H5adRows:
 
     def __repr__(self) -> str:
         return f"H5adRows({len(self)} cells x {len(self.genes)} genes of {self.matrix.key} in {self.matrix.path})"
+
+
+def scale_rows(x: sp.csr_matrix, row_factor: np.ndarray, column_factor: np.ndarray) -> sp.csr_matrix:
+    """``diag(row_factor) @ x @ diag(column_factor)`` of a CSR block in float32, one product
+    per stored value in that order (the preparation of memory and file rows alike), with
+    sorted column indices."""
+    values = x.data.astype(np.float32, copy=False) * np.repeat(row_factor, np.diff(x.indptr))
+    values *= column_factor[x.indices]
+    out = sp.csr_matrix((values, x.indices, x.indptr), shape=x.shape)
+    if not out.has_sorted_indices:
+        out.sort_indices()
+    return out
 
 
 def run_batches(n: int, batch_size: int, generator=None, blocks_per_batch: int = BLOCKS_PER_BATCH
@@ -359,153 +347,3 @@ def run_batches(n: int, batch_size: int, generator=None, blocks_per_batch: int =
     order = rng.permutation(len(starts))
     flat = np.concatenate([np.arange(starts[i], stops[i]) for i in order])
     return [np.sort(flat[i:i + batch_size]) for i in range(0, n, batch_size)]
-
-
-def _passes(matrix: H5Matrix, cells: np.ndarray, size: int | None = None
-            ) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
-    """``(positions, rows)`` over the file in order: the raw rows in use of each block of
-    ``size`` file rows and their positions in ``cells`` (cells not in use are read and
-    dropped). By default a block holds at most :data:`~deltanmf.nmf.matrix.SCAN_VALUES`
-    values (:func:`~deltanmf.nmf.matrix.scan_rows`): a dense file is read densely."""
-    size = size or scan_rows(matrix.shape[1])
-    position = np.full(matrix.shape[0], -1, dtype=np.int64)
-    position[cells] = np.arange(len(cells))
-    first, last = int(cells.min()), int(cells.max()) + 1
-    for start in range(first, last, size):
-        stop = min(start + size, last)
-        where = position[start:stop]
-        used = where >= 0
-        if not used.any():
-            continue
-        block = matrix.block(start, stop)
-        yield where[used], block if used.all() else block[np.flatnonzero(used)]
-
-
-class _Moments:
-    """Per-gene mean and sum of squared deviations over blocks of cells, combined in
-    float64 by Chan et al.'s pairwise update (no E[x^2] - E[x]^2 cancellation)."""
-
-    def __init__(self, n_genes: int):
-        self.n, self.mean, self.m2 = 0, np.zeros(n_genes), np.zeros(n_genes)
-
-    def add(self, values: np.ndarray, columns: np.ndarray, n_cells: int) -> None:
-        n_genes = len(self.mean)
-        mean = np.bincount(columns, weights=values, minlength=n_genes) / n_cells
-        stored = np.bincount(columns, minlength=n_genes)
-        m2 = np.bincount(columns, weights=(values - mean[columns]) ** 2, minlength=n_genes) \
-            + (n_cells - stored) * mean**2
-        total = self.n + n_cells
-        delta = mean - self.mean
-        self.m2 += m2 + delta**2 * (self.n * n_cells / total)
-        self.mean += delta * (n_cells / total)
-        self.n = total
-
-
-def prepare_backed(
-    data: H5adFile,
-    condition_key: str,
-    control,
-    case=None,
-    layer: str | None = None,
-    min_cells: int = 3,
-    remove_genes: Sequence[str] | None = None,
-    normalize: str = "none",
-    target_sum: float | None = None,
-    scale_genes: bool = True,
-    use_case: bool = True,
-    resource_genes: Sequence[str] | None = None,
-    gene_ids: Sequence[str] | None = None,
-    genes: Sequence[str] | None = None,
-    gene_scale: np.ndarray | None = None,
-    pass_cells: int | None = None,
-) -> PreparedData:
-    """:func:`~deltanmf.data.prepare.prepare` for a file on disk, without loading its matrix.
-
-    Same parameters, steps and errors as ``prepare`` (see there), plus ``pass_cells``, the
-    file rows read per block (by default as many as hold
-    :data:`~deltanmf.nmf.matrix.SCAN_VALUES` values). Pass 1 over the matrix checks the
-    values and counts each gene's detections in the cells in use; pass 2 sums each cell
-    over the kept genes and accumulates the per-gene mean and variance of the normalised
-    values (float64, pooled over the cells in use). The returned ``X`` is an
-    :class:`H5adRows`; ``source`` is the annotations (no ``.X``) restricted to the cells
-    and genes in use.
-    """
-    is_control, is_case, cells = cells_in_use(data.obs, data.var_names, condition_key, control, case, use_case,
-                                              normalize, min_cells)
-    matrix = data.matrix(layer)
-    what = "data.layer=" + repr(layer) if layer else ".X"
-    if matrix.dtype == np.float64:
-        warnings.warn(f"{what} is float64; converting to float32 (the precision the model trains in)",
-                      UserWarning, stacklevel=2)
-    cell_names, gene_names = data.obs_names[cells], data.var_names
-    n_genes = matrix.shape[1]
-
-    # Pass 1: value checks and detections per gene over the cells in use.
-    detected = np.zeros(n_genes, dtype=np.int64)
-    bad = {"NaN or infinite": [0, None], "negative": [0, None]}  # count, first (cell position, gene)
-    for where, block in _passes(matrix, cells, pass_cells):
-        values = block.data
-        for kind, flags in (("NaN or infinite", ~np.isfinite(values)), ("negative", values < 0)):
-            if flags.any():
-                hit = np.flatnonzero(flags)
-                row = np.searchsorted(block.indptr, hit, side="right") - 1
-                first = min(zip(where[row].tolist(), block.indices[hit].tolist()))
-                bad[kind][0] += len(hit)
-                bad[kind][1] = first if bad[kind][1] is None else min(bad[kind][1], first)
-        detected += np.bincount(block.indices[values > 0], minlength=n_genes)
-    for kind, need in (("NaN or infinite", "finite, non-negative expression"),
-                       ("negative", "non-negative expression (use raw or normalised counts, not centred or "
-                                    "log-ratio data)")):
-        count, first = bad[kind]
-        if count:
-            raise InputError(f"{what} holds {count} {kind} values (the first in cell {cell_names[first[0]]!r}, "
-                             f"gene {gene_names[first[1]]!r}); NMF needs {need}.")
-
-    # Gene selection: the same steps and messages as prepare().
-    keep_index, counts, kept_ids = select_genes(detected, data.var_names, gene_ids, genes, min_cells, remove_genes,
-                                      resource_genes)
-
-    # Pass 2: per-cell totals over the kept genes, and the moments of x / total (or x),
-    # which scale exactly by the normalisation target once it is known (the median of
-    # the totals needs the whole pass).
-    column = np.full(n_genes, -1, dtype=np.int64)
-    column[keep_index] = np.arange(len(keep_index))
-    totals = np.zeros(len(cells))
-    moments = _Moments(len(keep_index)) if gene_scale is None and scale_genes else None
-    for where, block in _passes(matrix, cells, pass_cells):
-        col = column[block.indices]
-        kept = col >= 0
-        row = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))[kept]
-        values = block.data[kept].astype(np.float32).astype(np.float64)  # the float32 values prepare sees
-        row_total = np.bincount(row, weights=values, minlength=block.shape[0])
-        totals[where] = row_total
-        if moments is not None:
-            if normalize != "none":
-                values = values * np.divide(1.0, row_total, out=np.zeros_like(row_total), where=row_total > 0)[row]
-            moments.add(values, col[kept], block.shape[0])
-    empty = totals <= 0
-    check_no_empty_cells(empty, cell_names, len(keep_index), counts)
-
-    cell_scale = np.ones(len(cells))
-    target = 1.0
-    if normalize != "none":
-        target = float(np.median(totals)) if normalize == "median" else float(target_sum or 1e4)
-        cell_scale = target / totals
-    if gene_scale is not None:
-        gene_scale = np.asarray(gene_scale, dtype=np.float64)
-        if gene_scale.shape != (len(keep_index),) or not np.all(gene_scale > 0):
-            raise InputError(f"the given gene scale must hold {len(keep_index)} positive values")
-    elif scale_genes:
-        mean = moments.mean * target
-        sd = np.sqrt(moments.m2 / moments.n) * target
-        sd = np.where(sd > 1e-6 * np.abs(mean), sd, 0.0)  # as gene_std: rounding noise of a constant gene
-        gene_scale = np.where(sd > 0, sd, 1.0)
-    else:
-        gene_scale = np.ones(len(keep_index))
-
-    source = data.meta[cells][:, keep_index]
-    return PreparedData(
-        X=H5adRows(matrix, cells, keep_index, cell_scale, gene_scale), obs=source.obs.copy(),
-        var=source.var.copy(), is_control=is_control[cells], gene_scale=gene_scale, cell_scale=cell_scale,
-        gene_ids=kept_ids, gene_counts=counts, source=source,
-    )

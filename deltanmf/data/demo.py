@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+from ..files import atomic_write
 from .simulate import SIMULATOR_VERSION, simulate_case_control
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ def demo_path(simulation: dict, cache_dir: str | Path | None = None) -> Path:
     """Path of the demo h5ad for these simulation parameters, simulating and caching it if needed.
 
     The file name carries a hash of the parameters and of the simulator's version, so
-    changing either gives a new file rather than a stale one. The file is written under a temporary name and renamed.
+    changing either gives a new file rather than a stale one. The file is written atomically.
     """
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     params = dict(simulation)
@@ -33,10 +34,4 @@ def demo_path(simulation: dict, cache_dir: str | Path | None = None) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     log.info("simulating the demo dataset into %s", path)
     adata = simulate_case_control(**params)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, adata.write_h5ad)

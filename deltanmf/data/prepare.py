@@ -1,30 +1,37 @@
-"""From an AnnData to the matrix the factorisation sees.
+"""From an AnnData (in memory, or an ``.h5ad`` opened for streaming) to the matrix the
+factorisation sees: one preparation for both.
 
-Steps, in order (README "Method", step 1): choose ``.X`` or a layer; split
-cells into controls and cases; keep genes detected in at least ``min_cells`` of the cells
-in use and drop a user list; keep genes present in a similarity resource; optionally
-normalise each cell's total; optionally scale each gene to unit variance with ONE scale
-computed over all cells in use (controls and cases pooled) and applied to both.
-Sparse input stays sparse throughout.
+Steps, in order: choose ``.X`` or a layer; split cells into controls and cases; keep genes
+detected in at least ``min_cells`` of the cells in use and drop a user list; keep genes
+present in a similarity resource; optionally normalise each cell's total; optionally scale
+each gene to unit variance with ONE scale computed over all cells in use (controls and cases
+pooled) and applied to both.
+
+The matrix is read in blocks of cells (:class:`_Blocks`): the whole matrix when it is in
+memory and fits a block, rows of a file otherwise. Two passes over the blocks give the
+value checks, each gene's detections, each cell's total and the pooled per-gene variance
+(float64). The result's ``X`` is the processed matrix itself (numpy, or float32 CSR for
+sparse input) for an in-memory AnnData, and an :class:`~deltanmf.data.backed.H5adRows`
+(rows processed as they are read) for a file, equal row for row.
 """
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import InputError
+from ..core.matrix import scan_rows
+from ..errors import InputError
+from ..settings import DataSettings, show
+from .backed import H5adFile, H5adRows, scale_rows
 
 log = logging.getLogger(__name__)
-
-NORMALIZE = ("none", "total", "median")
 
 
 @dataclass
@@ -34,7 +41,8 @@ class PreparedData:
     Attributes
     ----------
     X
-        cells x genes, float32, scipy CSR when the input was sparse, else numpy.
+        cells x genes, float32: numpy for dense input, scipy CSR for sparse input, or an
+        :class:`~deltanmf.data.backed.H5adRows` reading a file.
     obs, var
         The cells in use (controls first, then cases, each in file order) and the genes kept.
     is_control
@@ -49,11 +57,11 @@ class PreparedData:
     gene_counts
         Genes left after each filter step, in order.
     source
-        The input AnnData restricted to ``obs`` and ``var`` (a view; its ``.varm``/``.obsm``
+        The input's annotations restricted to ``obs`` and ``var`` (its ``.varm``/``.obsm``
         carry any simulation truth).
     """
 
-    X: np.ndarray | sp.csr_matrix
+    X: np.ndarray | sp.csr_matrix | H5adRows
     obs: pd.DataFrame
     var: pd.DataFrame
     is_control: np.ndarray
@@ -98,37 +106,7 @@ class PreparedData:
         return self.X[index]
 
 
-def existing_file(path: str | Path) -> Path:
-    """``data.path`` as a Path (``~`` expanded), or an error naming it and, for a relative
-    path, the directory it was looked for in."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        where = "" if path.is_absolute() else f" (looked for {path.absolute()})"
-        raise InputError(f"data.path: file not found: {path}{where}. Give the path to an .h5ad file "
-                         "(data.path=...).")
-    return path
-
-
-def read_h5ad(path: str | Path) -> ad.AnnData:
-    """Read an ``.h5ad`` file into memory, with an error that names the path when it cannot be."""
-    path = existing_file(path)
-    try:
-        return ad.read_h5ad(path)
-    except Exception as exc:  # h5py/anndata raise many types for a file that is not an h5ad
-        raise InputError(f"data.path: cannot read {path} as an .h5ad file ({type(exc).__name__}: {exc}).") from exc
-
-
-def _matrix(adata: ad.AnnData, layer: str | None):
-    if layer is None:
-        if adata.X is None:
-            raise InputError(f"the AnnData has no .X; choose a layer with data.layer=... (layers: {list(adata.layers)})")
-        return adata.X
-    if layer not in adata.layers:
-        raise InputError(f"data.layer={layer!r} not found; layers present: {list(adata.layers) or 'none'} "
-                         "(use data.layer=null for .X)")
-    return adata.layers[layer]
-
-
+# -- cells and genes -------------------------------------------------------------------
 def split_conditions(obs: pd.DataFrame, condition_key: str, control, case=None) -> tuple[np.ndarray, np.ndarray]:
     """Boolean masks (control, case) over ``obs``.
 
@@ -145,42 +123,13 @@ def split_conditions(obs: pd.DataFrame, condition_key: str, control, case=None) 
     if not is_control.any():
         raise InputError(f"data.control={control!r}: no cell has this value in .obs[{condition_key!r}]; "
                          f"values found: {described}")
-    if case is not None and str(case) == str(control):
-        raise InputError(f"data.case={case!r} is the same as data.control; give the case value, "
-                         "or data.case=null for every non-control cell")
     if case is None:
-        is_case = ~is_control
-    else:
-        is_case = values == str(case)
-        if not is_case.any():
-            raise InputError(f"data.case={case!r}: no cell has this value in .obs[{condition_key!r}]; "
-                             f"values found: {described} (use data.case=null for every non-control cell)")
+        return is_control, ~is_control
+    is_case = values == str(case)
+    if not is_case.any():
+        raise InputError(f"data.case={case!r}: no cell has this value in .obs[{condition_key!r}]; "
+                         f"values found: {described} (use data.case=null for every non-control cell)")
     return is_control, is_case
-
-
-def _first_position(x, bad: np.ndarray) -> tuple[int, int]:
-    """(row, column) of the first flagged stored value of ``x``."""
-    first = int(np.flatnonzero(bad)[0])
-    if sp.issparse(x):
-        csr = sp.csr_matrix(x)
-        row = int(np.searchsorted(csr.indptr, first, side="right") - 1)
-        return row, int(csr.indices[first])
-    return divmod(first, x.shape[1])
-
-
-def _check_values(x, what: str, cells, genes) -> None:
-    if sp.issparse(x):
-        x = sp.csr_matrix(x)
-        values = x.data
-    else:
-        values = np.asarray(x).ravel()
-    for bad, kind, need in ((~np.isfinite(values), "NaN or infinite", "finite, non-negative expression"),
-                            (values < 0, "negative", "non-negative expression (use raw or normalised counts, "
-                                                      "not centred or log-ratio data)")):
-        if bad.any():
-            row, col = _first_position(x, bad)
-            raise InputError(f"{what} holds {int(bad.sum())} {kind} values (the first in cell {cells[row]!r}, "
-                             f"gene {genes[col]!r}); NMF needs {need}.")
 
 
 def _check_unique(names: pd.Index, what: str, fix: str) -> None:
@@ -189,71 +138,20 @@ def _check_unique(names: pd.Index, what: str, fix: str) -> None:
         raise InputError(f"{len(dup)} {what} names occur more than once (e.g. {list(dup[:3])}); {fix}")
 
 
-def _to_float32(x):
-    if sp.issparse(x):
-        x = sp.csr_matrix(x, dtype=np.float32)
-        x.sum_duplicates()
-        return x
-    return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-
-
-def detected_cells(x) -> np.ndarray:
-    """Per gene, the number of cells with a value > 0."""
-    if sp.issparse(x):
-        return np.asarray((x > 0).sum(axis=0)).ravel()
-    return np.count_nonzero(x > 0, axis=0)
-
-
-def gene_std(x) -> np.ndarray:
-    """Per-gene standard deviation over cells (ddof=0), from sparse input without densifying.
-
-    A deviation below float32 resolution relative to the gene's mean is returned as 0:
-    it is rounding noise of a constant gene, and dividing by it would blow the gene up.
-    """
-    n, n_genes = x.shape
-    if sp.issparse(x):
-        # Centred sums in float64: E[x^2] - E[x]^2 cancels badly for nearly constant genes.
-        x = sp.csr_matrix(x)
-        mean = np.asarray(x.sum(axis=0, dtype=np.float64)).ravel() / n
-        centred = x.data.astype(np.float64) - mean[x.indices]
-        stored = np.bincount(x.indices, minlength=n_genes)
-        sq = np.bincount(x.indices, weights=centred**2, minlength=n_genes) + (n - stored) * mean**2
-        sd = np.sqrt(sq / n)
-    else:
-        dense = np.asarray(x, dtype=np.float64)
-        mean, sd = dense.mean(axis=0), dense.std(axis=0)
-    return np.where(sd > 1e-6 * np.abs(mean), sd, 0.0)
-
-
-def _scale_rows(x, factor: np.ndarray):
-    if sp.issparse(x):
-        return sp.csr_matrix(sp.diags(factor.astype(np.float32)) @ x)
-    return x * factor[:, None].astype(np.float32)
-
-
-def _scale_columns(x, factor: np.ndarray):
-    if sp.issparse(x):
-        return sp.csr_matrix(x @ sp.diags(factor.astype(np.float32)))
-    return x * factor[None, :].astype(np.float32)
-
-
-def cells_in_use(obs: pd.DataFrame, var_names: pd.Index, condition_key: str, control, case, use_case: bool,
-                 normalize: str, min_cells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Check the options and names, split the conditions; ``(is_control, is_case, cells)``
-    with ``cells`` the positions in use, controls first (shared by the in-memory and
-    streamed preparation)."""
-    if normalize not in NORMALIZE:
-        raise InputError(f"data.normalize={normalize!r} is not one of {NORMALIZE}")
-    if min_cells < 0:
-        raise InputError(f"data.min_cells must be >= 0, got {min_cells}")
-    is_control, is_case = split_conditions(obs, condition_key, control, case)
-    cells = np.concatenate([np.flatnonzero(is_control), np.flatnonzero(is_case)]) if use_case \
-        else np.flatnonzero(is_control)
+def cells_in_use(obs: pd.DataFrame, var_names: pd.Index, data: DataSettings, use_case: bool
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """``(is_control, cells)``: the control mask over ``obs`` and the positions in use,
+    controls first, each condition in file order."""
+    is_control, is_case = split_conditions(obs, data.condition_key, data.control, data.case)
     if use_case and not is_case.any():
-        raise InputError(f"no case cells: every cell in .obs[{condition_key!r}] is the control {control!r}")
+        raise InputError(f"no case cells: every cell in .obs[{data.condition_key!r}] is the control "
+                         f"{data.control!r}")
+    cells = np.flatnonzero(is_control)
+    if use_case:
+        cells = np.concatenate([cells, np.flatnonzero(is_case)])
     _check_unique(obs.index[cells], "cell", "make them unique first (adata.obs_names_make_unique())")
     _check_unique(var_names, "gene", "make them unique first (adata.var_names_make_unique())")
-    return is_control, is_case, cells
+    return is_control, cells
 
 
 def select_genes(detected: np.ndarray, var_names: pd.Index, gene_ids, genes, min_cells: int, remove_genes,
@@ -279,7 +177,7 @@ def select_genes(detected: np.ndarray, var_names: pd.Index, gene_ids, genes, min
     else:
         keep = detected >= min_cells
         counts["min_cells"] = int(keep.sum())
-        if remove_genes is not None and len(remove_genes):
+        if remove_genes:
             keep &= ~np.isin(ids, np.asarray(list(remove_genes), dtype=str))
         counts["remove_genes"] = int(keep.sum())
         if resource_genes is not None:
@@ -293,52 +191,209 @@ def select_genes(detected: np.ndarray, var_names: pd.Index, gene_ids, genes, min
     return keep_index, counts, ids[keep_index]
 
 
-def check_no_empty_cells(empty: np.ndarray, cell_names: pd.Index, n_kept: int, counts: dict) -> None:
-    """Refuse cells with no expression left in the kept genes (they cannot be normalised or fitted)."""
-    if empty.any():
-        names = list(cell_names[empty][:3])
-        raise InputError(f"{int(empty.sum())} cells have no expression left in the {n_kept} kept genes "
-                         f"(e.g. {names}; genes left per step: {counts}); remove empty cells first, or lower "
-                         "data.min_cells")
+# -- the matrix, by blocks of cells ------------------------------------------------------------
+def _matrix_key(x_present: bool, layers, layer: str | None) -> None:
+    """Check that ``.X`` (``layer=None``) or the layer exists."""
+    if layer is None and not x_present:
+        raise InputError(f"the AnnData has no .X; choose a layer with data.layer=... (layers: {list(layers)})")
+    if layer is not None and layer not in layers:
+        raise InputError(f"data.layer={layer!r} not found; layers present: {list(layers) or 'none'} "
+                         "(use data.layer=null for .X)")
 
 
-def prepare(
-    adata: ad.AnnData,
-    condition_key: str,
-    control,
-    case=None,
-    layer: str | None = None,
-    min_cells: int = 3,
-    remove_genes: Sequence[str] | None = None,
-    normalize: str = "none",
-    target_sum: float | None = None,
-    scale_genes: bool = True,
-    use_case: bool = True,
-    resource_genes: Sequence[str] | None = None,
-    gene_ids: Sequence[str] | None = None,
-    genes: Sequence[str] | None = None,
-    gene_scale: np.ndarray | None = None,
-) -> PreparedData:
+class _Blocks:
+    """The raw matrix of the cells in use, read as ``(positions, block)`` pairs in file order:
+    ``positions`` index ``cells``, ``block`` holds those cells' rows (float32, CSR or dense).
+
+    An in-memory matrix is served in blocks of at most
+    :data:`~deltanmf.core.matrix.SCAN_VALUES` values too, so no float64 or boolean copy of a
+    large dense matrix is ever made whole; a file is read with
+    :meth:`~deltanmf.data.backed.H5Matrix.block`.
+    """
+
+    def __init__(self, source, layer: str | None, cells: np.ndarray, pass_cells: int | None = None):
+        self.cells = cells
+        if isinstance(source, H5adFile):
+            _matrix_key(source.x_key is not None, source.layers, layer)
+            self.file = source.matrix(layer)
+            self.memory = None
+            self.dtype = self.file.dtype
+        else:
+            _matrix_key(source.X is not None, source.layers, layer)
+            self.file = None
+            self.memory = source.X if layer is None else source.layers[layer]
+            self.dtype = self.memory.dtype
+        self.n_genes = source.n_vars
+        # a dense block in memory gets float64 and boolean copies: a quarter of the values
+        dense = self.memory is not None and not sp.issparse(self.memory)
+        self.size = pass_cells or max(1, scan_rows(self.n_genes) // (4 if dense else 1))
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, sp.csr_matrix | np.ndarray]]:
+        if self.file is None:
+            for start in range(0, len(self.cells), self.size):
+                where = np.arange(start, min(start + self.size, len(self.cells)))
+                yield where, _float32(self.memory[self.cells[where]])
+            return
+        # a file is read in its own order, in runs of rows (cells not in use are read and dropped)
+        position = np.full(self.file.shape[0], -1, dtype=np.int64)
+        position[self.cells] = np.arange(len(self.cells))
+        first, last = int(self.cells.min()), int(self.cells.max()) + 1
+        for start in range(first, last, self.size):
+            where = position[start:min(start + self.size, last)]
+            used = where >= 0
+            if used.any():
+                block = self.file.block(start, start + len(where))
+                yield where[used], _float32(block if used.all() else block[np.flatnonzero(used)])
+
+
+def _float32(x):
+    """A block in the precision the model trains in (CSR with summed duplicates, or C-contiguous)."""
+    if sp.issparse(x):
+        x = sp.csr_matrix(x, dtype=np.float32)
+        if not x.has_canonical_format:
+            x = x.copy()
+            x.sum_duplicates()  # other writers may store a gene twice in a row: summed, as scipy does
+        return x
+    return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+
+
+def _stored(block: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(values, rows, columns)`` of a sparse block's stored entries."""
+    return block.data, np.repeat(np.arange(block.shape[0]), np.diff(block.indptr)), block.indices
+
+
+class _Moments:
+    """Per-gene mean and sum of squared deviations over blocks of cells, combined in
+    float64 by Chan et al.'s pairwise update (no E[x^2] - E[x]^2 cancellation)."""
+
+    def __init__(self, n_genes: int):
+        self.n, self.mean, self.m2 = 0, np.zeros(n_genes), np.zeros(n_genes)
+
+    def add(self, values: np.ndarray, columns: np.ndarray, n_cells: int) -> None:
+        n_genes = len(self.mean)
+        mean = np.bincount(columns, weights=values, minlength=n_genes) / n_cells
+        stored = np.bincount(columns, minlength=n_genes)
+        m2 = np.bincount(columns, weights=(values - mean[columns]) ** 2, minlength=n_genes) \
+            + (n_cells - stored) * mean**2
+        self._combine(mean, m2, n_cells)
+
+    def add_dense(self, values: np.ndarray) -> None:
+        """A dense block (cells x genes, float64)."""
+        mean = values.mean(axis=0)
+        self._combine(mean, ((values - mean) ** 2).sum(axis=0), values.shape[0])
+
+    def _combine(self, mean: np.ndarray, m2: np.ndarray, n_cells: int) -> None:
+        total = self.n + n_cells
+        delta = mean - self.mean
+        self.m2 += m2 + delta**2 * (self.n * n_cells / total)
+        self.mean += delta * (n_cells / total)
+        self.n = total
+
+    def std(self, scale: float = 1.0) -> np.ndarray:
+        """Per-gene standard deviation (ddof=0) of the values times ``scale``; a deviation
+        below float32 resolution relative to the gene's mean is 0: the rounding noise of a
+        constant gene, which dividing by would blow up."""
+        mean, sd = self.mean * scale, np.sqrt(self.m2 / max(self.n, 1)) * scale
+        return np.where(sd > 1e-6 * np.abs(mean), sd, 0.0)
+
+
+def _check_values(blocks: _Blocks, what: str, cell_names, gene_names) -> np.ndarray:
+    """Pass 1: refuse NaN, infinite or negative values (naming the first), and count each
+    gene's detections (> 0) over the cells in use."""
+    detected = np.zeros(blocks.n_genes, dtype=np.int64)
+    bad = {"NaN or infinite": [0, None], "negative": [0, None]}  # count, first (cell position, gene)
+    for where, block in blocks:
+        sparse = sp.issparse(block)
+        values = block.data if sparse else block
+        for kind, flags in (("NaN or infinite", ~np.isfinite(values)), ("negative", values < 0)):
+            if flags.any():
+                if sparse:
+                    hit = np.flatnonzero(flags)
+                    row = np.searchsorted(block.indptr, hit, side="right") - 1
+                    first = min(zip(where[row].tolist(), block.indices[hit].tolist()))
+                else:
+                    row, column = np.argwhere(flags)[0]
+                    first = (int(where[row]), int(column))
+                bad[kind][0] += int(flags.sum())
+                bad[kind][1] = first if bad[kind][1] is None else min(bad[kind][1], first)
+        if sparse:
+            detected += np.bincount(block.indices[block.data > 0], minlength=blocks.n_genes)
+        else:
+            detected += np.count_nonzero(block > 0, axis=0)
+    for kind, need in (("NaN or infinite", "finite, non-negative expression"),
+                       ("negative", "non-negative expression (use raw or normalised counts, not centred or "
+                                    "log-ratio data)")):
+        count, first = bad[kind]
+        if count:
+            raise InputError(f"{what} holds {count} {kind} values (the first in cell {cell_names[first[0]]!r}, "
+                             f"gene {gene_names[first[1]]!r}); NMF needs {need}.")
+    return detected
+
+
+def _totals_and_moments(blocks: _Blocks, keep_index: np.ndarray, normalize: bool, moments: _Moments | None
+                        ) -> np.ndarray:
+    """Pass 2: each cell's total over the kept genes, and (``moments``) the per-gene moments
+    of the kept values, divided by the cell's total when normalising (they scale exactly by the
+    normalisation target once it is known: the median of the totals needs the whole pass)."""
+    column = np.full(blocks.n_genes, -1, dtype=np.int64)
+    column[keep_index] = np.arange(len(keep_index))
+    totals = np.zeros(len(blocks.cells))
+    for where, block in blocks:
+        if not sp.issparse(block):
+            values = block[:, keep_index].astype(np.float64)
+            row_total = values.sum(axis=1)
+            totals[where] = row_total
+            if moments is not None:
+                if normalize:
+                    values *= np.divide(1.0, row_total, out=np.zeros_like(row_total), where=row_total > 0)[:, None]
+                moments.add_dense(values)
+            continue
+        values, rows, columns = _stored(block)
+        col = column[columns]
+        kept = col >= 0
+        row, values = rows[kept], values[kept].astype(np.float64)
+        row_total = np.bincount(row, weights=values, minlength=block.shape[0])
+        totals[where] = row_total
+        if moments is not None:
+            if normalize:
+                values = values * np.divide(1.0, row_total, out=np.zeros_like(row_total), where=row_total > 0)[row]
+            moments.add(values, col[kept], block.shape[0])
+    return totals
+
+
+def _in_memory(blocks: _Blocks, keep_index: np.ndarray, cell_scale: np.ndarray, gene_scale: np.ndarray):
+    """The processed matrix of an in-memory input: kept genes, scaled by cell and gene in
+    float32 (the operations :class:`~deltanmf.data.backed.H5adRows` applies to file rows)."""
+    cell_factor = cell_scale.astype(np.float32)
+    gene_factor = (1.0 / gene_scale).astype(np.float32)
+    parts = []
+    for where, block in blocks:
+        block = block[:, keep_index]
+        if sp.issparse(block):
+            parts.append(scale_rows(sp.csr_matrix(block), cell_factor[where], gene_factor))
+        else:
+            parts.append(block * cell_factor[where, None] * gene_factor[None, :])
+    if not sp.issparse(parts[0]):
+        return parts[0] if len(parts) == 1 else np.vstack(parts)
+    x = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+    x.sum_duplicates()  # sorted column indices, once, in place: the training code shares the matrix as it is
+    return x
+
+
+def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool,
+            resource_genes: Sequence[str] | None = None, gene_ids: Sequence[str] | None = None,
+            genes: Sequence[str] | None = None, gene_scale: np.ndarray | None = None,
+            pass_cells: int | None = None) -> PreparedData:
     """Select cells and genes and normalise, as described in the module docstring.
 
     Parameters
     ----------
-    adata
-        Cells x genes AnnData; not modified.
-    condition_key, control, case
-        ``.obs`` column and the control (and case) values; ``case=None`` takes every
-        non-control cell.
-    layer
-        Layer to use instead of ``.X``.
-    min_cells
-        Keep genes detected (> 0) in at least this many of the cells in use.
-    remove_genes
-        Gene IDs (``.var_names``) to drop, e.g. the perturbed genes of a screen.
-    normalize
-        ``"none"``, ``"total"`` (each cell to ``target_sum``, default 1e4) or ``"median"``
-        (each cell to the median total of the cells in use).
-    scale_genes
-        Divide each gene by its standard deviation over all cells in use (no centring).
+    source
+        Cells x genes AnnData (not modified), or an ``.h5ad`` opened for streaming
+        (:func:`~deltanmf.data.read.open_h5ad`).
+    data
+        The ``data`` settings: ``condition_key``, ``control``, ``case``, ``layer``,
+        ``min_cells``, ``remove_genes``, ``normalize``, ``target_sum``, ``scale_genes``.
     use_case
         Include the case cells (two-stage fits); otherwise only controls are used.
     resource_genes
@@ -349,48 +404,49 @@ def prepare(
         Reuse a finished fit's genes (exactly these, in this order; the filters are
         skipped) and its per-gene scale, so new cells are put in the same units as the
         programs that fit was trained in (``stage1_from``).
+    pass_cells
+        Cells per block of the passes over the matrix (default: as many as hold
+        :data:`~deltanmf.core.matrix.SCAN_VALUES` values).
     """
-    is_control, is_case, cells = cells_in_use(adata.obs, adata.var_names, condition_key, control, case, use_case,
-                                              normalize, min_cells)
-    x = _matrix(adata, layer)[cells]
-    _check_values(x, "data.layer=" + repr(layer) if layer else ".X", adata.obs_names[cells], adata.var_names)
-    if x.dtype == np.float64:
-        warnings.warn(f"{'data.layer=' + repr(layer) if layer else '.X'} is float64; converting to float32 "
-                      "(the precision the model trains in)", UserWarning, stacklevel=2)
-    x = _to_float32(x)
+    is_control, cells = cells_in_use(source.obs, source.var_names, data, use_case)
+    blocks = _Blocks(source, data.layer, cells, pass_cells)
+    what = f"data.layer={show(data.layer)}" if data.layer else ".X"
+    if blocks.dtype == np.float64:
+        warnings.warn(f"{what} is float64; converting to float32 (the precision the model trains in)",
+                      UserWarning, stacklevel=2)
+    cell_names = source.obs_names[cells]
+    detected = _check_values(blocks, what, cell_names, source.var_names)
+    keep_index, counts, kept_ids = select_genes(detected, source.var_names, gene_ids, genes, data.min_cells,
+                                                data.remove_genes, resource_genes)
 
-    keep_index, counts, kept_ids = select_genes(detected_cells(x), adata.var_names, gene_ids, genes, min_cells, remove_genes,
-                                      resource_genes)
-    x = x[:, keep_index]
-    empty = np.asarray(x.sum(axis=1)).ravel() <= 0
-    check_no_empty_cells(empty, adata.obs_names[cells], len(keep_index), counts)
-
-    totals = np.asarray(x.sum(axis=1)).ravel().astype(np.float64)
-    cell_scale = np.ones(x.shape[0])
-    if normalize != "none":
-        target = float(np.median(totals[totals > 0])) if normalize == "median" else float(target_sum or 1e4)
-        cell_scale = np.divide(target, totals, out=np.zeros_like(totals), where=totals > 0)
-        x = _scale_rows(x, cell_scale)
+    normalize = data.normalize != "none"
+    moments = _Moments(len(keep_index)) if gene_scale is None and data.scale_genes else None
+    totals = _totals_and_moments(blocks, keep_index, normalize, moments)
+    empty = totals <= 0
+    if empty.any():
+        raise InputError(f"{int(empty.sum())} cells have no expression left in the {len(keep_index)} kept genes "
+                         f"(e.g. {list(cell_names[empty][:3])}; genes left per step: {counts}); remove empty "
+                         "cells first, or lower data.min_cells")
+    cell_scale, target = np.ones(len(cells)), 1.0
+    if normalize:
+        target = float(np.median(totals)) if data.normalize == "median" else float(data.target_sum or 1e4)
+        cell_scale = target / totals
     if gene_scale is not None:
         gene_scale = np.asarray(gene_scale, dtype=np.float64)
-        if gene_scale.shape != (x.shape[1],) or not np.all(gene_scale > 0):
-            raise InputError(f"the given gene scale must hold {x.shape[1]} positive values")
-        x = _scale_columns(x, 1.0 / gene_scale)
-    elif scale_genes:
-        sd = gene_std(x)
+        if gene_scale.shape != (len(keep_index),) or not np.all(gene_scale > 0):
+            raise InputError(f"the given gene scale must hold {len(keep_index)} positive values")
+    elif moments is not None:
+        sd = moments.std(target)
         gene_scale = np.where(sd > 0, sd, 1.0)
-        x = _scale_columns(x, 1.0 / gene_scale)
     else:
-        gene_scale = np.ones(x.shape[1])
-    if sp.issparse(x):
-        # scipy's products leave the column indices unsorted; sorted once here, in place, the
-        # matrix is shared as it is by the training code, which would otherwise copy it
-        x.sum_duplicates()
+        gene_scale = np.ones(len(keep_index))
 
-    source = adata[cells][:, keep_index]
-    obs = source.obs.copy()
-    var = source.var.copy()
-    return PreparedData(
-        X=x, obs=obs, var=var, is_control=is_control[cells], gene_scale=gene_scale, cell_scale=cell_scale,
-        gene_ids=kept_ids, gene_counts=counts, source=source,
-    )
+    if blocks.file is not None:
+        x = H5adRows(blocks.file, cells, keep_index, cell_scale, gene_scale)
+        annotations = source.meta[cells][:, keep_index]
+    else:
+        x = _in_memory(blocks, keep_index, cell_scale, gene_scale)
+        annotations = source[cells][:, keep_index]
+    return PreparedData(X=x, obs=annotations.obs.copy(), var=annotations.var.copy(), is_control=is_control[cells],
+                        gene_scale=gene_scale, cell_scale=cell_scale, gene_ids=kept_ids, gene_counts=counts,
+                        source=annotations)

@@ -72,24 +72,12 @@ from dataclasses import dataclass
 import anndata
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
-from scipy.special import ndtri
 
-from .errors import real_number, whole_number
+from ..errors import whole_number
+from .generative import (SIMULATOR_VERSION, check_case_share, check_float, check_int, draw_counts,
+                         make_embedding, make_programs, make_usage)
 
-__all__ = ["SimulationTruth", "simulate_case_control", "simulation_truth"]
-
-# Spread of the background profile on the log scale.  Chosen so that with the
-# default sizes the mean cosine between baseline programs is ~0.4: programs
-# are clearly correlated but still distinguishable.
-_BACKGROUND_SIGMA = 2.0
-# Gamma shape of marker weights: markers differ in strength without a single
-# marker dominating its program.
-_MARKER_SHAPE = 2.0
-# Bound on the dense rate matrix held at once when drawing counts (elements).
-# Bump when the generative model changes, so cached demo files are not reused.
-SIMULATOR_VERSION = 2
-_CHUNK_ELEMENTS = 4_000_000
+__all__ = ["SIMULATOR_VERSION", "SimulationTruth", "simulate_case_control", "simulation_truth"]
 
 _UNS_KEY = "simulation"
 _VARM_PROGRAMS = "sim_programs"
@@ -127,176 +115,6 @@ class SimulationTruth:
     shifted: np.ndarray
     case_program_groups: np.ndarray
     embedding: np.ndarray
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if not whole_number(value):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_float(
-    name: str,
-    value,
-    low: float,
-    high: float,
-    low_open: bool,
-    high_open: bool,
-) -> float:
-    lo_br = "(" if low_open else "["
-    hi_br = ")" if high_open else "]"
-    allowed = f"{lo_br}{low}, {high}{hi_br}"
-    if not real_number(value):
-        raise ValueError(f"{name} must be a number in {allowed}, got {value!r}")
-    value = float(value)
-    ok = bool(np.isfinite(value))
-    ok = ok and (value > low if low_open else value >= low)
-    ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-        raise ValueError(f"{name} must be a number in {allowed}, got {value!r}")
-    return value
-
-
-def _check_case_share(case_share) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in case_share)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"case_share must be a pair (low, high) with 0 < low <= high <= 1, "
-            f"got {case_share!r}"
-        ) from None
-    if not (0.0 < lo <= hi <= 1.0):
-        raise ValueError(
-            f"case_share must be a pair (low, high) with 0 < low <= high <= 1, "
-            f"got {case_share!r}"
-        )
-    return lo, hi
-
-
-def _make_programs(
-    rng: np.random.Generator,
-    n_genes: int,
-    n_total: int,
-    markers_per_program: int,
-    background_weight: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return (programs, specific), both genes x n_total, columns summing to 1."""
-    quantiles = (np.arange(n_genes) + 0.5) / n_genes
-    background = rng.permutation(np.exp(_BACKGROUND_SIGMA * ndtri(quantiles)))
-    background /= background.sum()
-
-    # One draw without replacement over all programs keeps marker sets disjoint.
-    markers = rng.choice(n_genes, size=(n_total, markers_per_program), replace=False)
-    specific = np.zeros((n_genes, n_total))
-    weights = rng.gamma(_MARKER_SHAPE, 1.0, size=(n_total, markers_per_program))
-    weights /= weights.sum(axis=1, keepdims=True)
-    specific[markers.T, np.arange(n_total)] = weights.T
-
-    programs = background_weight * background[:, None] + (1.0 - background_weight) * specific
-    # Renormalise to remove floating-point drift; the mixture sums to 1 exactly in theory.
-    programs /= programs.sum(axis=0, keepdims=True)
-    return programs, specific
-
-
-def _make_embedding(
-    rng: np.random.Generator,
-    specific: np.ndarray,
-    embedding_dim: int,
-    embedding_noise: float,
-) -> np.ndarray:
-    n_genes, n_total = specific.shape
-    directions = rng.standard_normal((n_total, embedding_dim))
-    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-    # Dividing by the mean marker weight puts a typical marker at loading ~1,
-    # so the signal-to-noise ratio is governed by embedding_noise alone and
-    # does not depend on markers_per_program.
-    n_markers = np.count_nonzero(specific, axis=0)
-    mean_marker = specific.sum(axis=0) / n_markers
-    loadings = specific / mean_marker
-    noise = rng.standard_normal((n_genes, embedding_dim))
-    return (loadings @ directions + embedding_noise * noise).astype(np.float32)
-
-
-def _make_usage(
-    rng: np.random.Generator,
-    n_programs: int,
-    n_case_programs: int,
-    n_control: int,
-    n_case: int,
-    n_groups: int,
-    n_shifted: int,
-    shift_factor: float,
-    case_fraction: float,
-    case_share: tuple[float, float],
-    usage_concentration: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Return (usage, case_group_index, shifted, case_program_group_index)."""
-    base_alpha = np.full(n_programs, usage_concentration)
-    control_usage = rng.dirichlet(base_alpha, size=n_control)
-
-    shifted = np.zeros(n_programs, dtype=np.int64)
-    chosen = rng.choice(n_programs, size=n_shifted, replace=False)
-    shifted[chosen] = np.where(np.arange(n_shifted) % 2 == 0, -1, 1)
-    case_alpha = base_alpha.copy()
-    down, up = shifted == -1, shifted == 1
-    case_alpha[down] /= shift_factor
-    if down.any() and up.any():
-        # The up programs take exactly the concentration the down programs gave away, so
-        # the total stays put and every unshifted program keeps its expected share.
-        gained = (base_alpha[down] - case_alpha[down]).sum()
-        case_alpha[up] += gained * base_alpha[up] / base_alpha[up].sum()
-    else:
-        case_alpha[up] *= shift_factor
-    case_usage = rng.dirichlet(case_alpha, size=n_case)
-
-    # Round-robin then shuffle gives group sizes that differ by at most one.
-    case_group = rng.permutation(np.arange(n_case) % n_groups)
-
-    case_usage = np.hstack([case_usage, np.zeros((n_case, n_case_programs))])
-    program_group = np.arange(n_case_programs) % n_groups
-    lo, hi = case_share
-    for c in range(n_case_programs):
-        members = np.flatnonzero(case_group == program_group[c])
-        if members.size == 0:
-            continue
-        # At least one user, so that every case program leaves a trace.
-        n_users = max(1, int(round(case_fraction * members.size)))
-        users = rng.choice(members, size=n_users, replace=False)
-        share = rng.uniform(lo, hi, size=n_users)
-        # Scaling the whole row (not only the baseline part) keeps it on the
-        # simplex when a cell already uses another case program of its group.
-        case_usage[users] *= (1.0 - share)[:, None]
-        case_usage[users, n_programs + c] = share
-
-    control_usage = np.hstack([control_usage, np.zeros((n_control, n_case_programs))])
-    usage = np.vstack([control_usage, case_usage])
-    return usage, case_group, shifted, program_group
-
-
-def _draw_counts(
-    rng: np.random.Generator,
-    usage: np.ndarray,
-    programs: np.ndarray,
-    library: np.ndarray,
-) -> sp.csr_matrix:
-    n_cells = usage.shape[0]
-    n_genes = programs.shape[0]
-    chunk = max(1, _CHUNK_ELEMENTS // max(n_genes, 1))
-    programs_t = programs.T.copy()
-    blocks = []
-    for start in range(0, n_cells, chunk):
-        stop = min(start + chunk, n_cells)
-        rate = usage[start:stop] @ programs_t
-        rate *= library[start:stop, None]
-        counts = rng.poisson(rate)
-        # Convert to sparse immediately so at most one dense chunk is alive.
-        blocks.append(sp.csr_matrix(counts.astype(np.float32)))
-        del rate, counts
-    if len(blocks) == 1:
-        return blocks[0]
-    return sp.vstack(blocks, format="csr").astype(np.float32)
 
 
 def simulate_case_control(
@@ -385,31 +203,31 @@ def simulate_case_control(
         If an argument is out of its allowed range, or ``n_genes`` is too
         small for the disjoint marker sets.
     """
-    n_genes = _check_int("n_genes", n_genes, 1)
-    n_programs = _check_int("n_programs", n_programs, 1)
-    n_case_programs = _check_int("n_case_programs", n_case_programs, 0)
-    n_control = _check_int("n_control", n_control, 1)
-    n_case = _check_int("n_case", n_case, 1)
-    n_groups = _check_int("n_groups", n_groups, 1)
-    n_shifted = _check_int("n_shifted", n_shifted, 0)
+    n_genes = check_int("n_genes", n_genes, 1)
+    n_programs = check_int("n_programs", n_programs, 1)
+    n_case_programs = check_int("n_case_programs", n_case_programs, 0)
+    n_control = check_int("n_control", n_control, 1)
+    n_case = check_int("n_case", n_case, 1)
+    n_groups = check_int("n_groups", n_groups, 1)
+    n_shifted = check_int("n_shifted", n_shifted, 0)
     if n_shifted > n_programs:
         raise ValueError(
             f"n_shifted must be in [0, n_programs] = [0, {n_programs}], got {n_shifted}"
         )
-    shift_factor = _check_float("shift_factor", shift_factor, 1.0, np.inf, False, True)
-    case_fraction = _check_float("case_fraction", case_fraction, 0.0, 1.0, True, False)
-    case_share = _check_case_share(case_share)
-    usage_concentration = _check_float(
+    shift_factor = check_float("shift_factor", shift_factor, 1.0, np.inf, False, True)
+    case_fraction = check_float("case_fraction", case_fraction, 0.0, 1.0, True, False)
+    case_share = check_case_share(case_share)
+    usage_concentration = check_float(
         "usage_concentration", usage_concentration, 0.0, np.inf, True, True
     )
-    background_weight = _check_float(
+    background_weight = check_float(
         "background_weight", background_weight, 0.0, 1.0, False, True
     )
-    markers_per_program = _check_int("markers_per_program", markers_per_program, 1)
-    library_size = _check_float("library_size", library_size, 0.0, np.inf, True, True)
-    library_sigma = _check_float("library_sigma", library_sigma, 0.0, np.inf, False, True)
-    embedding_dim = _check_int("embedding_dim", embedding_dim, 1)
-    embedding_noise = _check_float(
+    markers_per_program = check_int("markers_per_program", markers_per_program, 1)
+    library_size = check_float("library_size", library_size, 0.0, np.inf, True, True)
+    library_sigma = check_float("library_sigma", library_sigma, 0.0, np.inf, False, True)
+    embedding_dim = check_int("embedding_dim", embedding_dim, 1)
+    embedding_noise = check_float(
         "embedding_noise", embedding_noise, 0.0, np.inf, False, True
     )
     if not whole_number(seed) or seed < 0:
@@ -426,11 +244,11 @@ def simulate_case_control(
         )
 
     rng = np.random.default_rng(seed)
-    all_programs, specific = _make_programs(
+    all_programs, specific = make_programs(
         rng, n_genes, n_total, markers_per_program, background_weight
     )
-    embedding = _make_embedding(rng, specific, embedding_dim, embedding_noise)
-    usage, case_group, shifted, program_group = _make_usage(
+    embedding = make_embedding(rng, specific, embedding_dim, embedding_noise)
+    usage, case_group, shifted, program_group = make_usage(
         rng,
         n_programs,
         n_case_programs,
@@ -445,7 +263,7 @@ def simulate_case_control(
     )
     n_cells = n_control + n_case
     library = rng.lognormal(mean=np.log(library_size), sigma=library_sigma, size=n_cells)
-    counts = _draw_counts(rng, usage, all_programs, library)
+    counts = draw_counts(rng, usage, all_programs, library)
 
     group_names = [f"TARGET{g + 1}" for g in range(n_groups)]
     perturbation = np.array(["NTC"] * n_control + [group_names[g] for g in case_group])

@@ -15,7 +15,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ..data.errors import InputError
+from ..errors import InputError
 from .build import DENSE_NAME, GENES_NAME, KNN_NAME, build
 
 PROG = "python -m deltanmf.resources"

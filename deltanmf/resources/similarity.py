@@ -16,8 +16,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ..data.errors import InputError
-from ..nmf import GeneGraph
+from ..errors import InputError
+from ..core import GeneGraph
 
 log = logging.getLogger(__name__)
 

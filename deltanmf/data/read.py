@@ -1,0 +1,59 @@
+"""Reading the input: an ``.h5ad`` file into memory or opened for streaming, or the cached demo."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+
+from ..errors import InputError
+from ..settings import DataSettings
+from .backed import H5adFile
+from .demo import demo_path
+
+
+def existing_file(path: str | Path) -> Path:
+    """``data.path`` as a Path (``~`` expanded), or an error naming it and, for a relative
+    path, the directory it was looked for in."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        where = "" if path.is_absolute() else f" (looked for {path.absolute()})"
+        raise InputError(f"data.path: file not found: {path}{where}. Give the path to an .h5ad file "
+                         "(data.path=...).")
+    return path
+
+
+def _read(path: str | Path, reader):
+    path = existing_file(path)
+    try:
+        return reader(path)
+    except InputError:
+        raise
+    except Exception as exc:  # h5py/anndata raise many types for a file that is not an h5ad
+        raise InputError(f"data.path: cannot read {path} as an .h5ad file ({type(exc).__name__}: {exc}).") from exc
+
+
+def read_h5ad(path: str | Path) -> ad.AnnData:
+    """Read an ``.h5ad`` file into memory, with an error that names the path when it cannot be."""
+    return _read(path, ad.read_h5ad)
+
+
+def open_h5ad(path: str | Path) -> H5adFile:
+    """Open an ``.h5ad`` file for streaming (``data.backed=true``): annotations in memory,
+    the matrix on disk; errors name the path."""
+    return _read(path, H5adFile)
+
+
+def load_input(data: DataSettings) -> ad.AnnData | H5adFile:
+    """The input of a run: ``data.path`` (opened for streaming with ``data.backed``), or the
+    cached demo simulated from ``data.simulation`` (``data=demo``)."""
+    read = open_h5ad if data.backed else read_h5ad
+    if data.source == "anndata":
+        raise InputError("data.source=anndata: the AnnData is given by the Python API (deltanmf.fit_twostage); "
+                         "on the command line use data=h5ad data.path=...")
+    if data.source == "file":
+        return read(data.path)
+    try:
+        path = demo_path(data.simulation, data.cache_dir)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"data.simulation: {err}") from err
+    return read(path)

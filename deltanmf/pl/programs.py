@@ -1,0 +1,47 @@
+"""Figures of the programs: their top genes, and how close case programs are to the baseline."""
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+
+def top_genes_plot(programs: np.ndarray, names: list[str], labels, n_top: int = 10) -> Figure:
+    """One small bar chart per program: its ``n_top`` highest-weight genes (``top_genes.png``)."""
+    labels = np.asarray(labels).astype(str)
+    cols = min(5, len(names))
+    rows = int(np.ceil(len(names) / cols))
+    fig = Figure(figsize=(3.2 * cols, 0.28 * n_top * rows + 0.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for j, ax in enumerate(axes.flat):
+        if j >= len(names):
+            ax.axis("off")
+            continue
+        order = np.argsort(-programs[:, j], kind="stable")[:n_top][::-1]
+        color = "tab:red" if names[j].startswith("case") else "tab:blue"
+        ax.barh(range(len(order)), programs[order, j], color=color)
+        ax.set_yticks(range(len(order)), labels[order], fontsize=8)
+        ax.set_title(names[j], fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=3))  # few weight ticks: long decimals otherwise run together
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle("Top genes per program (weight in the fitted, scaled units)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def similarity_plot(cosine: np.ndarray, baseline_names: list[str], case_names: list[str]) -> Figure:
+    """Baseline x case program cosine similarity: high values mean leakage between the sets
+    (``program_similarity.png``)."""
+    fig = Figure(figsize=(0.6 * len(case_names) + 2.5, 0.35 * len(baseline_names) + 1.5))
+    ax = fig.subplots()
+    image = ax.imshow(cosine, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for i in range(cosine.shape[0]):
+        for j in range(cosine.shape[1]):
+            ax.text(j, i, f"{cosine[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if cosine[i, j] < 0.6 else "black")
+    ax.set_xticks(range(len(case_names)), case_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(baseline_names)), baseline_names, fontsize=8)
+    ax.set_title("Cosine similarity, baseline x case programs", fontsize=10)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,321 @@
+"""Typed settings: what every configuration value must be, checked once.
+
+The defaults live in one place, the YAML files under ``conf/``. These classes say what each
+value means and which values are allowed; :func:`deltanmf.workflow.config.load_settings`
+builds them from a composed Hydra config, and everything below the workflow layer receives
+them (or plain values taken from them), never a ``DictConfig``. Building one checks every
+field, so ``dataclasses.replace(settings, ...)`` is checked too; a bad value raises
+:class:`~deltanmf.errors.InputError` naming the configuration key and a usable value.
+
+This module imports nothing heavy: a command with a bad setting is refused before torch
+or Lightning load.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from .errors import InputError, real_number, whole_number
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one setting must be.
+
+    ``kind``: ``int``, ``float``, ``bool``, ``str``, ``choice`` (one of ``choices``),
+    ``strs`` (a list of names), ``scalar`` (a number or text, compared as text) or
+    ``mapping`` (passed on as it is, checked where it is used). Numbers must lie in
+    ``[low, high]`` (open ends with ``low_open`` / ``high_open``); ``optional`` allows
+    null; ``hint`` says what the value means or gives a usable one.
+    """
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple = ()
+    optional: bool = False
+    hint: str = ""
+
+
+def rule(kind: str, **options) -> Any:
+    """A settings field checked by ``Rule(kind, **options)``; it has no default (see the module docstring)."""
+    return field(metadata={"rule": Rule(kind, **options)})
+
+
+def group(cls: type) -> Any:
+    """A settings field holding the settings of a sub-group (``cls``), checked on its own."""
+    return field(metadata={"group": cls})
+
+
+def show(value) -> str:
+    """A value as it is written on the command line (``null``, ``true``, ``[a,b]``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(show(v) for v in value) + "]"
+    return str(value)
+
+
+def _interval(r: Rule) -> str:
+    if r.low is not None and r.high is not None:
+        return f"in {'(' if r.low_open else '['}{r.low:g}, {r.high:g}{')' if r.high_open else ']'}"
+    if r.low is not None:
+        return f"{'>' if r.low_open else '>='} {r.low:g}"
+    if r.high is not None:
+        return f"{'<' if r.high_open else '<='} {r.high:g}"
+    return ""
+
+
+def _requirement(r: Rule) -> str:
+    what = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a name",
+            "strs": "a list of names, e.g. [a,b]", "scalar": "a value (number or text)",
+            "mapping": "a group of settings"}.get(r.kind)
+    if r.kind == "choice":
+        what = "one of " + ", ".join(show(c) for c in r.choices)
+    if r.kind in ("int", "float") and _interval(r):
+        what += " " + _interval(r)
+    return what + (" or null" if r.optional else "")
+
+
+def _inside(value: float, r: Rule) -> bool:
+    if r.low is not None and (value <= r.low if r.low_open else value < r.low):
+        return False
+    return not (r.high is not None and (value >= r.high if r.high_open else value > r.high))
+
+
+def check_value(key: str, value, r: Rule):
+    """``value`` normalised (numpy numbers to Python, lists to tuples), or :class:`InputError`."""
+    if value is None:
+        if r.optional:
+            return None
+    elif r.kind == "int" and whole_number(value) and _inside(value, r):
+        return int(value)
+    elif r.kind == "float" and real_number(value) and math.isfinite(value) and _inside(value, r):
+        return float(value)
+    elif r.kind == "bool" and isinstance(value, bool):
+        return value
+    elif r.kind == "str" and isinstance(value, str) and value:
+        return value
+    elif r.kind == "choice" and any(value == c and type(value) is type(c) for c in r.choices):
+        return value
+    elif r.kind == "strs" and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    elif r.kind == "scalar" and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return value
+    elif r.kind == "mapping" and isinstance(value, Mapping):
+        return dict(value)
+    hint = f" ({r.hint})" if r.hint else ""
+    raise InputError(f"{key}={show(value)} must be {_requirement(r)}{hint}")
+
+
+class Settings:
+    """Base of the settings groups: checks every field when built (see the module docstring)."""
+
+    PATH: ClassVar[str] = ""  # where the group sits in the configuration, e.g. "model.consensus"
+
+    def key(self, name: str) -> str:
+        """The configuration key of field ``name`` (``model.consensus.tol``)."""
+        return f"{self.PATH}.{name}" if self.PATH else name
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            r = f.metadata.get("rule")
+            if r is not None:
+                object.__setattr__(self, f.name, check_value(self.key(f.name), getattr(self, f.name), r))
+        self.check()
+
+    def check(self) -> None:
+        """Rules between fields; a subclass raises :class:`InputError` here."""
+
+
+@dataclass(frozen=True)
+class ConsensusSettings(Settings):
+    """``model.consensus``: the consensus-NMF initialisation (see ``conf/model/neural_nmf.yaml``)."""
+
+    PATH: ClassVar[str] = "model.consensus"
+    replicates: int = rule("int", low=1, hint="seeded multiplicative-update runs pooled, e.g. 5")
+    iterations: int = rule("int", low=1, hint="passes over the cells per run, at most, e.g. 15")
+    tol: float = rule("float", low=0, high=1, high_open=True,
+                      hint="the runs stop once a pass lowers no run's error by more than this, e.g. 1e-4; "
+                           "0 runs every pass")
+    inner_updates: int = rule("int", low=1, hint="1: plain multiplicative updates")
+    neighbor_fraction: float = rule("float", low=0, high=1, low_open=True)
+    density_quantile: float = rule("float", low=0, high=1, low_open=True)
+    kmeans_restarts: int = rule("int", low=1)
+    nnls_iterations: int = rule("int", low=1)
+    max_cells: int | None = rule("int", low=1, optional=True, hint="null initialises from all cells")
+
+
+@dataclass(frozen=True)
+class StopSettings(Settings):
+    """``model.stop``: the convergence stop (the step cap is ``trainer.max_steps``)."""
+
+    PATH: ClassVar[str] = "model.stop"
+    enabled: bool = rule("bool", hint="false: exactly trainer.max_steps steps")
+    tol: float = rule("float", low=0, hint="relative improvement counted as progress, e.g. 1e-4")
+    patience: int = rule("int", low=1, hint="checks without progress before stopping, e.g. 3; "
+                                            "model.stop.enabled=false for no stop")
+    check_every: int = rule("int", low=1, hint="steps per check, e.g. 10")
+
+
+@dataclass(frozen=True)
+class Stage1Settings(Settings):
+    """``model.stage1``: the baseline programs' prior."""
+
+    PATH: ClassVar[str] = "model.stage1"
+    rel_alpha: float = rule("float", low=0, hint="Laplacian strength relative to the reconstruction loss")
+    laplacian_steps: int = rule("int", low=1, hint="steps trained with the Laplacian on")
+
+
+@dataclass(frozen=True)
+class Stage2Settings(Settings):
+    """``model.stage2``: the case programs' prior, orthogonality and refined start."""
+
+    PATH: ClassVar[str] = "model.stage2"
+    rel_alpha: float = rule("float", low=0, hint="Laplacian strength relative to the reconstruction loss")
+    rel_gamma: float = rule("float", low=0, hint="orthogonality strength; 0 = off")
+    refine_rounds: int = rule("int", low=0, hint="alternating-NNLS rounds refining the start; 0 = none")
+    refine_tol: float = rule("float", low=0, hint="the refinement stops once a round changes less than this")
+    laplacian_steps: int = rule("int", low=1, hint="steps trained with the Laplacian on")
+
+
+@dataclass(frozen=True)
+class ModelSettings(Settings):
+    """``model``: parametrisation, optimiser, replicates, and the groups above."""
+
+    PATH: ClassVar[str] = "model"
+    activation: str = rule("choice", choices=("softplus", "relu"))
+    beta: float = rule("float", low=0, low_open=True, hint="softplus sharpness, e.g. 5")
+    lr: float = rule("float", low=0, low_open=True, hint="Adam learning rate, e.g. 0.01")
+    replicates: int = rule("int", low=1, hint="fits per stage with different seeds")
+    null_fit: bool = rule("bool")
+    consensus: ConsensusSettings = group(ConsensusSettings)
+    stop: StopSettings = group(StopSettings)
+    stage1: Stage1Settings = group(Stage1Settings)
+    stage2: Stage2Settings = group(Stage2Settings)
+
+
+NORMALIZE = ("none", "total", "median")
+
+
+@dataclass(frozen=True)
+class DataSettings(Settings):
+    """``data``: the input and its preparation (``conf/data/h5ad.yaml``, ``conf/data/demo.yaml``)."""
+
+    PATH: ClassVar[str] = "data"
+    source: str = rule("choice", choices=("file", "demo", "anndata"),
+                       hint="data=h5ad reads data.path, data=demo simulates; anndata: given by the Python API")
+    path: str | None = rule("str", optional=True, hint="the .h5ad file, e.g. data.path=my.h5ad")
+    layer: str | None = rule("str", optional=True, hint="null = .X")
+    condition_key: str = rule("str", hint="the .obs column telling controls from cases")
+    control: Any = rule("scalar", hint="the value of data.condition_key marking control cells")
+    case: Any = rule("scalar", optional=True, hint="null = every non-control cell")
+    group_key: str | None = rule("str", optional=True)
+    symbol_key: str | None = rule("str", optional=True)
+    gene_id_column: str | None = rule("str", optional=True)
+    min_cells: int = rule("int", low=0, hint="keep genes detected in at least this many cells")
+    remove_genes: tuple[str, ...] = rule("strs")
+    normalize: str = rule("choice", choices=NORMALIZE)
+    target_sum: float | None = rule("float", low=0, low_open=True, optional=True, hint="null = 10,000")
+    scale_genes: bool = rule("bool")
+    batch_size: int | None = rule("int", low=1, optional=True, hint="cells per minibatch, e.g. 4096; null = full batch")
+    backed: bool = rule("bool")
+    num_workers: int = rule("int", low=0)
+    transposed_copy: Any = rule("choice", choices=("auto", True, False),
+                                hint="auto (by the stage's size), true (fastest full-batch steps) or false "
+                                     "(least memory)")
+    cache_dir: str | None = rule("str", optional=True)
+    simulation: dict | None = rule("mapping", optional=True)
+
+    def check(self) -> None:
+        if self.backed and self.batch_size is None:
+            raise InputError("data.backed=true streams cells from disk and trains on minibatches: set "
+                             "data.batch_size (e.g. data.batch_size=4096), or use data.backed=false")
+        if self.source == "demo" and self.path is not None:
+            raise InputError(f"data.path={self.path} was given with the demo's data settings; add data=h5ad "
+                             "to read your own file (python train.py data=h5ad data.path=...)")
+        if self.source == "file" and self.path is None:
+            raise InputError("data.path is not set: give your file with data.path=my.h5ad (or use data=demo)")
+        if self.source == "anndata" and (self.path is not None or self.backed):
+            raise InputError("data.source=anndata is the Python API's AnnData in memory: it takes no data.path "
+                             "and no data.backed=true")
+        if self.source == "demo" and self.simulation is None:
+            raise InputError("data=demo needs data.simulation (conf/data/demo.yaml)")
+        if self.case is not None and str(self.case) == str(self.control):
+            raise InputError(f"data.case={show(self.case)} is the same as data.control; give the case value, "
+                             "or data.case=null for every non-control cell")
+
+
+@dataclass(frozen=True)
+class ReportSettings(Settings):
+    """``report``: the case-control statistics."""
+
+    PATH: ClassVar[str] = "report"
+    share_threshold: float = rule("float", low=0, high=1)
+    q_threshold: float = rule("float", low=0, high=1, low_open=True)
+    min_log2fc: float = rule("float", low=0)
+    emergence_log2fc: float = rule("float", low=0)
+
+
+@dataclass(frozen=True)
+class CheckpointSettings(Settings):
+    """``checkpoint``: periodic checkpoints of a stage while it trains."""
+
+    PATH: ClassVar[str] = "checkpoint"
+    every_n_steps: int = rule("int", low=0, hint="0 = off")
+    every_minutes: float = rule("float", low=0, hint="0 = off")
+
+
+@dataclass(frozen=True)
+class StageSettings(Settings):
+    """``stage``: which stages run."""
+
+    PATH: ClassVar[str] = "stage"
+    name: str = rule("choice", choices=("onestage", "twostage"),
+                     hint="stage=twostage (both stages) or stage=onestage (baseline programs only)")
+
+
+SEED_MAX = 2**32 - 1  # what torch and numpy seeding accept
+
+
+@dataclass(frozen=True)
+class RunSettings(Settings):
+    """Everything a run needs, as composed by ``conf/config.yaml``.
+
+    ``trainer``, ``logger`` and ``resource`` are Lightning and resource objects' arguments
+    (with Hydra's ``_target_``), checked when they are built.
+    """
+
+    K: int = rule("int", low=1, hint="the number of baseline programs, e.g. K=10")
+    K_case: int = rule("int", low=0, hint="the number of case programs, e.g. K_case=3")
+    seed: int = rule("int", low=0, high=SEED_MAX)
+    stage1_from: str | None = rule("str", optional=True)
+    overwrite: bool = rule("bool")
+    resume: bool = rule("bool")
+    ckpt_path: str | None = rule("str", optional=True)
+    stage: StageSettings = group(StageSettings)
+    report: ReportSettings = group(ReportSettings)
+    checkpoint: CheckpointSettings = group(CheckpointSettings)
+    data: DataSettings = group(DataSettings)
+    model: ModelSettings = group(ModelSettings)
+    trainer: dict = rule("mapping")
+    logger: dict | None = rule("mapping", optional=True)
+    resource: dict | None = rule("mapping", optional=True)
+
+    @property
+    def twostage(self) -> bool:
+        return self.stage.name == "twostage"
+
+    def check(self) -> None:
+        if self.twostage and self.K_case < 1:
+            raise InputError(f"K_case={self.K_case}: stage=twostage needs at least 1 case program "
+                             "(use stage=onestage for baseline programs only)")
+        if self.resume and self.ckpt_path:
+            raise InputError("give resume=true (continue in this run directory) or ckpt_path=FILE (continue from "
+                             "that checkpoint in a new directory), not both")

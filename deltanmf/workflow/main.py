@@ -1,0 +1,88 @@
+"""The command line's entry point, called by ``train.py``: settings first, then the run.
+
+The order matters to a user who mistyped: the composed configuration is checked
+(:func:`~deltanmf.workflow.config.load_settings`) before torch and Lightning are imported or
+any data is read, so a refused command returns in about the time Python takes to start.
+Bad input ends with one line, ``deltanmf: error: ...``, and exit code 2; a NaN loss with
+exit code 3; an interruption with 128 + the signal's number.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..errors import InputError, NonFiniteLossError, TrainingInterrupted
+from .config import load_settings
+
+log = logging.getLogger(__name__)
+
+RECORD = ".hydra"  # Hydra's record of a run (config.yaml, hydra.yaml, overrides.yaml)
+
+
+def _no_advertising(record: logging.LogRecord) -> bool:
+    """Drop Lightning's suggestion to install its cloud logger, printed once per Trainer."""
+    return "litlogger" not in str(record.msg)
+
+
+def quiet_lightning() -> None:
+    """What Lightning prints that a user can do nothing about: its logger advertisement, and a
+    warning about a torch API it calls itself."""
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_no_advertising)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def write_record(run_dir: Path, cfg: DictConfig) -> None:
+    """Hydra's record of this run, written once the command has passed its checks (Hydra's own
+    writing is off, ``hydra.output_subdir: null``): a command refused in the directory of an
+    earlier run leaves that run's record as it was."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from ..files import atomic_write_text
+
+    hydra_cfg = HydraConfig.get()
+    record = run_dir / RECORD
+    record.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record / "config.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write_text(record / "hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}))
+    atomic_write_text(record / "overrides.yaml", OmegaConf.to_yaml(list(hydra_cfg.overrides.task)))
+
+
+def main(cfg: DictConfig) -> float:
+    """Run into Hydra's output directory; bad input exits with one message.
+
+    Returns the final relative reconstruction error (of stage 2 when it ran), the value a
+    Hydra sweeper would minimise.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        settings = load_settings(cfg)  # every value checked: nothing heavy imported yet
+        quiet_lightning()
+        from .run import run  # torch, Lightning
+
+        result = run(settings, run_dir, on_checked=lambda: write_record(run_dir, cfg))
+    except (InputError, NonFiniteLossError) as err:
+        log.error("%s", err)
+        print(f"deltanmf: error: {err}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(err, InputError) else 3) from None
+    except TrainingInterrupted as err:
+        log.warning("%s", err)
+        print(f"deltanmf: {err}", file=sys.stderr)
+        raise SystemExit(128 + err.signum) from None  # the shell's convention for death by signal
+    except KeyboardInterrupt:  # Ctrl+C outside training (reading data, initialising, writing outputs)
+        from .resume import what_is_kept
+
+        message = f"interrupted (SIGINT) outside training; {what_is_kept(run_dir)}"
+        log.warning("%s", message)
+        print(f"deltanmf: {message}", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+    last = result.metrics.get("stage2", result.metrics["stage1"])
+    return float(last.get("relative_error", float("nan")))

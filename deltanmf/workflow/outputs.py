@@ -1,0 +1,134 @@
+"""A run's results as files: results.h5ad, the CSV tables, the figures and metrics.json.
+
+All files of one run are first written into a hidden staging folder inside the run
+directory and then renamed into place, so a crash leaves either the previous state or
+complete files, never a half-written ``results.h5ad``. The keys of every file are listed
+in ``docs/outputs.md``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from .. import pl
+from ..core.metrics import cosine_matrix
+
+TOP_GENES = 50
+GENE_SCALE_KEY = "deltanmf_gene_scale"
+
+
+def jsonable(value):
+    """``value`` with numpy scalars and arrays turned into JSON types (non-finite floats: null)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def write_outputs(run_dir: str | Path, files: dict[str, Callable[[Path], None]]) -> list[Path]:
+    """Write every file with its writer into a staging folder, then move all into ``run_dir``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=run_dir))
+    written = []
+    try:
+        for name, writer in files.items():
+            writer(staging / name)
+        for name in files:
+            target = run_dir / name
+            os.replace(staging / name, target)
+            written.append(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return written
+
+
+def results_anndata(obs: pd.DataFrame, var: pd.DataFrame, programs: np.ndarray, usage: np.ndarray,
+                    program_names: list[str], program_kind: list[str], uns: dict) -> ad.AnnData:
+    """The results AnnData (no ``.X``); keys documented in ``docs/outputs.md``."""
+    result = ad.AnnData(obs=obs.copy(), var=var.copy())
+    result.obsm["X_deltanmf"] = np.asarray(usage, dtype=np.float32)
+    result.varm["deltanmf_programs"] = np.asarray(programs, dtype=np.float32)
+    result.uns["deltanmf"] = {
+        "program_names": np.asarray(program_names, dtype=object),
+        "program_kind": np.asarray(program_kind, dtype=object),
+        **uns,
+    }
+    return result
+
+
+def top_genes_table(programs: np.ndarray, program_names: list[str], genes: pd.Index,
+                    symbols: pd.Series | None = None, n: int = TOP_GENES) -> pd.DataFrame:
+    """Long table: program, rank (1 = highest weight), gene, [symbol,] weight."""
+    rows = []
+    n = min(n, programs.shape[0])
+    for j, name in enumerate(program_names):
+        order = np.argsort(-programs[:, j], kind="stable")[:n]
+        for rank, g in enumerate(order, start=1):
+            row = {"program": name, "rank": rank, "gene": genes[g]}
+            if symbols is not None:
+                row["symbol"] = symbols.iloc[g]
+            row["weight"] = float(programs[g, j])
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _csv(frame: pd.DataFrame, index_name: str | None = None) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        if index_name is None:
+            frame.to_csv(path, index=False)
+        else:
+            frame.rename_axis(index_name).to_csv(path)
+    return write
+
+
+def _png(make_figure: Callable) -> Callable[[Path], None]:
+    return lambda path: pl.save_figure(make_figure(), path)
+
+
+def output_files(result: ad.AnnData, tables: dict[str, pd.DataFrame], metrics: dict, n_baseline: int,
+                 symbol_key: str | None) -> dict[str, Callable[[Path], None]]:
+    """A writer for every file of a run: results.h5ad, programs.csv, usage.csv, top_genes.csv,
+    metrics.json, the case-control tables and the figures."""
+    names = list(result.uns["deltanmf"]["program_names"])
+    programs = np.asarray(result.varm["deltanmf_programs"])
+    usage = np.asarray(result.obsm["X_deltanmf"])
+    symbols = result.var[symbol_key] if symbol_key and symbol_key in result.var else None
+    labels = symbols if symbols is not None else result.var_names
+
+    def metrics_json(path: Path) -> None:
+        path.write_text(json.dumps(jsonable(metrics), indent=2))
+
+    files = {
+        "results.h5ad": result.write_h5ad,
+        "programs.csv": _csv(pd.DataFrame(programs, index=result.var_names, columns=names), "gene"),
+        "usage.csv": _csv(pd.DataFrame(usage, index=result.obs_names, columns=names), "cell"),
+        "top_genes.csv": _csv(top_genes_table(programs, names, result.var_names, symbols)),
+        "metrics.json": metrics_json,
+    }
+    files.update({f"{name}.csv": _csv(table) for name, table in tables.items()})
+    files["top_genes.png"] = _png(lambda: pl.top_genes_plot(programs, names, labels))
+    if "usage_shift" in tables:
+        files["usage_share.png"] = _png(lambda: pl.usage_share_plot(tables["usage_shift"], tables["case_programs"]))
+        cos = cosine_matrix(programs[:, :n_baseline], programs[:, n_baseline:])
+        files["program_similarity.png"] = _png(lambda: pl.similarity_plot(cos, names[:n_baseline],
+                                                                          names[n_baseline:]))
+    if tables.get("group_usage") is not None and len(tables["group_usage"]):
+        files["group_usage.png"] = _png(lambda: pl.group_usage_plot(tables["group_usage"]))
+    return files

@@ -1,0 +1,269 @@
+"""One run, from typed settings to written files: the path shared by ``train.py`` and the
+Python API.
+
+:func:`run` checks what it can before any work, reads and prepares the data, fits stage 1 on
+the controls (or reuses a finished one, ``stage1_from``), fits stage 2 on the cases
+(``stage=twostage``), computes the case-control tables and writes every output into the run
+directory.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import anndata as ad
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf
+
+from ..data import Baseline, PreparedData, load_input, load_stage1, prepare
+from ..errors import InputError
+from ..resources import strip_version
+from ..settings import RunSettings
+from ..tl import casecontrol
+from ..tl.fit import StageFit, fit_null, fit_replicates
+from ..tl.recovery import recovery
+from ..train import TrainingPlan, check_trainer
+from .outputs import GENE_SCALE_KEY, output_files, results_anndata, write_outputs
+from .resume import check_resumable, resume_source, settings_record
+from .sweeps import hparams_record
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """Everything a run produced: the results AnnData, the tables and the metrics."""
+
+    results: ad.AnnData
+    tables: dict[str, pd.DataFrame]
+    metrics: dict
+
+
+def instantiate_input(node: dict, **kwargs):
+    """``hydra.utils.instantiate`` of a ``_target_`` mapping (a resource, a logger); an
+    :class:`InputError` from the target comes through unwrapped."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, InputError):
+            raise err.__cause__ from None
+        raise
+
+
+def gene_ids(adata, settings: RunSettings) -> list[str]:
+    """The IDs genes are matched by: ``data.gene_id_column`` or ``.var_names``, Ensembl versions stripped."""
+    column = settings.data.gene_id_column
+    if column:
+        if column not in adata.var:
+            raise InputError(f"data.gene_id_column={column!r} is not a column of .var; columns: {list(adata.var.columns)}")
+        return [strip_version(g) for g in adata.var[column].astype(str)]
+    return [strip_version(g) for g in adata.var_names.astype(str)]
+
+
+def training_plan(settings: RunSettings, run_dir: Path) -> TrainingPlan:
+    """How the stages are trained, from the settings (the Trainer, logger, checkpoints, loader)."""
+    logger_node = settings.logger
+
+    def logger(version: str):
+        return instantiate_input(logger_node, save_dir=str(run_dir), version=version)
+
+    return TrainingPlan(trainer=settings.trainer, stop=settings.model.stop, checkpoint=settings.checkpoint,
+                        batch_size=settings.data.batch_size, num_workers=settings.data.num_workers,
+                        transposed_copy=settings.data.transposed_copy, max_cells=settings.model.consensus.max_cells,
+                        run_dir=run_dir, logger=None if logger_node is None else logger, resume=resume_source(settings, run_dir))
+
+
+def _baseline_from(settings: RunSettings) -> Baseline | None:
+    if not settings.stage1_from:
+        return None
+    baseline = load_stage1(settings.stage1_from)
+    if len(baseline.names) != settings.K:
+        log.info("stage1_from: using its %d baseline programs (the configured K=%d does not apply)",
+                 len(baseline.names), settings.K)
+    if settings.data.remove_genes:
+        log.warning("stage1_from: data.remove_genes is not applied; stage 2 uses exactly the genes of %s",
+                    baseline.source)
+    if settings.twostage and not baseline.twostage:
+        log.warning("stage1_from: %s is a one-stage run, whose gene scale comes from control cells only; "
+                    "genes that controls barely express then get extreme values in case cells, and stage 2's "
+                    "gains come out inflated (on the quick demo the baseline left relative error 0.99 on the "
+                    "case cells). Reuse a stage=twostage run instead.", baseline.source)
+    return baseline
+
+
+def _control_usage_from(baseline: Baseline, prepared: PreparedData) -> np.ndarray:
+    cells = prepared.obs.index[prepared.is_control]
+    missing = cells.difference(baseline.usage.index)
+    if len(missing):
+        raise InputError(f"stage1_from: {len(missing)} control cells of this dataset are not in {baseline.source} "
+                         f"(e.g. {list(missing[:3])}); use the same data and data.control as that run")
+    return baseline.usage.loc[cells].to_numpy(dtype=np.float32)
+
+
+def validate(settings: RunSettings, prepared: PreparedData, k: int) -> None:
+    """Checks that need the prepared data, run before any fit."""
+    n_control, n_case = int(prepared.is_control.sum()), int((~prepared.is_control).sum())
+    for count, what, cells in ((k, "K", n_control), (settings.K_case if settings.twostage else 0, "K_case", n_case)):
+        if count and count >= min(cells, prepared.n_genes):
+            kind = "control" if what == "K" else "case"
+            raise InputError(f"{what}={count} must be smaller than both the number of {kind} cells ({cells}) "
+                             f"and of genes ({prepared.n_genes})")
+    for key, frame, where in (("group_key", prepared.obs, ".obs"), ("symbol_key", prepared.var, ".var")):
+        column = getattr(settings.data, key)
+        if column and column not in frame:
+            raise InputError(f"data.{key}={column!r} is not a column of {where}; columns: {list(frame.columns)} "
+                             f"(data.{key}=null to leave it out)")
+
+
+def check_run_dir(settings: RunSettings, run_dir: Path) -> None:
+    """Refuse to overwrite a finished run's results (``overwrite=true`` allows it) or to resume one."""
+    finished = (run_dir / "results.h5ad").exists()
+    if settings.resume and finished:
+        raise InputError(f"resume=true: the run in {run_dir} has already finished (results.h5ad exists)")
+    if finished and not settings.overwrite:
+        raise InputError(f"{run_dir} already holds the results of a run; choose another directory "
+                         "(hydra.run.dir=...) or replace them with overwrite=true")
+
+
+def run(settings: RunSettings, run_dir: str | Path, adata: ad.AnnData | None = None,
+        on_checked: Callable[[], None] | None = None) -> RunResult:
+    """Run the configured stages and write every output into ``run_dir``.
+
+    ``adata`` replaces reading ``data.path`` (the Python API passes its AnnData);
+    ``on_checked`` is called once every check has passed, before any fit (the command line
+    writes Hydra's record of the run then).
+    """
+    run_dir = Path(run_dir)
+    start = time.perf_counter()
+    check_run_dir(settings, run_dir)
+    plan = training_plan(settings, run_dir)  # a bad resume=/ckpt_path= fails here, before any work
+    check_trainer(plan)  # and a trainer setting Lightning refuses (trainer=gpu without a GPU)
+    L.seed_everything(settings.seed, workers=True, verbose=False)
+    baseline = _baseline_from(settings)
+    if baseline is not None:  # a reused baseline fixes K; the recorded settings say so
+        settings = replace(settings, K=len(baseline.names))
+    resource = instantiate_input(settings.resource) if settings.resource is not None else None
+    if adata is None:
+        adata = load_input(settings.data)
+    coverage = None
+    if resource is not None:
+        ids = gene_ids(adata, settings)
+        if hasattr(resource, "bind"):  # resources read from the data itself (resource=demo)
+            resource.bind(adata, ids)
+        coverage = resource.coverage(ids)
+    prepared = prepare(adata, settings.data, use_case=settings.twostage,
+                       resource_genes=None if resource is None or baseline is not None else resource.gene_list(),
+                       gene_ids=gene_ids(adata, settings),
+                       genes=None if baseline is None else baseline.genes,
+                       gene_scale=None if baseline is None else baseline.gene_scale)
+    k = settings.K
+    validate(settings, prepared, k)
+    check_resumable(settings, run_dir, plan.resume)
+    if on_checked is not None:
+        on_checked()
+    log.info("cells: %d control, %d case%s; genes: %d", int(prepared.is_control.sum()),
+             int((~prepared.is_control).sum()), "" if settings.twostage else " (not used by stage=onestage)",
+             prepared.n_genes)
+    graph = None if resource is None else resource.graph(list(prepared.gene_ids))
+    model = settings.model
+
+    metrics: dict = {"stage": settings.stage.name, "K": k, "gene_counts": prepared.gene_counts,
+                     "n_genes": prepared.n_genes}
+    if coverage is not None:
+        metrics["resource"] = coverage
+    if baseline is None:
+        stage1 = fit_replicates(prepared.control, k, model, plan, seed=settings.seed, graph=graph)
+    else:
+        stage1 = StageFit(baseline.programs, _control_usage_from(baseline, prepared), baseline.names,
+                          {**baseline.stats, "from": baseline.source})
+        log.info("stage 1: reusing %d baseline programs from %s", len(baseline.names), baseline.source)
+    metrics["stage1"] = stage1.stats
+
+    tables: dict[str, pd.DataFrame] = {}
+    n_base = stage1.programs.shape[1]
+    refit = None
+    if settings.twostage:
+        stage2 = fit_replicates(prepared.case, k, model, plan, seed=settings.seed, graph=graph, baseline=stage1,
+                                k_case=settings.K_case)
+        if model.null_fit:
+            stage2.stats.update(fit_null(prepared.X, prepared.is_control, k, settings.K_case, model, plan,
+                                         seed=settings.seed, graph=graph))
+        metrics["stage2"] = stage2.stats
+        metrics["K_case"] = settings.K_case
+        programs, names = stage2.programs, stage2.names
+        control_usage = np.hstack([stage1.usage, np.zeros((stage1.usage.shape[0], settings.K_case), np.float32)])
+        usage = np.vstack([control_usage, stage2.usage])
+        tables, refit = casecontrol.case_control_tables(
+            prepared, programs, names, n_base, settings.report, group_key=settings.data.group_key,
+            symbol_key=settings.data.symbol_key, batch_size=settings.data.batch_size,
+            nnls_iterations=model.consensus.nnls_iterations, device=torch.device(stage2.stats["device"]))
+    else:
+        programs, names, usage = stage1.programs, stage1.names, stage1.usage
+
+    found = recovery(prepared, programs, n_base, tables.get("usage_shift"), tables.get("case_programs"))
+    if found is not None:
+        metrics["recovery"] = found
+
+    var = prepared.var.copy()
+    var[GENE_SCALE_KEY] = prepared.gene_scale
+    kinds = ["baseline"] * n_base + ["case"] * (len(names) - n_base)
+    uns = {
+        "config": config_yaml(settings),
+        "gene_counts": prepared.gene_counts,
+        "loss": {s: metrics[s]["loss"] for s in ("stage1", "stage2") if s in metrics and "loss" in metrics[s]},
+        "stage1": {key: v for key, v in stage1.stats.items() if key != "loss"},
+        "gene_scale_key": GENE_SCALE_KEY,
+    }
+    if coverage is not None:
+        uns["resource"] = coverage
+    if settings.twostage:
+        uns["stage2"] = {key: v for key, v in metrics["stage2"].items() if key != "loss"}
+    result = results_anndata(prepared.obs, var, programs, usage, names, kinds, uns)
+    if settings.twostage:
+        result.obs["deltanmf_novelty"] = casecontrol.novelty(usage, n_base)
+        result.obsm["X_deltanmf_refit"] = refit.astype(np.float32)
+    metrics["wall_time_s"] = time.perf_counter() - start
+
+    if rank_zero_only.rank != 0:  # DDP: the other processes trained alongside; the first one writes
+        return RunResult(result, tables, metrics)
+    write_outputs(run_dir, output_files(result, tables, metrics, n_base, settings.data.symbol_key))
+    log_hparams(settings, metrics, run_dir)
+    if settings.twostage:
+        shift = tables["usage_shift"]["shift"]
+        log.info("summary: %d of %d baseline programs shift usage (%d up, %d down); %d of %d case programs "
+                 "emergent (q < %g)", int((shift != "none").sum()), len(shift), int((shift == "up").sum()),
+                 int((shift == "down").sum()), int(tables["case_programs"]["emergent"].sum()),
+                 len(tables["case_programs"]), settings.report.q_threshold)
+    log.info("results written to %s", run_dir)
+    return RunResult(result, tables, metrics)
+
+
+def config_yaml(settings: RunSettings) -> str:
+    """The run's settings as YAML, as stored in ``results.h5ad``."""
+    from dataclasses import asdict
+
+    return OmegaConf.to_yaml(asdict(settings))
+
+
+def log_hparams(settings: RunSettings, metrics: dict, run_dir: Path) -> None:
+    """The run's hyperparameters and final metrics (:func:`~deltanmf.workflow.sweeps.hparams_record`)
+    for TensorBoard's HParams tab, written through the configured logger as version ``hparams``
+    (``<run>/tensorboard/hparams/``); nothing with ``logger=none``."""
+    if settings.logger is None:
+        return
+    params, final = hparams_record(settings, metrics)
+    logger = instantiate_input(settings.logger, save_dir=str(run_dir), version="hparams")
+    logger.log_hyperparams(params, final)
+    logger.finalize("success")
+
+
+__all__ = ["RunResult", "run", "settings_record", "training_plan"]
