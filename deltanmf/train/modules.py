@@ -90,8 +90,17 @@ class NMFStageModule(L.LightningModule):
             return True
         return False
 
+    def attached_trainer(self) -> L.Trainer | None:
+        """The Trainer fitting this module, or None outside a fit (Lightning's ``trainer``
+        property raises there)."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
     def _cap_reached(self) -> bool:
-        cap = self.trainer.max_steps if self._trainer is not None else -1
+        trainer = self.attached_trainer()
+        cap = trainer.max_steps if trainer is not None else -1
         return cap is not None and cap > 0 and self.global_step >= cap - self.laplacian_steps
 
     def prior_strength(self, recon: torch.Tensor, laplacian: torch.Tensor) -> torch.Tensor:
@@ -126,7 +135,8 @@ class NMFStageModule(L.LightningModule):
     def window_length(self) -> int:
         """Steps per convergence window: whole epochs of at least ``window`` steps (in full-batch
         mode an epoch is ``window`` steps), so every window sees every cell equally often."""
-        per_epoch = max(int(self.trainer.num_training_batches), 1) if self._trainer is not None else 1
+        trainer = self.attached_trainer()
+        per_epoch = max(int(trainer.num_training_batches), 1) if trainer is not None else 1
         return -(-self.window // per_epoch) * per_epoch
 
     def _close_window(self, loss: torch.Tensor) -> None:
@@ -137,7 +147,8 @@ class NMFStageModule(L.LightningModule):
         self._window_steps += 1
         self.window_ended = self._window_steps >= self.window_length()
         if self.window_ended:
-            several = self._trainer is not None and self.trainer.world_size > 1
+            trainer = self.attached_trainer()
+            several = trainer is not None and trainer.world_size > 1
             # with several processes, every one decides on the mean of all
             self.log(WINDOW_LOSS, self._window_sum / self._window_steps, on_step=True, on_epoch=False,
                      batch_size=1, sync_dist=several)
@@ -152,7 +163,7 @@ class NMFStageModule(L.LightningModule):
         stored metric to the value's device every time), a tenth of a full-batch step on
         the CPU, so the terms are logged on the steps that are written only.
         """
-        trainer = self._trainer
+        trainer = self.attached_trainer()
         if trainer is None or trainer.fast_dev_run:
             return True
         every = trainer.log_every_n_steps
@@ -170,7 +181,8 @@ class NMFStageModule(L.LightningModule):
             # a prior the step cap started ends with the cap; one convergence started, with its own steps
             self.stop_reason = "prior_steps" if self.converged else "step_cap"
             self.trainer.should_stop = True
-        if not self._logged and self._trainer is not None and self._trainer.should_stop:
+        trainer = self.attached_trainer()
+        if not self._logged and trainer is not None and trainer.should_stop:
             # the last step (the convergence stop decided in its callback, which Lightning calls
             # before this hook): Lightning writes it whatever the step, so it gets its own values
             self._log_terms()
