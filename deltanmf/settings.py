@@ -216,6 +216,8 @@ class DataSettings(Settings):
     condition_key: str = rule("str", hint="the .obs column telling controls from cases")
     control: Any = rule("scalar", hint="the value of data.condition_key marking control cells")
     case: Any = rule("scalar", optional=True, hint="null = every non-control cell")
+    allow_unlabelled: bool = rule("bool", hint="true: cells without a condition are left out and counted; "
+                                               "false: they stop the run")
     group_key: str | None = rule("str", optional=True)
     symbol_key: str | None = rule("str", optional=True)
     gene_id_column: str | None = rule("str", optional=True)

@@ -18,8 +18,8 @@ from deltanmf.workflow.config import load_settings
 from helpers import run
 
 ROOT = Path(__file__).resolve().parents[1]
-OUTPUTS = ["results.h5ad", "programs.csv", "usage.csv", "top_genes.csv", "metrics.json",
-           "checkpoints/stage1.ckpt"]
+OUTPUTS = ["results/results.h5ad", "results/programs.csv", "results/usage.csv", "results/top_genes.csv",
+           "results/metrics.json", "checkpoints/stage1.ckpt"]
 
 
 def test_config_composes_with_overrides(make_cfg):
@@ -39,9 +39,9 @@ def test_onestage_demo_run_writes_every_output(make_cfg):
     metrics = run(cfg, run_dir).metrics
     for name in OUTPUTS:
         assert (run_dir / name).is_file(), name
-    assert not list(run_dir.glob(".staging-*"))
+    assert (run_dir / "results").is_symlink() and len(list((run_dir / ".results").iterdir())) == 1
 
-    result = ad.read_h5ad(run_dir / "results.h5ad")
+    result = ad.read_h5ad(run_dir / "results" / "results.h5ad")
     assert result.X is None
     assert result.n_obs == 250 and (result.obs["condition"] == "control").all()
     assert result.obsm["X_deltanmf"].shape == (250, 5)
@@ -54,18 +54,18 @@ def test_onestage_demo_run_writes_every_output(make_cfg):
     assert set(info["loss"]["stage1"]) >= {"recon", "total"}
     assert (result.var["deltanmf_gene_scale"] > 0).all()
 
-    programs = pd.read_csv(run_dir / "programs.csv", index_col=0)
+    programs = pd.read_csv(run_dir / "results" / "programs.csv", index_col=0)
     np.testing.assert_allclose(programs.to_numpy(), result.varm["deltanmf_programs"], rtol=1e-5)
     assert list(programs.index) == list(result.var_names)
-    usage = pd.read_csv(run_dir / "usage.csv", index_col=0)
+    usage = pd.read_csv(run_dir / "results" / "usage.csv", index_col=0)
     assert list(usage.index) == list(result.obs_names)
-    top = pd.read_csv(run_dir / "top_genes.csv")
+    top = pd.read_csv(run_dir / "results" / "top_genes.csv")
     assert list(top.columns) == ["program", "rank", "gene", "symbol", "weight"]
     assert len(top) == 5 * 50
     first = top[top["program"] == "baseline_1"]
     assert first["weight"].is_monotonic_decreasing and first["rank"].tolist() == list(range(1, 51))
 
-    saved = json.loads((run_dir / "metrics.json").read_text())
+    saved = json.loads((run_dir / "results" / "metrics.json").read_text())
     assert saved["stage1"]["steps"] == metrics["stage1"]["steps"] > 0
     assert 0 < saved["stage1"]["relative_error"] < 1
     assert len(saved["recovery"]["baseline_matched_cosine"]) == 5
@@ -90,20 +90,21 @@ def test_tensorboard_has_the_loss_terms(make_cfg):
 def test_twostage_demo_run_writes_every_output(make_cfg):
     cfg, run_dir = make_cfg()
     metrics = run(cfg, run_dir).metrics
-    for name in [*OUTPUTS, "checkpoints/stage2.ckpt", "usage_shift.csv", "case_programs.csv", "group_usage.csv",
-                 "usage_share.png", "group_usage.png", "top_genes.png", "program_similarity.png"]:
+    for name in [*OUTPUTS, "checkpoints/stage2.ckpt", *(f"results/{f}" for f in (
+            "usage_shift.csv", "case_programs.csv", "group_usage.csv", "usage_share.png", "group_usage.png",
+            "top_genes.png", "program_similarity.png"))]:
         assert (run_dir / name).is_file(), name
-    result = ad.read_h5ad(run_dir / "results.h5ad")
+    result = ad.read_h5ad(run_dir / "results" / "results.h5ad")
     assert result.n_obs == 500 and result.obsm["X_deltanmf"].shape == (500, 8)
     assert list(result.uns["deltanmf"]["program_kind"]) == ["baseline"] * 5 + ["case"] * 3
     assert "deltanmf_novelty" in result.obs and "stage2" in result.uns["deltanmf"]
-    shift = pd.read_csv(run_dir / "usage_shift.csv")
+    shift = pd.read_csv(run_dir / "results" / "usage_shift.csv")
     assert list(shift["program"]) == [f"baseline_{i}" for i in range(1, 6)]
     assert {"control_share", "case_share", "log2_fold_change", "p_value", "q_value", "control_total_share",
             "case_total_share", "shift"} <= set(shift.columns)
-    groups = pd.read_csv(run_dir / "group_usage.csv")
+    groups = pd.read_csv(run_dir / "results" / "group_usage.csv")
     assert len(groups) == 3 * 8 and set(groups["group"]) == {"TARGET1", "TARGET2", "TARGET3"}
-    saved = json.loads((run_dir / "metrics.json").read_text())
+    saved = json.loads((run_dir / "results" / "metrics.json").read_text())
     assert saved["stage2"]["explained_variance_gain"] > 0
     assert saved["recovery"]["shifts_planted"] == 3 and "case_matched_cosine" in saved["recovery"]
     assert metrics["stage2"]["steps"] > 0
@@ -129,10 +130,10 @@ def test_train_py_on_a_user_h5ad(tmp_path):
                   "model.consensus.replicates=2", "model.consensus.iterations=60", "trainer.max_steps=200",
                   "trainer.accelerator=cpu", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = ad.read_h5ad(out / "results.h5ad")
+    result = ad.read_h5ad(out / "results" / "results.h5ad")
     assert result.n_obs == 200 and set(result.obs["guide"]) == {"NTC"}
     assert result.varm["deltanmf_programs"].shape[1] == 4
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "results" / "metrics.json").read_text())
     assert metrics["recovery"]["baseline_min"] >= 0.9  # the simulated truth travels in the file
     assert (out / ".hydra" / "config.yaml").exists() and (out / "train.log").exists()
     assert not (ROOT / "screen.h5ad").exists()
@@ -164,7 +165,7 @@ def test_bad_input_exits_with_one_clear_message(tmp_path, cache_dir, args, messa
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "out" / "results.h5ad").exists()
+    assert not (tmp_path / "out" / "results" / "results.h5ad").exists()
     # caught before any work: the directory holds only the log, which ends with the error
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train.log"]
     assert message in (tmp_path / "out" / "train.log").read_text()
@@ -189,12 +190,12 @@ def test_a_refused_command_leaves_the_runs_record_alone(tmp_path, cache_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = {f.name: f.read_bytes() for f in (out / ".hydra").iterdir()}
     assert set(record) == {"config.yaml", "hydra.yaml", "overrides.yaml"} and b"K=4" in record["overrides.yaml"]
-    results = (out / "results.h5ad").read_bytes()
+    results = (out / "results" / "results.h5ad").read_bytes()
     for refused in (["K=5"], ["K=5", "resume=true"]):  # the results exist; resume: the run has finished
         proc = _train(*refused, *common)
         assert proc.returncode == 2 and "deltanmf: error:" in proc.stderr, proc.stderr[-2000:]
         assert {f.name: f.read_bytes() for f in (out / ".hydra").iterdir()} == record  # still says K=4
-        assert (out / "results.h5ad").read_bytes() == results
+        assert (out / "results" / "results.h5ad").read_bytes() == results
     proc = _train("K=5", "overwrite=true", *common)  # replacing the results replaces the record
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert b"K=5" in (out / ".hydra" / "overrides.yaml").read_bytes()
@@ -208,20 +209,20 @@ def test_sweep_jobs_are_named_by_the_swept_keys(tmp_path, cache_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["K=3", "K=4"]
     for job in ("K=3", "K=4"):
-        assert (sweep / job / "results.h5ad").is_file()
+        assert (sweep / job / "results" / "results.h5ad").is_file()
         assert list((sweep / job / "tensorboard" / "stage1").glob("events.out.tfevents.*"))
 
 
 def test_results_are_not_overwritten_unless_asked(make_cfg):
     cfg, run_dir = make_cfg("stage=onestage")
     run(cfg, run_dir)
-    before = (run_dir / "results.h5ad").stat().st_mtime_ns
+    before = (run_dir / "results" / "results.h5ad").stat().st_mtime_ns
     with pytest.raises(ValueError, match="already holds the results of a run.*overwrite=true"):
         run(cfg, run_dir)
-    assert (run_dir / "results.h5ad").stat().st_mtime_ns == before
+    assert (run_dir / "results" / "results.h5ad").stat().st_mtime_ns == before
     cfg, run_dir = make_cfg("stage=onestage", "overwrite=true")
     run(cfg, run_dir)
-    assert (run_dir / "results.h5ad").stat().st_mtime_ns != before
+    assert (run_dir / "results" / "results.h5ad").stat().st_mtime_ns != before
 
 
 def test_same_seed_same_programs_other_seed_other_start(make_cfg):
@@ -244,4 +245,4 @@ def test_unknown_config_keys_and_options_are_named(tmp_path, override, message):
     proc = _train(override, f"hydra.run.dir={tmp_path / 'out'}")
     assert proc.returncode != 0
     assert message in proc.stderr
-    assert not (tmp_path / "out" / "results.h5ad").exists()
+    assert not (tmp_path / "out" / "results" / "results.h5ad").exists()

@@ -317,7 +317,7 @@ def test_backed_fit_matches_in_memory_fit(make_cfg, stage):
                                 "logger=none", "model.consensus.replicates=2", "model.consensus.iterations=40")
         shutil.rmtree(run_dir, ignore_errors=True)
         fits[backed] = run(cfg, run_dir)
-        result = ad.read_h5ad(run_dir / "results.h5ad")
+        result = ad.read_h5ad(run_dir / "results" / "results.h5ad")
         assert result.n_obs == (500 if stage == "twostage" else 250)
         assert np.isfinite(result.obsm["X_deltanmf"]).all()
     memory, streamed = (fits[b].metrics for b in (False, True))

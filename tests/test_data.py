@@ -2,6 +2,8 @@
 the similarity resources. Every expected value is worked out independently in numpy."""
 from __future__ import annotations
 
+import re
+
 import importlib
 import json
 import os
@@ -119,11 +121,52 @@ def test_integer_condition_column_compared_as_strings(control, case):
 def test_split_conditions_masks():
     adata = make_adata()
     cond = adata.obs["condition"].to_numpy()
-    ctrl, case = split_conditions(adata.obs, "condition", "ctrl", "other")
+    ctrl, case, counts = split_conditions(adata.obs, "condition", "ctrl", "other")
     np.testing.assert_array_equal(ctrl, cond == "ctrl")
     np.testing.assert_array_equal(case, cond == "other")
-    ctrl, case = split_conditions(adata.obs, "condition", "ctrl")
+    assert counts == {"control": int(ctrl.sum()), "case": int(case.sum()), "unlabelled": 0,
+                      "other": int((~ctrl & ~case).sum())}
+    ctrl, case, counts = split_conditions(adata.obs, "condition", "ctrl")
     np.testing.assert_array_equal(case, cond != "ctrl")
+    assert counts["other"] == 0
+
+
+@pytest.mark.parametrize("missing", [np.nan, None, "", "  "])
+@pytest.mark.parametrize("categorical", [False, True])
+def test_cells_without_a_condition_are_left_out_and_counted_never_cases(missing, categorical):
+    """Every 7th label missing: those cells are in neither condition (with data.case=null they
+    had become cases), the counts say how many; data.allow_unlabelled=false refuses them."""
+    adata = make_adata()
+    labels = adata.obs["condition"].astype(object).to_numpy()
+    labels[::7] = missing
+    adata.obs["condition"] = pd.Categorical(labels) if categorical else labels
+    ctrl, case, counts = split_conditions(adata.obs, "condition", "ctrl")
+    unlabelled = np.zeros(adata.n_obs, dtype=bool)
+    unlabelled[::7] = True
+    assert not (ctrl & unlabelled).any() and not (case & unlabelled).any()
+    assert counts["unlabelled"] == unlabelled.sum() and counts["control"] + counts["case"] == adata.n_obs - unlabelled.sum()
+    p = prepare(adata, data("condition", "ctrl", min_cells=0), use_case=True)
+    assert p.cell_counts["unlabelled"] == unlabelled.sum() and len(p.obs) == adata.n_obs - unlabelled.sum()
+    assert set(p.obs.index).isdisjoint(adata.obs_names[unlabelled])
+    with pytest.raises(InputError, match=r"have no condition .*data\.allow_unlabelled=true"):
+        split_conditions(adata.obs, "condition", "ctrl", allow_unlabelled=False)
+
+
+@pytest.mark.parametrize("variant, case_variant", [("ctrl ", "drug "), (" ctrl", " drug"), ("CTRL", "DRUG"),
+                                                   ("Ctrl", "Drug")])
+def test_labels_that_differ_only_by_spaces_or_capitals_are_refused(variant, case_variant):
+    """'ctrl ' beside 'ctrl' would silently become a case (data.case=null): refused, both named."""
+    adata = make_adata()
+    labels = adata.obs["condition"].astype(str).to_numpy()
+    labels[np.flatnonzero(labels == "ctrl")[0]] = variant
+    adata.obs["condition"] = labels
+    with pytest.raises(InputError, match=re.escape(repr(variant)) + r" beside data\.control='ctrl'"):
+        split_conditions(adata.obs, "condition", "ctrl")
+    labels = make_adata().obs["condition"].astype(str).to_numpy()
+    labels[np.flatnonzero(labels == "drug")[0]] = case_variant
+    adata.obs["condition"] = labels
+    with pytest.raises(InputError, match=r"beside data\.case='drug'"):
+        split_conditions(adata.obs, "condition", "ctrl", "drug")
 
 
 # --------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def _run(out: Path, cache: Path, *args: str) -> dict:
                            f"hydra.run.dir={out}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((out / "metrics.json").read_text())
+    return json.loads((out / "results" / "metrics.json").read_text())
 
 
 @pytest.mark.parametrize("mode", [[], ["data.batch_size=100"]], ids=["full_batch", "minibatch"])
@@ -38,5 +38,5 @@ def test_two_processes_recover_what_one_process_recovers(tmp_path, cache_dir, mo
     for stage in ("stage1", "stage2"):
         assert np.isclose(two[stage]["relative_error"], one[stage]["relative_error"], rtol=0.02)
     # one set of outputs, written once, by the first process
-    assert (tmp_path / "two" / "results.h5ad").is_file()
+    assert (tmp_path / "two" / "results" / "results.h5ad").is_file()
     assert (tmp_path / "two" / "checkpoints" / "stage2.ckpt").is_file()

@@ -126,7 +126,7 @@ def test_null_gain_is_far_below_the_gain_of_planted_case_programs(make_cfg):
     assert s2["null_relative_error"] < s2["null_baseline_only_relative_error"]
     for name in ("stage1", "stage2", "stage1_null", "stage2_null"):
         assert (run_dir / "checkpoints" / f"{name}.ckpt").is_file(), name
-    saved = json.loads((run_dir / "metrics.json").read_text())
+    saved = json.loads((run_dir / "results" / "metrics.json").read_text())
     assert saved["stage2"]["null_explained_variance_gain"] == s2["null_explained_variance_gain"]
 
 
@@ -156,7 +156,7 @@ def test_twostage_run_with_replicates_and_the_null(make_cfg):
     assert metrics["recovery"]["baseline_min"] > 0.95 and metrics["recovery"]["case_min"] > 0.9
     assert s2["explained_variance_gain"] == pytest.approx(
         s2["baseline_only_relative_error"] ** 2 - s2["relative_error"] ** 2)
-    saved = json.loads((run_dir / "metrics.json").read_text())
+    saved = json.loads((run_dir / "results" / "metrics.json").read_text())
     assert saved["stage2"]["null_n_cells"] + saved["stage2"]["null_baseline_n_cells"] == 250
     # 2 planted case programs explain far more in case cells than 2 programs in held-out controls
     assert s2["explained_variance_gain"] > 5 * s2["null_explained_variance_gain"] > 0
@@ -171,7 +171,7 @@ def test_onestage_consensus_usage_is_the_nnls_refit(make_cfg):
 
     cfg, run_dir = make_cfg("stage=onestage", "model.replicates=2", *LIGHT)
     metrics = run(cfg, run_dir).metrics
-    result = ad.read_h5ad(run_dir / "results.h5ad")
+    result = ad.read_h5ad(run_dir / "results" / "results.h5ad")
     programs, usage = result.varm["deltanmf_programs"], result.obsm["X_deltanmf"]
     np.testing.assert_allclose(programs.sum(0), 1, rtol=1e-5)
     # recompute the error from the written programs and usage on the prepared control matrix

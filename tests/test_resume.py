@@ -76,7 +76,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(make_cfg, inject, m
         with pytest.raises(TrainingInterrupted, match=f"{interruption.name} received: stopped {stage} after step {step}"):
             run(cfg, run_dir)
     assert (run_dir / "checkpoints" / f"{stage}-last.ckpt").is_file()
-    assert not (run_dir / "results.h5ad").exists()
+    assert not (run_dir / "results" / "results.h5ad").exists()
     assert signal.getsignal(signal.SIGINT) is not None  # handlers restored, not left pointing at a dead trainer
     if stage == "stage2":
         assert (run_dir / "checkpoints" / "stage1.ckpt").is_file()
@@ -137,7 +137,7 @@ def test_a_non_finite_loss_keeps_the_last_finite_checkpoint(make_cfg, inject):
     state = torch.load(run_dir / "checkpoints" / "stage1-last.ckpt", weights_only=False)
     assert state["global_step"] == 20
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
-    assert not (run_dir / "results.h5ad").exists()
+    assert not (run_dir / "results" / "results.h5ad").exists()
 
 
 def test_resume_errors_name_the_problem(make_cfg, tmp_path):
@@ -220,4 +220,4 @@ def test_ctrl_c_outside_training_says_what_is_kept(make_cfg, monkeypatch, capsys
     monkeypatch.undo()
     cfg, _ = make_cfg(*FAST, "logger=none", "resume=true")
     assert cli.main(cfg) > 0  # continues from stage 1's checkpoint to the end
-    assert (run_dir / "results.h5ad").is_file()
+    assert (run_dir / "results" / "results.h5ad").is_file()

@@ -108,10 +108,25 @@ def test_k_case_rule_without_a_null_and_without_an_effect():
 def test_replicate_stability_is_preferred_and_hidden_folders_are_skipped(tmp_path):
     _write_run(tmp_path / "K=3", 3, 0.9, 0.5, replicates=3)
     _write_run(tmp_path / "K=4", 4, 0.7, 0.4, replicates=3)
-    _write_run(tmp_path / "K=4" / ".staging-1", 4, 0.1, 0.9)  # an unfinished write
+    _write_run(tmp_path / "K=4" / ".results" / "set-2", 4, 0.1, 0.9)  # an unfinished write
     table = sk.collect(tmp_path)
     assert len(table) == 2 and (table["stability_source"] == "replicates").all()
     assert list(table["stability"]) == [0.9, 0.7] and list(table["replicates"]) == [3, 3]
+
+
+def test_runs_with_committed_results_are_found_once_under_their_own_name(tmp_path):
+    """A run's results sit in <run>/results/ (a link to .results/<set>): the table names the run
+    directory, and neither the link's target nor an unfinished set counts again."""
+    from deltanmf.files import commit_results
+
+    _write_run(tmp_path / "scratch", 5, 0.8, 0.45)
+    for job in ("K=5", "K=6"):
+        (tmp_path / job).mkdir()
+        commit_results(tmp_path / job, lambda folder: (folder / "metrics.json").write_bytes(
+            (tmp_path / "scratch" / "metrics.json").read_bytes()))
+    _write_run(tmp_path / "K=6" / ".results" / "unfinished", 6, 0.1, 0.9)
+    table = sk.collect(tmp_path)
+    assert sorted(table["run_dir"]) == ["K=5", "K=6", "scratch"]
 
 
 def test_command_line(tmp_path):

@@ -314,9 +314,10 @@ def test_too_few_genes_for_markers_raises():
 
 def test_chunked_counts_match_single_block(monkeypatch, adata):
     # Chunking bounds memory for large cell numbers; it must not change the data.
+    import deltanmf.data.generative as generative
     import deltanmf.data.simulate as simulate
 
-    monkeypatch.setattr(simulate, "_CHUNK_ELEMENTS", SMALL["n_genes"] * 7)
+    monkeypatch.setattr(generative, "_CHUNK_ELEMENTS", SMALL["n_genes"] * 7)
     chunked = simulate.simulate_case_control(**SMALL, seed=1)
     assert chunked.X.format == "csr" and chunked.X.dtype == np.float32
     assert (chunked.X != adata.X).nnz == 0

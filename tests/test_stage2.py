@@ -69,13 +69,14 @@ def test_results_cover_all_cells_and_programs(twostage):
     # written back into the user's AnnData, scanpy style
     np.testing.assert_array_equal(adata.obsm["X_deltanmf"], usage)
     assert "deltanmf" in adata.uns and "X_deltanmf_refit" in adata.obsm
-    for name in ["results.h5ad", "usage_shift.csv", "case_programs.csv", "group_usage.csv", "usage_share.png",
-                 "group_usage.png", "top_genes.png", "program_similarity.png", "checkpoints/stage1.ckpt",
+    for name in ["results/results.h5ad", "results/usage_shift.csv", "results/case_programs.csv",
+                 "results/group_usage.csv", "results/usage_share.png", "results/group_usage.png",
+                 "results/top_genes.png", "results/program_similarity.png", "checkpoints/stage1.ckpt",
                  "checkpoints/stage2.ckpt"]:
         assert (out / name).is_file(), name
-    for png in out.glob("*.png"):
+    for png in (out / "results").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    cases = pd.read_csv(out / "case_programs.csv")
+    cases = pd.read_csv(out / "results" / "case_programs.csv")
     assert {"case_fraction_using", "case_mean_share", "top_genes", "emergent", "q_value"} <= set(cases.columns)
 
 

@@ -76,7 +76,8 @@ class H5Matrix:
         if isinstance(node, h5py.Dataset):
             if node.ndim != 2:
                 raise InputError(f"{key} in {path} is a {node.ndim}-D array, not cells x genes")
-            self.format, self.shape, self.dtype, self.indptr = "dense", tuple(node.shape), node.dtype, None
+            self.format, self.shape, self.indptr = "dense", tuple(node.shape), None
+            self.dtype = np.dtype(np.float32) if node.dtype == np.float16 else node.dtype
             return
         encoding = node.attrs.get("encoding-type", "")
         encoding = encoding.decode() if isinstance(encoding, bytes) else str(encoding)
@@ -88,7 +89,7 @@ class H5Matrix:
                              + _csr_help(key))
         self.format = "csr"
         self.shape = tuple(int(s) for s in node.attrs["shape"])
-        self.dtype = node["data"].dtype
+        self.dtype = _scipy_dtype(node["data"][:0]).dtype
         # n_cells + 1 offsets (8 MB per million cells): every read needs them
         self.indptr = node["indptr"][:].astype(np.int64)
 
@@ -112,12 +113,12 @@ class H5Matrix:
         """Rows ``start:stop`` in the file's dtype, one read per array. Callers keep the span
         within :data:`~deltanmf.core.matrix.SCAN_VALUES` values (:meth:`rows`, the passes)."""
         if self.format == "dense":
-            return sp.csr_matrix(self._node()[start:stop])
+            return sp.csr_matrix(_scipy_dtype(self._node()[start:stop]))
         if self._file is None or self._pid != os.getpid():
             self._node()
         data, indices = self._arrays
         a, b = self.indptr[start], self.indptr[stop]
-        block = sp.csr_matrix((data[a:b], indices[a:b], self.indptr[start:stop + 1] - a),
+        block = sp.csr_matrix((_scipy_dtype(data[a:b]), indices[a:b], self.indptr[start:stop + 1] - a),
                               shape=(stop - start, self.shape[1]))
         if not block.has_canonical_format:
             # other writers may leave a row's genes unsorted or store a gene twice: sorted and
@@ -143,6 +144,11 @@ class H5Matrix:
                 block = self.block(first, last)
                 pieces.append(block if len(part) == last - first else block[rows[part] - first])
         return pieces[0] if len(pieces) == 1 else sp.vstack(pieces, format="csr")
+
+
+def _scipy_dtype(values: np.ndarray) -> np.ndarray:
+    """Values scipy's sparse matrices can hold: float16 (which they cannot) as float32."""
+    return values.astype(np.float32) if values.dtype == np.float16 else values
 
 
 def _capped(run: np.ndarray, start: np.ndarray, end: np.ndarray) -> Iterator[np.ndarray]:

@@ -56,6 +56,9 @@ class PreparedData:
         else ``.var_names``), e.g. to align a similarity resource.
     gene_counts
         Genes left after each filter step, in order.
+    cell_counts
+        Cells per condition in use (``control``, ``case``) and left out (``unlabelled``: no
+        condition; ``other``: another condition than ``data.case``, or the cases of a one-stage fit).
     source
         The input's annotations restricted to ``obs`` and ``var`` (its ``.varm``/``.obsm``
         carry any simulation truth).
@@ -69,6 +72,7 @@ class PreparedData:
     cell_scale: np.ndarray
     gene_ids: np.ndarray | None = None
     gene_counts: dict[str, int] = field(default_factory=dict)
+    cell_counts: dict[str, int] = field(default_factory=dict)
     source: ad.AnnData | None = None
 
     @property
@@ -107,29 +111,67 @@ class PreparedData:
 
 
 # -- cells and genes -------------------------------------------------------------------
-def split_conditions(obs: pd.DataFrame, condition_key: str, control, case=None) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean masks (control, case) over ``obs``.
+def _label_text(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """``(text, missing)``: each cell's condition as text, and whether it has none (NaN, None,
+    or an empty or blank string)."""
+    missing = values.isna().to_numpy()
+    text = values.astype(object).where(~values.isna(), "").astype(str).to_numpy()
+    missing |= np.char.strip(text.astype(str)) == ""
+    return text, missing
 
-    Values are compared as strings, so ``control: 0`` in a config matches an integer or a
-    ``"0"`` column alike. With ``case=None`` every non-control cell is a case.
+
+def _near_misses(text: np.ndarray, wanted: str, key: str, setting: str) -> None:
+    """Refuse labels that differ from ``wanted`` only by white space or letter case: a typo in a
+    file must not silently split a condition (``"control "`` would become a case)."""
+    folded = str(wanted).strip().casefold()
+    near = sorted({t for t in np.unique(text) if t != str(wanted) and t.strip().casefold() == folded})
+    if near:
+        raise InputError(f".obs[{key!r}] holds {', '.join(repr(t) for t in near)} beside {setting}={str(wanted)!r}: "
+                         "labels that differ only by spaces or capitals would be treated as different "
+                         f"conditions. Make them one label first (e.g. adata.obs[{key!r}] = "
+                         f"adata.obs[{key!r}].astype(str).str.strip()), or give the exact spelling in {setting}")
+
+
+def split_conditions(obs: pd.DataFrame, condition_key: str, control, case=None,
+                     allow_unlabelled: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Boolean masks (control, case) over ``obs``, and how many cells each condition got.
+
+    Values are compared as text, so ``control: 0`` in a config matches an integer or a ``"0"``
+    column alike. With ``case=None`` every other labelled cell is a case. Cells without a
+    condition (NaN, None, empty) are left out and counted (``unlabelled``), or refused with
+    ``allow_unlabelled=False``; with a ``case`` value, cells of other conditions are left out
+    too (``other``). Labels that differ from the control or case value only by white space or
+    letter case are refused (both spellings named).
     """
     if condition_key not in obs.columns:
         raise InputError(f"data.condition_key={condition_key!r} is not a column of .obs; "
                          f"columns present: {list(obs.columns)}")
-    values = obs[condition_key].astype(str).to_numpy()
-    found = pd.Series(values).value_counts()
+    text, missing = _label_text(obs[condition_key])
+    found = pd.Series(text[~missing]).value_counts()
     described = ", ".join(f"{v!r} ({n} cells)" for v, n in found.items())
-    is_control = values == str(control)
+    if missing.any():
+        if not allow_unlabelled:
+            first = list(obs.index[missing][:3])
+            raise InputError(f"{int(missing.sum())} cells have no condition in .obs[{condition_key!r}] (NaN or "
+                             f"empty; e.g. {first}): label them, or leave them out with data.allow_unlabelled=true")
+        log.warning("%d cells have no condition in .obs[%r] (NaN or empty) and are left out", int(missing.sum()),
+                    condition_key)
+    _near_misses(text[~missing], control, condition_key, "data.control")
+    is_control = ~missing & (text == str(control))
     if not is_control.any():
         raise InputError(f"data.control={control!r}: no cell has this value in .obs[{condition_key!r}]; "
                          f"values found: {described}")
     if case is None:
-        return is_control, ~is_control
-    is_case = values == str(case)
-    if not is_case.any():
-        raise InputError(f"data.case={case!r}: no cell has this value in .obs[{condition_key!r}]; "
-                         f"values found: {described} (use data.case=null for every non-control cell)")
-    return is_control, is_case
+        is_case = ~missing & ~is_control
+    else:
+        _near_misses(text[~missing], case, condition_key, "data.case")
+        is_case = ~missing & (text == str(case))
+        if not is_case.any():
+            raise InputError(f"data.case={case!r}: no cell has this value in .obs[{condition_key!r}]; "
+                             f"values found: {described} (use data.case=null for every non-control cell)")
+    counts = {"control": int(is_control.sum()), "case": int(is_case.sum()), "unlabelled": int(missing.sum()),
+              "other": int((~missing & ~is_control & ~is_case).sum())}
+    return is_control, is_case, counts
 
 
 def _check_unique(names: pd.Index, what: str, fix: str) -> None:
@@ -139,10 +181,12 @@ def _check_unique(names: pd.Index, what: str, fix: str) -> None:
 
 
 def cells_in_use(obs: pd.DataFrame, var_names: pd.Index, data: DataSettings, use_case: bool
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(is_control, cells)``: the control mask over ``obs`` and the positions in use,
-    controls first, each condition in file order."""
-    is_control, is_case = split_conditions(obs, data.condition_key, data.control, data.case)
+                 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """``(is_control, cells, counts)``: the control mask over ``obs``, the positions in use
+    (controls first, each condition in file order) and the cells per condition
+    (:func:`split_conditions`)."""
+    is_control, is_case, counts = split_conditions(obs, data.condition_key, data.control, data.case,
+                                                   data.allow_unlabelled)
     if use_case and not is_case.any():
         raise InputError(f"no case cells: every cell in .obs[{data.condition_key!r}] is the control "
                          f"{data.control!r}")
@@ -151,7 +195,10 @@ def cells_in_use(obs: pd.DataFrame, var_names: pd.Index, data: DataSettings, use
         cells = np.concatenate([cells, np.flatnonzero(is_case)])
     _check_unique(obs.index[cells], "cell", "make them unique first (adata.obs_names_make_unique())")
     _check_unique(var_names, "gene", "make them unique first (adata.var_names_make_unique())")
-    return is_control, cells
+    if not use_case:
+        counts = {**counts, "other": counts["other"] + counts["case"], "case": 0}
+    log.info("cells per condition: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
+    return is_control, cells, counts
 
 
 def select_genes(detected: np.ndarray, var_names: pd.Index, gene_ids, genes, min_cells: int, remove_genes,
@@ -232,7 +279,7 @@ class _Blocks:
         if self.file is None:
             for start in range(0, len(self.cells), self.size):
                 where = np.arange(start, min(start + self.size, len(self.cells)))
-                yield where, _float32(self.memory[self.cells[where]])
+                yield where, _canonical(self.memory[self.cells[where]])
             return
         # a file is read in its own order, in runs of rows (cells not in use are read and dropped)
         position = np.full(self.file.shape[0], -1, dtype=np.int64)
@@ -243,18 +290,28 @@ class _Blocks:
             used = where >= 0
             if used.any():
                 block = self.file.block(start, start + len(where))
-                yield where[used], _float32(block if used.all() else block[np.flatnonzero(used)])
+                yield where[used], _canonical(block if used.all() else block[np.flatnonzero(used)])
+
+
+def _canonical(x):
+    """A raw block as CSR with summed duplicates (other writers may store a gene twice in a row:
+    summed, as scipy does), or a C-contiguous array; its own dtype, except float16 (which scipy
+    cannot hold) as float32."""
+    if sp.issparse(x):
+        x = sp.csr_matrix(x)
+        if not x.has_canonical_format:
+            x = x.copy()
+            x.sum_duplicates()
+        return x
+    x = np.asarray(x)
+    return np.ascontiguousarray(x, dtype=np.float32 if x.dtype == np.float16 else None)
 
 
 def _float32(x):
-    """A block in the precision the model trains in (CSR with summed duplicates, or C-contiguous)."""
+    """A raw block in the precision the model trains in."""
     if sp.issparse(x):
-        x = sp.csr_matrix(x, dtype=np.float32)
-        if not x.has_canonical_format:
-            x = x.copy()
-            x.sum_duplicates()  # other writers may store a gene twice in a row: summed, as scipy does
-        return x
-    return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+        return sp.csr_matrix(x, dtype=np.float32)
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _stored(block: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -297,15 +354,30 @@ class _Moments:
         return np.where(sd > 1e-6 * np.abs(mean), sd, 0.0)
 
 
-def _check_values(blocks: _Blocks, what: str, cell_names, gene_names) -> np.ndarray:
-    """Pass 1: refuse NaN, infinite or negative values (naming the first), and count each
-    gene's detections (> 0) over the cells in use."""
+_PROBLEMS = {
+    "NaN or infinite": "finite, non-negative expression",
+    "too large for float32 (above 3.4e38)": "values float32 can hold: rescale the data (e.g. divide it by a "
+                                            "constant), or normalise each cell (data.normalize=total)",
+    "negative": "non-negative expression (use raw or normalised counts, not centred or log-ratio data)",
+}
+
+
+def _check_values(blocks: _Blocks, what: str, cell_names, gene_names) -> tuple[np.ndarray, np.ndarray]:
+    """Pass 1: refuse NaN, infinite, negative values and values float32 cannot hold (naming the
+    first of each), and count each gene's detections (> 0 in float32) over the cells in use.
+    Returns the detections and each gene's largest value."""
     detected = np.zeros(blocks.n_genes, dtype=np.int64)
-    bad = {"NaN or infinite": [0, None], "negative": [0, None]}  # count, first (cell position, gene)
+    largest = np.zeros(blocks.n_genes)
+    bad = {kind: [0, None] for kind in _PROBLEMS}  # count, first (cell position, gene)
     for where, block in blocks:
         sparse = sp.issparse(block)
-        values = block.data if sparse else block
-        for kind, flags in (("NaN or infinite", ~np.isfinite(values)), ("negative", values < 0)):
+        raw = block.data if sparse else block
+        with np.errstate(over="ignore"):
+            values = raw.astype(np.float32, copy=False)
+        finite = np.isfinite(raw)
+        flagged = (("NaN or infinite", ~finite), ("too large for float32 (above 3.4e38)", finite & ~np.isfinite(values)),
+                   ("negative", raw < 0))
+        for kind, flags in flagged:
             if flags.any():
                 if sparse:
                     hit = np.flatnonzero(flags)
@@ -316,18 +388,23 @@ def _check_values(blocks: _Blocks, what: str, cell_names, gene_names) -> np.ndar
                     first = (int(where[row]), int(column))
                 bad[kind][0] += int(flags.sum())
                 bad[kind][1] = first if bad[kind][1] is None else min(bad[kind][1], first)
+        with np.errstate(invalid="ignore"):
+            if sparse:  # each gene's largest value (a gene absent from the block: 0)
+                column_max = sp.csr_matrix((np.where(np.isfinite(values), values, 0), block.indices, block.indptr),
+                                           shape=block.shape).max(axis=0).toarray().ravel()
+            else:
+                column_max = np.where(np.isfinite(values), values, 0).max(axis=0, initial=0.0)
+        np.maximum(largest, column_max, out=largest)
         if sparse:
-            detected += np.bincount(block.indices[block.data > 0], minlength=blocks.n_genes)
+            detected += np.bincount(block.indices[values > 0], minlength=blocks.n_genes)
         else:
-            detected += np.count_nonzero(block > 0, axis=0)
-    for kind, need in (("NaN or infinite", "finite, non-negative expression"),
-                       ("negative", "non-negative expression (use raw or normalised counts, not centred or "
-                                    "log-ratio data)")):
+            detected += np.count_nonzero(values > 0, axis=0)
+    for kind, need in _PROBLEMS.items():
         count, first = bad[kind]
         if count:
             raise InputError(f"{what} holds {count} {kind} values (the first in cell {cell_names[first[0]]!r}, "
                              f"gene {gene_names[first[1]]!r}); NMF needs {need}.")
-    return detected
+    return detected, largest
 
 
 def _totals_and_moments(blocks: _Blocks, keep_index: np.ndarray, normalize: bool, moments: _Moments | None
@@ -339,6 +416,7 @@ def _totals_and_moments(blocks: _Blocks, keep_index: np.ndarray, normalize: bool
     column[keep_index] = np.arange(len(keep_index))
     totals = np.zeros(len(blocks.cells))
     for where, block in blocks:
+        block = _float32(block)
         if not sp.issparse(block):
             values = block[:, keep_index].astype(np.float64)
             row_total = values.sum(axis=1)
@@ -368,7 +446,7 @@ def _in_memory(blocks: _Blocks, keep_index: np.ndarray, cell_scale: np.ndarray, 
     gene_factor = (1.0 / gene_scale).astype(np.float32)
     parts = []
     for where, block in blocks:
-        block = block[:, keep_index]
+        block = _float32(block)[:, keep_index]
         if sp.issparse(block):
             parts.append(scale_rows(sp.csr_matrix(block), cell_factor[where], gene_factor))
         else:
@@ -378,6 +456,29 @@ def _in_memory(blocks: _Blocks, keep_index: np.ndarray, cell_scale: np.ndarray, 
     x = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
     x.sum_duplicates()  # sorted column indices, once, in place: the training code shares the matrix as it is
     return x
+
+
+# The largest value a prepared matrix may hold: the loss sums squares of values over up to ~1e9
+# entries in float32 (largest 3.4e38), so a value must stay below about sqrt(3.4e38 / 1e9).
+MAX_PREPARED = 1e14
+
+
+def _check_range(gene_scale: np.ndarray, largest: np.ndarray, genes, data: DataSettings) -> None:
+    """Refuse a gene scale whose inverse overflows float32 (a gene of subnormal values), and
+    prepared values beyond :data:`MAX_PREPARED` (each gene's largest value times the largest
+    cell factor, ``largest``, over the gene's scale bounds them)."""
+    factor = (1.0 / gene_scale).astype(np.float32)
+    if not np.isfinite(factor).all():
+        gene = genes[int(np.flatnonzero(~np.isfinite(factor))[0])]
+        raise InputError(f"gene {gene!r} varies by only {gene_scale[~np.isfinite(factor)][0]:.3g} across cells: "
+                         "dividing by that (data.scale_genes=true) overflows float32. Remove it "
+                         f"(data.remove_genes=[{gene}]), rescale the data, or use data.scale_genes=false")
+    bound = largest * factor
+    if bound.max() > MAX_PREPARED:
+        gene = genes[int(np.argmax(bound))]
+        raise InputError(f"gene {gene!r} reaches {bound.max():.3g} after preparation, beyond the {MAX_PREPARED:.0e} "
+                         "whose squares the loss can sum in float32: rescale the data (e.g. divide it by a constant), "
+                         "normalise each cell (data.normalize=total), or scale the genes (data.scale_genes=true)")
 
 
 def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool,
@@ -408,14 +509,14 @@ def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool
         Cells per block of the passes over the matrix (default: as many as hold
         :data:`~deltanmf.core.matrix.SCAN_VALUES` values).
     """
-    is_control, cells = cells_in_use(source.obs, source.var_names, data, use_case)
+    is_control, cells, cell_counts = cells_in_use(source.obs, source.var_names, data, use_case)
     blocks = _Blocks(source, data.layer, cells, pass_cells)
     what = f"data.layer={show(data.layer)}" if data.layer else ".X"
     if blocks.dtype == np.float64:
         warnings.warn(f"{what} is float64; converting to float32 (the precision the model trains in)",
                       UserWarning, stacklevel=2)
     cell_names = source.obs_names[cells]
-    detected = _check_values(blocks, what, cell_names, source.var_names)
+    detected, largest = _check_values(blocks, what, cell_names, source.var_names)
     keep_index, counts, kept_ids = select_genes(detected, source.var_names, gene_ids, genes, data.min_cells,
                                                 data.remove_genes, resource_genes)
 
@@ -440,6 +541,7 @@ def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool
         gene_scale = np.where(sd > 0, sd, 1.0)
     else:
         gene_scale = np.ones(len(keep_index))
+    _check_range(gene_scale, largest[keep_index] * float(cell_scale.max()), source.var_names[keep_index], data)
 
     if blocks.file is not None:
         x = H5adRows(blocks.file, cells, keep_index, cell_scale, gene_scale)
@@ -449,4 +551,4 @@ def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool
         annotations = source[cells][:, keep_index]
     return PreparedData(X=x, obs=annotations.obs.copy(), var=annotations.var.copy(), is_control=is_control[cells],
                         gene_scale=gene_scale, cell_scale=cell_scale, gene_ids=kept_ids, gene_counts=counts,
-                        source=annotations)
+                        cell_counts=cell_counts, source=annotations)

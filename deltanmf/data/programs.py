@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..files import results_dir
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Baseline:
 def load_stage1(path: str | Path) -> Baseline:
     """Read a finished stage 1 from its run directory or its ``results.h5ad``."""
     path = Path(path).expanduser()
-    file = path / "results.h5ad" if path.is_dir() else path
+    file = results_dir(path) / "results.h5ad" if path.is_dir() else path
     if not file.exists():
         raise InputError(f"stage1_from: no results.h5ad at {file}; give a finished run directory or its results.h5ad")
     result = ad.read_h5ad(file)

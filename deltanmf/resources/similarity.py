@@ -97,8 +97,13 @@ def read_gene_list(path: str | Path) -> list[str]:
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"resource.genes: gene list not found: {path}")
-    with open(path) as fh:
-        genes = json.load(fh)
+    try:
+        with open(path) as fh:
+            genes = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"resource.genes: cannot read {path} as a JSON list of gene IDs ({err}); rebuild the "
+                         "resource (python -m deltanmf.resources ...) or point resource.genes at its "
+                         "genes_order.json") from None
     if isinstance(genes, dict):
         genes = genes.get("genes")
     if not isinstance(genes, list) or not all(isinstance(g, str) for g in genes):
@@ -149,7 +154,7 @@ class FileResource(Resource):
         rows = np.array([position[g] for g in genes], dtype=np.int64)
         n = len(position)
         if self.matrix_path.suffix == ".npz":
-            full = sp.load_npz(self.matrix_path)
+            full = self._load(sp.load_npz)
             self._check_shape(full.shape, n)
             sub = sp.csr_matrix(full)[rows][:, rows].tocoo()
             sub.setdiag(0)
@@ -158,7 +163,7 @@ class FileResource(Resource):
             tensor = torch.sparse_coo_tensor(np.vstack([sub.row, sub.col]), sub.data.astype(np.float32),
                                              size=sub.shape, check_invariants=True).coalesce().to_sparse_csr()
         else:
-            full = np.load(self.matrix_path, mmap_mode="r")
+            full = self._load(lambda path: np.load(path, mmap_mode="r", allow_pickle=False))
             self._check_shape(full.shape, n)
             order = np.argsort(rows)  # read the memory map in increasing order, then restore ours
             sub = np.asarray(full[rows[order]][:, rows[order]], dtype=np.float32)
@@ -170,6 +175,16 @@ class FileResource(Resource):
             tensor = torch.from_numpy(np.ascontiguousarray(sub))
         log.info("similarity resource %s: %d of its %d genes used", self.name, len(rows), n)
         return GeneGraph(tensor)
+
+    def _load(self, reader):
+        """The matrix file read by ``reader``, or one clear error naming it."""
+        try:
+            return reader(self.matrix_path)
+        except (OSError, ValueError, EOFError) as err:
+            kind = "a scipy sparse .npz" if self.matrix_path.suffix == ".npz" else "a numpy .npy"
+            raise InputError(f"resource.matrix: cannot read {self.matrix_path} as {kind} file ({err}); rebuild the "
+                             "resource (python -m deltanmf.resources ...) or point resource.matrix at its "
+                             "S_E_relu.npy or S_E_knn.npz") from None
 
     def _check_shape(self, shape, n):
         if shape != (n, n):

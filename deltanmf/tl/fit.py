@@ -79,7 +79,7 @@ def _train_stage(name: str, label: str, x, k_total: int, plan: TrainingPlan, see
         log.info("%s: continuing from a checkpoint; its initialisation is not repeated", label)
         programs, usage = placeholder_start(matrix.n_genes, matrix.n_cells, k_total)
     module = build(programs, usage, minibatch=lazy_usage(datamodule, trainer))
-    module.init_record = record
+    module.init_record, module.settings_record = record, plan.settings_record
     matrix.release()  # the loader puts its own copy of the cells on the device
     train_time = fit_module(module, datamodule, trainer, plan, name)
     return module, trainer, matrix, record, train_time

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..files import RESULTS
 
 MARGIN = 0.05  # the K rule's stability margin (module docstring)
 GAIN_TOLERANCE = 0.02  # the K_case rule's tolerance
@@ -101,17 +103,29 @@ def _row(metrics: dict, run_dir: str) -> dict:
     }
 
 
+def finished_runs(sweep_dir: Path) -> list[Path]:
+    """The ``metrics.json`` of every finished run under ``sweep_dir``: ``<run>/results/metrics.json``
+    (or ``<run>/metrics.json``, as runs were written before results became one committed set),
+    not in a hidden folder (results being written, ``.submitit``, ``.hydra``)."""
+    found = []
+    for folder, subfolders, names in os.walk(sweep_dir):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        for candidate in (Path(folder) / RESULTS / "metrics.json", Path(folder) / "metrics.json"):
+            if candidate.is_file() and Path(folder).name != RESULTS:
+                found.append(candidate)
+                break
+    return sorted(found)
+
+
 def collect(sweep_dir: str | Path) -> pd.DataFrame:
-    """One row per finished run under ``sweep_dir`` (every ``metrics.json`` not in a hidden folder)."""
+    """One row per finished run under ``sweep_dir`` (:func:`finished_runs`)."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise InputError(f"{sweep_dir} is not a directory; give the sweep directory of a multirun "
                          "(outputs/multirun/<date>/<time>)")
     rows = []
-    for path in sorted(sweep_dir.rglob("metrics.json")):
-        rel = path.parent.relative_to(sweep_dir)
-        if any(part.startswith(".") for part in rel.parts):  # staging folders, .submitit, .hydra
-            continue
+    for path in finished_runs(sweep_dir):
+        rel = (path.parent.parent if path.parent.name == RESULTS else path.parent).relative_to(sweep_dir)
         try:
             metrics = json.loads(path.read_text())
         except json.JSONDecodeError as err:

@@ -30,6 +30,10 @@ from .datamodule import CellDataModule
 
 log = logging.getLogger(__name__)
 
+# Whether a stage is training in this process: a SIGTERM then belongs to Lightning, which stops at
+# the end of the step and saves a checkpoint (the command line's own handler stands aside).
+FITTING = False
+
 
 @dataclass(frozen=True)
 class Resume:
@@ -77,6 +81,8 @@ class TrainingPlan:
         A stage's logger by name (``stage1`` -> ``tensorboard/stage1/``), or None.
     resume
         Where an interrupted run's checkpoints are, or None for a fresh run.
+    settings_record
+        The settings a continuation must share with this run, carried by every checkpoint.
     """
 
     trainer: Mapping[str, Any]
@@ -89,6 +95,7 @@ class TrainingPlan:
     run_dir: Path
     logger: Callable[[str], Any] | None = None
     resume: Resume | None = None
+    settings_record: str = ""
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -124,8 +131,15 @@ def _trainer(args: Mapping[str, Any], **kwargs) -> L.Trainer:
 
 def check_trainer(plan: TrainingPlan) -> None:
     """Let Lightning check the trainer settings before any work: a Trainer is cheap to build
-    and starts nothing, so a refused setting leaves nothing behind."""
-    _trainer(plan.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    and starts nothing, so a refused setting leaves nothing behind. Its banner (GPU/TPU
+    available) is kept quiet: a command refused later prints only its error."""
+    banner = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = banner.level
+    banner.setLevel(logging.WARNING)
+    try:
+        _trainer(plan.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    finally:
+        banner.setLevel(level)
 
 
 def build_trainer(plan: TrainingPlan, name: str) -> L.Trainer:
@@ -177,6 +191,8 @@ def fit_module(module: L.LightningModule, datamodule: CellDataModule, trainer: L
         log.info("%s: continuing from %s", name, resume_from)
     last = last_path(plan.checkpoint_dir, name)
     start = time.perf_counter()
+    global FITTING
+    FITTING = True
     try:
         with warnings.catch_warnings():
             # Lightning warns that the loader keeps no state of its own; it needs none: every full-batch
@@ -193,6 +209,8 @@ def fit_module(module: L.LightningModule, datamodule: CellDataModule, trainer: L
         if last.is_file():
             raise NonFiniteLossError(f"{err} The last checkpoint with a finite loss is {last}.") from None
         raise
+    finally:
+        FITTING = False
     elapsed = time.perf_counter() - start
     final = final_path(plan.checkpoint_dir, name)
     trainer.save_checkpoint(final)

@@ -87,6 +87,10 @@ def _write_back(adata: ad.AnnData, result: ad.AnnData) -> None:
 def _fit(adata: ad.AnnData, stage: str, settings: dict, out_dir, overrides: Sequence[str]) -> DeltaNMFResult:
     if not isinstance(adata, ad.AnnData):
         raise InputError(f"adata must be an anndata.AnnData, got {type(adata).__name__}")
+    if adata.isbacked:
+        raise InputError(f"adata is opened in backed mode ({adata.filename}): load it into memory with "
+                         "anndata.read_h5ad(path), or fit the file from disk on the command line: "
+                         "python train.py data=h5ad data.path=<file> data.backed=true data.batch_size=4096")
     if len(set(adata.obs_names)) != adata.n_obs or len(set(adata.var_names)) != adata.n_vars:
         raise InputError("adata has duplicate cell or gene names; run adata.obs_names_make_unique() / "
                          "adata.var_names_make_unique() first")

@@ -54,6 +54,17 @@ def write_record(run_dir: Path, cfg: DictConfig) -> None:
     atomic_write_text(record / "overrides.yaml", OmegaConf.to_yaml(list(hydra_cfg.overrides.task)))
 
 
+class Terminated(BaseException):
+    """SIGTERM outside training (training stops by Lightning's own handling)."""
+
+
+def _terminate(signum, frame) -> None:
+    from ..train import trainer
+
+    if not trainer.FITTING:
+        raise Terminated
+
+
 def main(cfg: DictConfig) -> float:
     """Run into Hydra's output directory; bad input exits with one message.
 
@@ -68,6 +79,7 @@ def main(cfg: DictConfig) -> float:
         quiet_lightning()
         from .run import run  # torch, Lightning
 
+        signal.signal(signal.SIGTERM, _terminate)
         result = run(settings, run_dir, on_checked=lambda: write_record(run_dir, cfg))
     except (InputError, NonFiniteLossError) as err:
         log.error("%s", err)
@@ -77,12 +89,13 @@ def main(cfg: DictConfig) -> float:
         log.warning("%s", err)
         print(f"deltanmf: {err}", file=sys.stderr)
         raise SystemExit(128 + err.signum) from None  # the shell's convention for death by signal
-    except KeyboardInterrupt:  # Ctrl+C outside training (reading data, initialising, writing outputs)
+    except (KeyboardInterrupt, Terminated) as err:  # outside training (reading, initialising, writing)
         from .resume import what_is_kept
 
-        message = f"interrupted (SIGINT) outside training; {what_is_kept(run_dir)}"
+        signum = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
+        message = f"interrupted ({signum.name}) outside training; {what_is_kept(run_dir)}"
         log.warning("%s", message)
         print(f"deltanmf: {message}", file=sys.stderr)
-        raise SystemExit(128 + signal.SIGINT) from None
+        raise SystemExit(128 + signum) from None
     last = result.metrics.get("stage2", result.metrics["stage1"])
     return float(last.get("relative_error", float("nan")))

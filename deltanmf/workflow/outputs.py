@@ -1,17 +1,13 @@
 """A run's results as files: results.h5ad, the CSV tables, the figures and metrics.json.
 
-All files of one run are first written into a hidden staging folder inside the run
-directory and then renamed into place, so a crash leaves either the previous state or
-complete files, never a half-written ``results.h5ad``. The keys of every file are listed
-in ``docs/outputs.md``.
+The files of one run are committed as one set (:func:`deltanmf.files.commit_results`):
+``<run>/results/`` shows the previous complete set or the new complete set, whenever the
+process is killed. The keys of every file are listed in ``docs/outputs.md``.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +17,7 @@ import pandas as pd
 
 from .. import pl
 from ..core.metrics import cosine_matrix
+from ..files import commit_results
 
 TOP_GENES = 50
 GENE_SCALE_KEY = "deltanmf_gene_scale"
@@ -41,22 +38,17 @@ def jsonable(value):
     return value
 
 
-def write_outputs(run_dir: str | Path, files: dict[str, Callable[[Path], None]]) -> list[Path]:
-    """Write every file with its writer into a staging folder, then move all into ``run_dir``."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=run_dir))
-    written = []
-    try:
+def write_outputs(run_dir: str | Path, files: dict[str, Callable[[Path], None]],
+                  progress: Callable[[str], None] | None = None) -> Path:
+    """Write every file with its writer and commit them as the run's results (``<run>/results``,
+    returned). ``progress(name)`` is called after each file is written."""
+    def write(folder: Path) -> None:
         for name, writer in files.items():
-            writer(staging / name)
-        for name in files:
-            target = run_dir / name
-            os.replace(staging / name, target)
-            written.append(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return written
+            writer(folder / name)
+            if progress is not None:
+                progress(name)
+
+    return commit_results(run_dir, write)
 
 
 def results_anndata(obs: pd.DataFrame, var: pd.DataFrame, programs: np.ndarray, usage: np.ndarray,

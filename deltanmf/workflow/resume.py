@@ -2,8 +2,9 @@
 
 ``resume=true`` continues from the run directory's ``checkpoints/``; ``ckpt_path=FILE``
 continues FILE's stage from FILE and takes finished earlier stages from FILE's directory.
-The settings a continuation must share with the interrupted run are recorded beside the
-checkpoints (``checkpoints/settings.yaml``) and compared before any work.
+Every checkpoint carries the settings it was made with (the keys a continuation must share,
+:data:`RESUME_KEYS`); each one a continuation would read is compared with the current
+settings before any work.
 """
 from __future__ import annotations
 
@@ -11,11 +12,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import InputError
-from ..files import atomic_write_text
 from ..settings import RunSettings
 from ..train.trainer import Resume, stage_of
 
-SETTINGS_FILE = "settings.yaml"
 # settings that must match between an interrupted run and its continuation
 RESUME_KEYS = ("stage", "K", "K_case", "seed", "stage1_from", "data", "model", "resource")
 
@@ -54,22 +53,38 @@ def settings_record(settings: RunSettings) -> str:
     return OmegaConf.to_yaml({key: values[key] for key in RESUME_KEYS})
 
 
-def check_resumable(settings: RunSettings, run_dir: Path, source: Resume | None) -> None:
-    """When continuing, require the settings recorded beside the checkpoints; then record
-    this run's settings there."""
+def _saved_settings(path: Path) -> str | None:
+    """The settings record a checkpoint carries (memory-mapped: only this small record is read)."""
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise InputError(f"cannot read the checkpoint {path} ({type(err).__name__}: {err}); the file is damaged: "
+                         "delete it to fit that stage again, or start a new run (overwrite=true)") from None
+    return checkpoint.get("deltanmf", {}).get("settings")
+
+
+def check_resumable(settings: RunSettings, source: Resume | None) -> None:
+    """Refuse to continue from a checkpoint made with other settings (naming the keys that
+    differ), or from one that cannot be read."""
+    if source is None:
+        return
     from omegaconf import OmegaConf
 
     record = settings_record(settings)
-    if source is not None:
-        recorded = source.directory / SETTINGS_FILE
-        if recorded.is_file() and recorded.read_text() != record:
-            before, now = OmegaConf.create(recorded.read_text()), OmegaConf.create(record)
-            changed = [k for k in RESUME_KEYS if before.get(k) != now.get(k)]
-            raise InputError(f"cannot resume from {source.directory}: it was run with different settings "
-                             f"({', '.join(changed)}); resume with the interrupted run's settings, or start a new run")
-    directory = run_dir / "checkpoints"
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(directory / SETTINGS_FILE, record)
+    files = sorted(set(source.directory.glob("*.ckpt")) | ({source.file} if source.file else set()))
+    for path in files:
+        saved = _saved_settings(path)
+        if saved == record:
+            continue
+        if saved is None:
+            raise InputError(f"cannot resume from {path}: it does not say which settings it was made with (an "
+                             "older DeltaNMF wrote it); start a new run (overwrite=true)")
+        before, now = OmegaConf.create(saved), OmegaConf.create(record)
+        changed = [k for k in RESUME_KEYS if before.get(k) != now.get(k)]
+        raise InputError(f"cannot resume from {path}: it was made with different settings ({', '.join(changed)}); "
+                         "resume with the interrupted run's settings, or start a new run")
 
 
 def what_is_kept(run_dir: Path) -> str:

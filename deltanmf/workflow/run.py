@@ -34,6 +34,7 @@ from ..tl.recovery import recovery
 from ..train import TrainingPlan, check_trainer
 from .outputs import GENE_SCALE_KEY, output_files, results_anndata, write_outputs
 from .resume import check_resumable, resume_source, settings_record
+from .rundir import RunLock, check_run_dir, clear_for_overwrite
 from .sweeps import hparams_record
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ def training_plan(settings: RunSettings, run_dir: Path) -> TrainingPlan:
     return TrainingPlan(trainer=settings.trainer, stop=settings.model.stop, checkpoint=settings.checkpoint,
                         batch_size=settings.data.batch_size, num_workers=settings.data.num_workers,
                         transposed_copy=settings.data.transposed_copy, max_cells=settings.model.consensus.max_cells,
-                        run_dir=run_dir, logger=None if logger_node is None else logger, resume=resume_source(settings, run_dir))
+                        run_dir=run_dir, logger=None if logger_node is None else logger,
+                        resume=resume_source(settings, run_dir), settings_record=settings_record(settings))
 
 
 def _baseline_from(settings: RunSettings) -> Baseline | None:
@@ -124,27 +126,28 @@ def validate(settings: RunSettings, prepared: PreparedData, k: int) -> None:
                              f"(data.{key}=null to leave it out)")
 
 
-def check_run_dir(settings: RunSettings, run_dir: Path) -> None:
-    """Refuse to overwrite a finished run's results (``overwrite=true`` allows it) or to resume one."""
-    finished = (run_dir / "results.h5ad").exists()
-    if settings.resume and finished:
-        raise InputError(f"resume=true: the run in {run_dir} has already finished (results.h5ad exists)")
-    if finished and not settings.overwrite:
-        raise InputError(f"{run_dir} already holds the results of a run; choose another directory "
-                         "(hydra.run.dir=...) or replace them with overwrite=true")
-
-
 def run(settings: RunSettings, run_dir: str | Path, adata: ad.AnnData | None = None,
-        on_checked: Callable[[], None] | None = None) -> RunResult:
+        on_checked: Callable[[], None] | None = None, progress: Callable[[str], None] | None = None) -> RunResult:
     """Run the configured stages and write every output into ``run_dir``.
 
+    The directory is locked for the whole run (:class:`~deltanmf.workflow.rundir.RunLock`) by the
+    first process; under DDP the others share it, and only the first checks and writes it.
     ``adata`` replaces reading ``data.path`` (the Python API passes its AnnData);
     ``on_checked`` is called once every check has passed, before any fit (the command line
-    writes Hydra's record of the run then).
+    writes Hydra's record of the run then); ``progress(name)`` after each result file is
+    written (before the set is committed).
     """
     run_dir = Path(run_dir)
+    if rank_zero_only.rank != 0:  # DDP: a process the first one started, in the directory it holds
+        return _run(settings, run_dir, adata, None, progress, leader=False)
+    with RunLock(run_dir):
+        return _run(settings, run_dir, adata, on_checked, progress, leader=True)
+
+
+def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, leader: bool) -> RunResult:
     start = time.perf_counter()
-    check_run_dir(settings, run_dir)
+    if leader:
+        check_run_dir(settings, run_dir)
     plan = training_plan(settings, run_dir)  # a bad resume=/ckpt_path= fails here, before any work
     check_trainer(plan)  # and a trainer setting Lightning refuses (trainer=gpu without a GPU)
     L.seed_everything(settings.seed, workers=True, verbose=False)
@@ -167,17 +170,20 @@ def run(settings: RunSettings, run_dir: str | Path, adata: ad.AnnData | None = N
                        gene_scale=None if baseline is None else baseline.gene_scale)
     k = settings.K
     validate(settings, prepared, k)
-    check_resumable(settings, run_dir, plan.resume)
+    check_resumable(settings, plan.resume)
+    if settings.overwrite and leader:
+        clear_for_overwrite(run_dir)
     if on_checked is not None:
         on_checked()
-    log.info("cells: %d control, %d case%s; genes: %d", int(prepared.is_control.sum()),
-             int((~prepared.is_control).sum()), "" if settings.twostage else " (not used by stage=onestage)",
-             prepared.n_genes)
+    counts = prepared.cell_counts
+    log.info("cells: %d control, %d case%s; left out: %d without a condition, %d of other conditions; genes: %d",
+             counts["control"], counts["case"], "" if settings.twostage else " (stage=onestage fits controls only)",
+             counts["unlabelled"], counts["other"], prepared.n_genes)
     graph = None if resource is None else resource.graph(list(prepared.gene_ids))
     model = settings.model
 
-    metrics: dict = {"stage": settings.stage.name, "K": k, "gene_counts": prepared.gene_counts,
-                     "n_genes": prepared.n_genes}
+    metrics: dict = {"stage": settings.stage.name, "K": k, "cell_counts": prepared.cell_counts,
+                     "gene_counts": prepared.gene_counts, "n_genes": prepared.n_genes}
     if coverage is not None:
         metrics["resource"] = coverage
     if baseline is None:
@@ -219,6 +225,7 @@ def run(settings: RunSettings, run_dir: str | Path, adata: ad.AnnData | None = N
     uns = {
         "config": config_yaml(settings),
         "gene_counts": prepared.gene_counts,
+        "cell_counts": prepared.cell_counts,
         "loss": {s: metrics[s]["loss"] for s in ("stage1", "stage2") if s in metrics and "loss" in metrics[s]},
         "stage1": {key: v for key, v in stage1.stats.items() if key != "loss"},
         "gene_scale_key": GENE_SCALE_KEY,
@@ -233,9 +240,10 @@ def run(settings: RunSettings, run_dir: str | Path, adata: ad.AnnData | None = N
         result.obsm["X_deltanmf_refit"] = refit.astype(np.float32)
     metrics["wall_time_s"] = time.perf_counter() - start
 
-    if rank_zero_only.rank != 0:  # DDP: the other processes trained alongside; the first one writes
+    if not leader:  # DDP: the other processes trained alongside; the first one writes
         return RunResult(result, tables, metrics)
-    write_outputs(run_dir, output_files(result, tables, metrics, n_base, settings.data.symbol_key))
+    written = write_outputs(run_dir, output_files(result, tables, metrics, n_base, settings.data.symbol_key),
+                            progress)
     log_hparams(settings, metrics, run_dir)
     if settings.twostage:
         shift = tables["usage_shift"]["shift"]
@@ -243,7 +251,7 @@ def run(settings: RunSettings, run_dir: str | Path, adata: ad.AnnData | None = N
                  "emergent (q < %g)", int((shift != "none").sum()), len(shift), int((shift == "up").sum()),
                  int((shift == "down").sum()), int(tables["case_programs"]["emergent"].sum()),
                  len(tables["case_programs"]), settings.report.q_threshold)
-    log.info("results written to %s", run_dir)
+    log.info("results written to %s", written)
     return RunResult(result, tables, metrics)
 
 
