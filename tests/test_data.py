@@ -1060,18 +1060,23 @@ def test_bad_values_say_how_many_and_where(sparse, value, kind):
            f"gene {str(adata.var_names[first[1]])!r})" in str(err.value)
 
 
-def test_float64_is_converted_with_one_warning_and_integers_are_accepted():
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, np.int64, np.uint16, np.int8])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_other_dtypes_are_converted_quietly_and_noted_in_the_log(dtype, sparse, caplog):
+    """float64, float16 and integer counts give the float32 matrix of the same values, with one
+    line in the log (not a warning on the console: a refused command prints only its error)."""
+    if sparse and dtype == np.float16:
+        pytest.skip("scipy's sparse matrices cannot hold float16")
     adata = make_adata()
-    adata.X = np.asarray(dense(adata.X), dtype=np.float64)
-    with pytest.warns(UserWarning, match="float64; converting to float32") as record:
-        p = prepare(adata, data("condition", "ctrl", min_cells=0), use_case=True)
-    assert len([w for w in record if "float64" in str(w.message)]) == 1 and p.X.dtype == np.float32
-    counts = adata.copy()
-    counts.X = sp.csr_matrix(np.asarray(dense(adata.X)).round().astype(np.int64))
-    with warnings.catch_warnings():
+    reference = prepare(adata, data("condition", "ctrl", min_cells=0), use_case=True)
+    values = np.asarray(dense(adata.X))
+    adata.X = sp.csr_matrix(values.astype(dtype)) if sparse else values.astype(dtype)
+    with warnings.catch_warnings(), caplog.at_level("INFO", logger="deltanmf.data.prepare"):
         warnings.simplefilter("error")
-        p = prepare(counts, data("condition", "ctrl", min_cells=0), use_case=True)
+        p = prepare(adata, data("condition", "ctrl", min_cells=0), use_case=True)
     assert p.X.dtype == np.float32
+    np.testing.assert_allclose(dense(p.X), dense(reference.X), rtol=1e-6)
+    assert any("the model trains in float32" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("draw", [None, "runs"])

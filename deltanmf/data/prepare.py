@@ -17,7 +17,6 @@ sparse input) for an in-memory AnnData, and an :class:`~deltanmf.data.backed.H5a
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -467,7 +466,8 @@ def _check_range(gene_scale: np.ndarray, largest: np.ndarray, genes, data: DataS
     """Refuse a gene scale whose inverse overflows float32 (a gene of subnormal values), and
     prepared values beyond :data:`MAX_PREPARED` (each gene's largest value times the largest
     cell factor, ``largest``, over the gene's scale bounds them)."""
-    factor = (1.0 / gene_scale).astype(np.float32)
+    with np.errstate(over="ignore"):
+        factor = (1.0 / gene_scale).astype(np.float32)
     if not np.isfinite(factor).all():
         gene = genes[int(np.flatnonzero(~np.isfinite(factor))[0])]
         raise InputError(f"gene {gene!r} varies by only {gene_scale[~np.isfinite(factor)][0]:.3g} across cells: "
@@ -512,9 +512,9 @@ def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool
     is_control, cells, cell_counts = cells_in_use(source.obs, source.var_names, data, use_case)
     blocks = _Blocks(source, data.layer, cells, pass_cells)
     what = f"data.layer={show(data.layer)}" if data.layer else ".X"
-    if blocks.dtype == np.float64:
-        warnings.warn(f"{what} is float64; converting to float32 (the precision the model trains in)",
-                      UserWarning, stacklevel=2)
+    if blocks.dtype != np.float32:
+        log.info("%s is %s; the model trains in float32 (values are converted as they are read)", what,
+                 blocks.dtype)
     cell_names = source.obs_names[cells]
     detected, largest = _check_values(blocks, what, cell_names, source.var_names)
     keep_index, counts, kept_ids = select_genes(detected, source.var_names, gene_ids, genes, data.min_cells,

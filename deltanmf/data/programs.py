@@ -48,7 +48,11 @@ def load_stage1(path: str | Path) -> Baseline:
     file = results_dir(path) / "results.h5ad" if path.is_dir() else path
     if not file.exists():
         raise InputError(f"stage1_from: no results.h5ad at {file}; give a finished run directory or its results.h5ad")
-    result = ad.read_h5ad(file)
+    try:
+        result = ad.read_h5ad(file)
+    except Exception as err:  # noqa: BLE001 - h5py/anndata raise many types for a damaged file
+        raise InputError(f"stage1_from: cannot read {file} ({type(err).__name__}: {err}); the file is damaged or not "
+                         "an .h5ad: rerun that stage 1, or give another run") from None
     info = result.uns.get("deltanmf")
     if info is None or "deltanmf_programs" not in result.varm:
         raise InputError(f"stage1_from: {file} is not a DeltaNMF result (no .uns['deltanmf'] / .varm['deltanmf_programs'])")

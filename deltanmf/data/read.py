@@ -1,6 +1,7 @@
 """Reading the input: an ``.h5ad`` file into memory or opened for streaming, or the cached demo."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import anndata as ad
@@ -9,6 +10,8 @@ from ..errors import InputError
 from ..settings import DataSettings
 from .backed import H5adFile
 from .demo import demo_path
+
+log = logging.getLogger(__name__)
 
 
 def existing_file(path: str | Path) -> Path:
@@ -56,4 +59,9 @@ def load_input(data: DataSettings) -> ad.AnnData | H5adFile:
         path = demo_path(data.simulation, data.cache_dir)
     except (TypeError, ValueError) as err:
         raise InputError(f"data.simulation: {err}") from err
-    return read(path)
+    try:
+        return read(path)
+    except InputError:  # a damaged cache file (e.g. a copy cut short): simulate it again
+        log.warning("the cached demo %s cannot be read; simulating it again", path)
+        path.unlink(missing_ok=True)
+        return read(demo_path(data.simulation, data.cache_dir))
