@@ -213,6 +213,7 @@ class DataSettings(Settings):
                        hint="data=h5ad reads data.path, data=demo simulates; anndata: given by the Python API")
     path: str | None = rule("str", optional=True, hint="the .h5ad file, e.g. data.path=my.h5ad")
     layer: str | None = rule("str", optional=True, hint="null = .X")
+    use_raw: bool = rule("bool", hint="true: factorise .raw.X (with .raw.var's genes)")
     condition_key: str = rule("str", hint="the .obs column telling controls from cases")
     control: Any = rule("scalar", hint="the value of data.condition_key marking control cells")
     case: Any = rule("scalar", optional=True, hint="null = every non-control cell")
@@ -236,6 +237,9 @@ class DataSettings(Settings):
     simulation: dict | None = rule("mapping", optional=True)
 
     def check(self) -> None:
+        if self.use_raw and self.layer is not None:
+            raise InputError(f"data.use_raw=true and data.layer={self.layer} choose two matrices: keep one (a layer, "
+                             "or .raw)")
         if self.backed and self.batch_size is None:
             raise InputError("data.backed=true streams cells from disk and trains on minibatches: set "
                              "data.batch_size (e.g. data.batch_size=4096), or use data.backed=false")

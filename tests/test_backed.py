@@ -86,6 +86,25 @@ def test_streamed_preparation_equals_prepare(sim_file, settings):
     assert got.source.n_obs == ref.source.n_obs and "sim_usage" in got.source.obsm
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_raw_and_float16_on_disk_stream_as_in_memory(tmp_path, dtype):
+    """data.use_raw=true reads .raw (its own genes) from the file; float16 values, which scipy
+    cannot hold, are read as float32: the same prepared matrix as in memory."""
+    a = _sim(shuffle=False)
+    a.raw = a.copy()
+    a = a[:, 50:].copy()  # .X without the first 50 genes; .raw keeps them
+    if dtype == np.float16:
+        a.raw = ad.AnnData(X=np.asarray(_dense(a.raw.X), dtype=np.float16), obs=a.obs, var=a.raw.var)
+    path = tmp_path / "raw.h5ad"
+    a.write_h5ad(path)
+    settings = data("condition", "control", use_raw=True)
+    streamed = prepare(open_h5ad(path), settings, use_case=True)
+    in_memory = prepare(ad.read_h5ad(path), settings, use_case=True)
+    assert streamed.n_genes == in_memory.n_genes > a.n_vars
+    assert list(streamed.var.index) == list(in_memory.var.index)
+    np.testing.assert_array_equal(_dense(streamed.X.read_rows(np.arange(len(streamed.obs)))), _dense(in_memory.X))
+
+
 def test_rows_bit_for_bit_given_the_same_scales(sim_file):
     """With prepare's own scales the streamed rows are identical, in any order of cells and genes."""
     adata, path = sim_file
@@ -100,7 +119,7 @@ def test_rows_bit_for_bit_given_the_same_scales(sim_file):
     # stage1_from: genes in a given (unsorted) order with a given scale
     order = np.random.default_rng(3).permutation(len(ref.var))
     again = prepare(file, data("condition", "control", normalize="total"), use_case=True,
-                    genes=list(ref.var.index[order]), gene_scale=ref.gene_scale[order])
+                    reference_genes=list(ref.var.index[order]), gene_scale=ref.gene_scale[order])
     np.testing.assert_allclose(again.X.to_memory().toarray(), ref.X.toarray()[:, order], rtol=2e-6)
     assert again.X.to_memory().has_sorted_indices
 

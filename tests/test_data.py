@@ -202,14 +202,45 @@ def test_absent_case_lists_values_with_counts(use_case):
         assert f"'{value}' ({n} cells)" in msg
 
 
-def test_missing_layer_lists_layers():
+def test_missing_layer_lists_the_other_matrices_as_settings():
     adata = make_adata()
-    with pytest.raises(InputError, match=r"layers present: none"):
+    with pytest.raises(InputError, match=r"data\.layer=counts not found; the other matrices of this AnnData: "
+                                         r"data\.layer=null \(\.X\)"):
         prepare(adata, data("condition", "ctrl", layer="counts"), use_case=True)
-    adata.layers["raw"] = adata.X.copy()
-    with pytest.raises(InputError) as err:
+    adata.layers["spliced"] = adata.X.copy()
+    adata.raw = adata.copy()
+    with pytest.raises(InputError, match=r"data\.layer=counts not found; the other matrices of this AnnData: "
+                                         r"data\.layer=spliced, data\.use_raw=true \(\.raw\), data\.layer=null"):
         prepare(adata, data("condition", "ctrl", layer="counts"), use_case=True)
-    assert "'counts'" in str(err.value) and "['raw']" in str(err.value)
+
+
+def test_negative_values_name_the_matrices_that_could_be_used_instead():
+    """pbmc68k_reduced's case: a scaled .X (negative values) beside counts in a layer and in .raw."""
+    adata = make_adata()
+    counts = adata.X.copy()
+    adata.layers["counts"] = counts
+    adata.raw = adata.copy()
+    adata.X = (counts - counts.mean(axis=0)) / (counts.std(axis=0) + 1)  # scaled, as scanpy's scale() leaves it
+    with pytest.raises(InputError, match=r"negative values .* The other matrices of this AnnData: "
+                                         r"data\.layer=counts, data\.use_raw=true \(\.raw\)\."):
+        prepare(adata, data("condition", "ctrl"), use_case=True)
+    from_layer = prepare(adata, data("condition", "ctrl", layer="counts"), use_case=True)
+    from_raw = prepare(adata, data("condition", "ctrl", use_raw=True), use_case=True)
+    np.testing.assert_array_equal(dense(from_raw.X), dense(from_layer.X))
+    assert list(from_raw.var.index) == list(from_layer.var.index)
+
+
+def test_use_raw_takes_raw_genes_and_refuses_a_missing_raw_or_a_layer_too():
+    adata = make_adata()
+    full = adata.copy()
+    adata.raw = full
+    adata = adata[:, :10].copy()  # .X keeps 10 genes, .raw all of them
+    p = prepare(adata, data("condition", "ctrl", use_raw=True, min_cells=0), use_case=True)
+    assert p.n_genes == full.n_vars and list(p.var.index) == list(full.var_names)
+    with pytest.raises(InputError, match=r"data\.use_raw=true but the AnnData has no \.raw"):
+        prepare(make_adata(), data("condition", "ctrl", use_raw=True), use_case=True)
+    with pytest.raises(InputError, match=r"data\.use_raw=true and data\.layer=counts choose two matrices"):
+        data("condition", "ctrl", use_raw=True, layer="counts")
 
 
 @pytest.mark.parametrize("sparse", [False, True])

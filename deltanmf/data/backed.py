@@ -181,6 +181,8 @@ class H5adFile:
             parts = {k: read_elem(f[k]) for k in ("obs", "var", "uns", "obsm", "varm") if k in f}
             self.x_key = "X" if "X" in f else None
             self.layers = {name: f"layers/{name}" for name in f.get("layers", {})}
+            has_raw = "raw" in f and "X" in f["raw"] and "var" in f["raw"]
+            self.raw_var = read_elem(f["raw/var"]) if has_raw else None  # .raw's genes, when it has any
         self.meta = ad.AnnData(**parts)
 
     obs = property(lambda self: self.meta.obs)
@@ -193,13 +195,14 @@ class H5adFile:
     n_obs = property(lambda self: self.meta.n_obs)
     n_vars = property(lambda self: self.meta.n_vars)
 
-    def matrix(self, layer: str | None = None) -> H5Matrix:
-        """``.X`` (``layer=None``) or a layer, on disk."""
-        key = "X" if layer is None else self.layers[layer]
+    def matrix(self, layer: str | None = None, raw: bool = False) -> H5Matrix:
+        """``.X`` (``layer=None``), a layer, or ``.raw.X`` (``raw``), on disk."""
+        key = "raw/X" if raw else "X" if layer is None else self.layers[layer]
         matrix = H5Matrix(self.path, key)
-        if matrix.shape != (self.n_obs, self.n_vars):
+        genes = len(self.raw_var) if raw else self.n_vars
+        if matrix.shape != (self.n_obs, genes):
             raise InputError(f"{key} in {self.path} has shape {matrix.shape} but .obs/.var describe "
-                             f"{(self.n_obs, self.n_vars)} cells x genes")
+                             f"{(self.n_obs, genes)} cells x genes")
         return matrix
 
     def __repr__(self) -> str:

@@ -238,13 +238,41 @@ def select_genes(detected: np.ndarray, var_names: pd.Index, gene_ids, genes, min
 
 
 # -- the matrix, by blocks of cells ------------------------------------------------------------
-def _matrix_key(x_present: bool, layers, layer: str | None) -> None:
-    """Check that ``.X`` (``layer=None``) or the layer exists."""
-    if layer is None and not x_present:
-        raise InputError(f"the AnnData has no .X; choose a layer with data.layer=... (layers: {list(layers)})")
-    if layer is not None and layer not in layers:
-        raise InputError(f"data.layer={layer!r} not found; layers present: {list(layers) or 'none'} "
-                         "(use data.layer=null for .X)")
+def matrix_genes(source, data: DataSettings) -> pd.DataFrame:
+    """The ``.var`` of the matrix a run factorises: ``.raw.var`` with ``data.use_raw``, else ``.var``."""
+    if not data.use_raw:
+        return source.var
+    raw = source.raw_var if isinstance(source, H5adFile) else (source.raw.var if source.raw is not None else None)
+    if raw is None:
+        raise InputError(f"data.use_raw=true but the AnnData has no .raw; {_other_matrices(source, data)}")
+    return raw
+
+
+def _other_matrices(source, data: DataSettings) -> str:
+    """The matrices of ``source`` besides the one in use, as the settings that choose them."""
+    if isinstance(source, H5adFile):
+        x_present, layers, has_raw = source.x_key is not None, list(source.layers), source.raw_var is not None
+    else:
+        x_present, layers, has_raw = source.X is not None, list(source.layers), source.raw is not None
+    options = [f"data.layer={name}" for name in layers if name != data.layer or data.use_raw]
+    if has_raw and not data.use_raw:
+        options.append("data.use_raw=true (.raw)")
+    if x_present and (data.layer is not None or data.use_raw):
+        options.append("data.layer=null (.X)")
+    return (f"the other matrices of this AnnData: {', '.join(options)}" if options else
+            "this AnnData has no other matrix (no layers, no .raw)")
+
+
+def _check_choice(source, data: DataSettings) -> None:
+    """The matrix ``data.layer`` / ``data.use_raw`` name exists."""
+    if isinstance(source, H5adFile):
+        x_present, layers = source.x_key is not None, source.layers
+    else:
+        x_present, layers = source.X is not None, source.layers
+    if data.layer is not None and data.layer not in layers:
+        raise InputError(f"data.layer={data.layer} not found; {_other_matrices(source, data)}")
+    if data.layer is None and not data.use_raw and not x_present:
+        raise InputError(f"the AnnData has no .X; {_other_matrices(source, data)}")
 
 
 class _Blocks:
@@ -257,19 +285,18 @@ class _Blocks:
     :meth:`~deltanmf.data.backed.H5Matrix.block`.
     """
 
-    def __init__(self, source, layer: str | None, cells: np.ndarray, pass_cells: int | None = None):
+    def __init__(self, source, data: DataSettings, cells: np.ndarray, pass_cells: int | None = None):
         self.cells = cells
+        _check_choice(source, data)
+        self.n_genes = len(matrix_genes(source, data))
         if isinstance(source, H5adFile):
-            _matrix_key(source.x_key is not None, source.layers, layer)
-            self.file = source.matrix(layer)
+            self.file = source.matrix(data.layer, raw=data.use_raw)
             self.memory = None
             self.dtype = self.file.dtype
         else:
-            _matrix_key(source.X is not None, source.layers, layer)
             self.file = None
-            self.memory = source.X if layer is None else source.layers[layer]
+            self.memory = source.raw.X if data.use_raw else source.X if data.layer is None else source.layers[data.layer]
             self.dtype = self.memory.dtype
-        self.n_genes = source.n_vars
         # a dense block in memory gets float64 and boolean copies: a quarter of the values
         dense = self.memory is not None and not sp.issparse(self.memory)
         self.size = pass_cells or max(1, scan_rows(self.n_genes) // (4 if dense else 1))
@@ -361,7 +388,7 @@ _PROBLEMS = {
 }
 
 
-def _check_values(blocks: _Blocks, what: str, cell_names, gene_names) -> tuple[np.ndarray, np.ndarray]:
+def _check_values(blocks: _Blocks, what: str, cell_names, gene_names, elsewhere: str) -> tuple[np.ndarray, np.ndarray]:
     """Pass 1: refuse NaN, infinite, negative values and values float32 cannot hold (naming the
     first of each), and count each gene's detections (> 0 in float32) over the cells in use.
     Returns the detections and each gene's largest value."""
@@ -402,7 +429,7 @@ def _check_values(blocks: _Blocks, what: str, cell_names, gene_names) -> tuple[n
         count, first = bad[kind]
         if count:
             raise InputError(f"{what} holds {count} {kind} values (the first in cell {cell_names[first[0]]!r}, "
-                             f"gene {gene_names[first[1]]!r}); NMF needs {need}.")
+                             f"gene {gene_names[first[1]]!r}); NMF needs {need}. {elsewhere[0].upper()}{elsewhere[1:]}.")
     return detected, largest
 
 
@@ -483,7 +510,7 @@ def _check_range(gene_scale: np.ndarray, largest: np.ndarray, genes, data: DataS
 
 def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool,
             resource_genes: Sequence[str] | None = None, gene_ids: Sequence[str] | None = None,
-            genes: Sequence[str] | None = None, gene_scale: np.ndarray | None = None,
+            reference_genes: Sequence[str] | None = None, gene_scale: np.ndarray | None = None,
             pass_cells: int | None = None) -> PreparedData:
     """Select cells and genes and normalise, as described in the module docstring.
 
@@ -493,15 +520,16 @@ def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool
         Cells x genes AnnData (not modified), or an ``.h5ad`` opened for streaming
         (:func:`~deltanmf.data.read.open_h5ad`).
     data
-        The ``data`` settings: ``condition_key``, ``control``, ``case``, ``layer``,
-        ``min_cells``, ``remove_genes``, ``normalize``, ``target_sum``, ``scale_genes``.
+        The ``data`` settings: ``condition_key``, ``control``, ``case``, ``allow_unlabelled``,
+        ``layer``, ``use_raw``, ``min_cells``, ``remove_genes``, ``normalize``, ``target_sum``,
+        ``scale_genes``.
     use_case
         Include the case cells (two-stage fits); otherwise only controls are used.
     resource_genes
         Genes of a similarity resource; genes absent from it are dropped.
     gene_ids
         IDs to match against ``remove_genes`` and ``resource_genes`` (defaults to ``.var_names``).
-    genes, gene_scale
+    reference_genes, gene_scale
         Reuse a finished fit's genes (exactly these, in this order; the filters are
         skipped) and its per-gene scale, so new cells are put in the same units as the
         programs that fit was trained in (``stage1_from``).
@@ -509,15 +537,16 @@ def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool
         Cells per block of the passes over the matrix (default: as many as hold
         :data:`~deltanmf.core.matrix.SCAN_VALUES` values).
     """
-    is_control, cells, cell_counts = cells_in_use(source.obs, source.var_names, data, use_case)
-    blocks = _Blocks(source, data.layer, cells, pass_cells)
-    what = f"data.layer={show(data.layer)}" if data.layer else ".X"
+    genes = matrix_genes(source, data)
+    is_control, cells, cell_counts = cells_in_use(source.obs, genes.index, data, use_case)
+    blocks = _Blocks(source, data, cells, pass_cells)
+    what = ".raw.X (data.use_raw=true)" if data.use_raw else f"data.layer={show(data.layer)}" if data.layer else ".X"
     if blocks.dtype != np.float32:
         log.info("%s is %s; the model trains in float32 (values are converted as they are read)", what,
                  blocks.dtype)
     cell_names = source.obs_names[cells]
-    detected, largest = _check_values(blocks, what, cell_names, source.var_names)
-    keep_index, counts, kept_ids = select_genes(detected, source.var_names, gene_ids, genes, data.min_cells,
+    detected, largest = _check_values(blocks, what, cell_names, genes.index, _other_matrices(source, data))
+    keep_index, counts, kept_ids = select_genes(detected, genes.index, gene_ids, reference_genes, data.min_cells,
                                                 data.remove_genes, resource_genes)
 
     normalize = data.normalize != "none"
@@ -541,14 +570,18 @@ def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool
         gene_scale = np.where(sd > 0, sd, 1.0)
     else:
         gene_scale = np.ones(len(keep_index))
-    _check_range(gene_scale, largest[keep_index] * float(cell_scale.max()), source.var_names[keep_index], data)
+    _check_range(gene_scale, largest[keep_index] * float(cell_scale.max()), genes.index[keep_index], data)
 
     if blocks.file is not None:
         x = H5adRows(blocks.file, cells, keep_index, cell_scale, gene_scale)
-        annotations = source.meta[cells][:, keep_index]
+        annotations = source.meta
     else:
         x = _in_memory(blocks, keep_index, cell_scale, gene_scale)
-        annotations = source[cells][:, keep_index]
+        annotations = source
+    if data.use_raw:  # .raw's genes: the annotations of the cells, no per-gene (simulated) truth
+        annotations = ad.AnnData(obs=source.obs.iloc[cells].copy(), var=genes.iloc[keep_index].copy())
+    else:
+        annotations = annotations[cells][:, keep_index]
     return PreparedData(X=x, obs=annotations.obs.copy(), var=annotations.var.copy(), is_control=is_control[cells],
                         gene_scale=gene_scale, cell_scale=cell_scale, gene_ids=kept_ids, gene_counts=counts,
                         cell_counts=cell_counts, source=annotations)

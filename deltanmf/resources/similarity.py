@@ -213,7 +213,11 @@ class EmbeddingResource(Resource):
         if self.key not in adata.varm:
             raise InputError(f"resource {self.name!r}: the data has no .varm[{self.key!r}] of gene embeddings "
                              f"(.varm keys: {list(adata.varm)}); resource=demo needs data=demo")
-        self._embedding = dict(zip(gene_ids, np.asarray(adata.varm[self.key], dtype=np.float64)))
+        embedding = np.asarray(adata.varm[self.key], dtype=np.float64)
+        if len(embedding) != len(gene_ids):
+            raise InputError(f"resource {self.name!r}: .varm[{self.key!r}] has {len(embedding)} genes but the matrix in "
+                             f"use has {len(gene_ids)} (data.use_raw=true?); use the matrix of .var's genes")
+        self._embedding = dict(zip(gene_ids, embedding))
 
     def gene_list(self) -> list[str]:
         if self._embedding is None:

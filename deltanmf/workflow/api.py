@@ -4,9 +4,17 @@
 >>> res = deltanmf.fit_twostage(adata, K=12, K_case=3, condition_key="guide", control="NTC")
 >>> res.usage_shift.sort_values("q_value").head()
 >>> adata.obsm["X_deltanmf"]          # written back, scanpy style
+
+Every keyword left at ``None`` takes the configuration's default (``conf/``, the same as the
+command line's); errors name the keywords of this API (``layer="counts"``), not the command
+line's keys.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,8 +23,17 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+
 from ..errors import InputError
 from .config import compose, load_settings
+
+# configuration keys this API takes as keywords
+KEYWORDS = {"K": "K", "K_case": "K_case", "seed": "seed", "stage1_from": "stage1_from", "data.layer": "layer",
+            "data.use_raw": "use_raw", "data.condition_key": "condition_key", "data.control": "control",
+            "data.case": "case", "data.group_key": "group_key", "data.batch_size": "batch_size",
+            "hydra.run.dir": "out_dir"}
+_SETTING = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in sorted(KEYWORDS, key=len, reverse=True))
+                      + r")=('[^']*'|\"[^\"]*\"|\.\.\.|[^\s,;():'\"]*[^\s,;():'\".])")
 
 
 @dataclass
@@ -26,22 +43,26 @@ class DeltaNMFResult:
     Attributes
     ----------
     results
-        The results AnnData (as ``results.h5ad``): fitted cells x kept genes, no ``.X``.
+        The results AnnData (as ``results/results.h5ad``): fitted cells x kept genes, no ``.X``.
     programs
         Programs, genes x programs (``baseline_1``..., then ``case_1``...).
     usage
         Usage, fitted cells x programs.
+    usage_refit
+        Two-stage fits: the usage of every fitted cell by NNLS on all programs (what the
+        case-control statistics use), cells x programs; else None.
     usage_shift, case_programs, group_usage
         Case-control tables (two-stage fits; ``group_usage`` with ``group_key``), else None.
     metrics
         The contents of ``metrics.json``.
     out_dir
-        Where the files were written, or None.
+        Where the files were written (``out_dir/results/``), or None.
     """
 
     results: ad.AnnData
     programs: pd.DataFrame
     usage: pd.DataFrame
+    usage_refit: pd.DataFrame | None
     usage_shift: pd.DataFrame | None
     case_programs: pd.DataFrame | None
     group_usage: pd.DataFrame | None
@@ -50,19 +71,61 @@ class DeltaNMFResult:
 
 
 def _value(v) -> str:
+    """A Python value as a Hydra override's value."""
     if v is None:
         return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(_value(x) for x in v) + "]"
-    if isinstance(v, str):
-        return "'" + v.replace("'", "\\'") + "'"
+    if isinstance(v, (str, Path)):
+        return "'" + str(v).replace("'", "\\'") + "'"
     return str(v)
 
 
+def _python(value: str) -> str:
+    """A command-line value as Python code (``null`` -> ``None``, ``counts`` -> ``'counts'``)."""
+    if value in ("null", "true", "false"):
+        return {"null": "None", "true": "True", "false": "False"}[value]
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return repr(value.strip("'\""))
+
+
+def for_python(message: str) -> str:
+    """An error message with the command line's keys (``data.layer=counts``) as this API's
+    keywords (``layer='counts'``)."""
+    return _SETTING.sub(lambda m: f"{KEYWORDS[m.group(1)]}=" + ("..." if m.group(2) == "..." else _python(m.group(2))),
+                        message)
+
+
+@contextlib.contextmanager
+def _logging(verbose: bool):
+    """The command line's log lines on stderr while a fit runs (``verbose``), unless logging is
+    configured already; ``verbose=False``: warnings only."""
+    logger = logging.getLogger("deltanmf")
+    level, handler = logger.level, None
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    if verbose and not logging.getLogger().handlers and not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("deltanmf: %(message)s"))
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if handler is not None:
+            logger.removeHandler(handler)
+
+
 def _write_back(adata: ad.AnnData, result: ad.AnnData) -> None:
-    """Scanpy style: results go into the user's AnnData; cells or genes not fitted get NaN."""
+    """Scanpy style: results go into the user's AnnData; cells or genes not fitted get NaN (genes
+    of ``.raw`` that ``.var`` lacks, with ``use_raw=True``, are not written back)."""
     cells = adata.obs_names.get_indexer(result.obs_names)
     genes = adata.var_names.get_indexer(result.var_names)
+    found = genes >= 0
     n_programs = result.obsm["X_deltanmf"].shape[1]
     usage = np.full((adata.n_obs, n_programs), np.nan, dtype=np.float32)
     usage[cells] = result.obsm["X_deltanmf"]
@@ -72,10 +135,10 @@ def _write_back(adata: ad.AnnData, result: ad.AnnData) -> None:
         refit[cells] = result.obsm["X_deltanmf_refit"]
         adata.obsm["X_deltanmf_refit"] = refit
     programs = np.full((adata.n_vars, n_programs), np.nan, dtype=np.float32)
-    programs[genes] = result.varm["deltanmf_programs"]
+    programs[genes[found]] = np.asarray(result.varm["deltanmf_programs"])[found]
     adata.varm["deltanmf_programs"] = programs
     scale = np.full(adata.n_vars, np.nan)
-    scale[genes] = result.var["deltanmf_gene_scale"].to_numpy()
+    scale[genes[found]] = result.var["deltanmf_gene_scale"].to_numpy()[found]
     adata.var["deltanmf_gene_scale"] = scale
     if "deltanmf_novelty" in result.obs:
         novelty = np.full(adata.n_obs, np.nan)
@@ -84,7 +147,8 @@ def _write_back(adata: ad.AnnData, result: ad.AnnData) -> None:
     adata.uns["deltanmf"] = dict(result.uns["deltanmf"])
 
 
-def _fit(adata: ad.AnnData, stage: str, settings: dict, out_dir, overrides: Sequence[str]) -> DeltaNMFResult:
+def _fit(adata: ad.AnnData, stage: str, settings: dict, out_dir, overrides: Sequence[str],
+         verbose: bool) -> DeltaNMFResult:
     if not isinstance(adata, ad.AnnData):
         raise InputError(f"adata must be an anndata.AnnData, got {type(adata).__name__}")
     if adata.isbacked:
@@ -95,24 +159,29 @@ def _fit(adata: ad.AnnData, stage: str, settings: dict, out_dir, overrides: Sequ
         raise InputError("adata has duplicate cell or gene names; run adata.obs_names_make_unique() / "
                          "adata.var_names_make_unique() first")
     items = [f"stage={stage}", "data=h5ad", "data.path=null", "data.source=anndata"]
-    items += [f"{key}={_value(value)}" for key, value in settings.items()]
+    items += [f"{key}={_value(value)}" for key, value in settings.items() if value is not None]
     if out_dir is None:
         items.append("logger=none")  # nothing is kept: no TensorBoard files in a folder about to go
-    settings = load_settings(compose(items + list(overrides)))
-    from .main import quiet_lightning
-    from .run import run  # torch, Lightning: after the settings are checked
+    try:
+        run_settings = load_settings(compose(items + list(overrides)))
+        from .main import quiet_lightning
+        from .run import run  # torch, Lightning: after the settings are checked
 
-    quiet_lightning()
-    with tempfile.TemporaryDirectory(prefix="deltanmf-") as scratch:
-        run_dir = Path(out_dir) if out_dir is not None else Path(scratch)
-        out = run(settings, run_dir, adata=adata)
+        quiet_lightning()
+        with _logging(verbose), tempfile.TemporaryDirectory(prefix="deltanmf-") as scratch:
+            run_dir = Path(out_dir) if out_dir is not None else Path(scratch)
+            out = run(run_settings, run_dir, adata=adata)
+    except InputError as err:
+        raise InputError(for_python(str(err))) from None
     result = out.results
     names = list(result.uns["deltanmf"]["program_names"])
     _write_back(adata, result)
+    refit = result.obsm.get("X_deltanmf_refit")
     return DeltaNMFResult(
         results=result,
         programs=pd.DataFrame(result.varm["deltanmf_programs"], index=result.var_names, columns=names),
         usage=pd.DataFrame(result.obsm["X_deltanmf"], index=result.obs_names, columns=names),
+        usage_refit=None if refit is None else pd.DataFrame(refit, index=result.obs_names, columns=names),
         usage_shift=out.tables.get("usage_shift"),
         case_programs=out.tables.get("case_programs"),
         group_usage=out.tables.get("group_usage"),
@@ -121,21 +190,24 @@ def _fit(adata: ad.AnnData, stage: str, settings: dict, out_dir, overrides: Sequ
     )
 
 
-def fit_onestage(adata: ad.AnnData, K: int = 10, *, condition_key: str = "condition", control="control",
-                 layer: str | None = None, batch_size: int | None = None, seed: int = 0,
-                 out_dir: str | Path | None = None, overrides: Sequence[str] = ()) -> DeltaNMFResult:
+def fit_onestage(adata: ad.AnnData, K: int | None = None, *, condition_key: str | None = None, control=None,
+                 layer: str | None = None, use_raw: bool | None = None, batch_size: int | None = None,
+                 seed: int | None = None, out_dir: str | Path | None = None, overrides: Sequence[str] = (),
+                 verbose: bool = True) -> DeltaNMFResult:
     """Fit baseline programs on the control cells (stage 1 only).
 
     Parameters
     ----------
     adata
-        Cells x genes, non-negative expression (counts or normalised, not log-centred).
+        Cells x genes, non-negative expression (counts or normalised, not log-centred), in memory.
     K
-        Number of baseline programs.
+        Number of baseline programs (None: the configuration's ``K``).
     condition_key, control
-        ``.obs`` column and the value marking control cells.
+        ``.obs`` column and the value marking control cells (None: ``condition`` / ``control``).
     layer
         Layer to factorise instead of ``.X``.
+    use_raw
+        Factorise ``.raw.X`` (e.g. the counts scanpy keeps there) instead of ``.X``.
     batch_size
         Cells per minibatch; None for full batch.
     seed
@@ -144,6 +216,8 @@ def fit_onestage(adata: ad.AnnData, K: int = 10, *, condition_key: str = "condit
         Also write every output file (as ``train.py`` does) into this folder.
     overrides
         Any further Hydra overrides, e.g. ``["model.lr=0.005", "data.normalize=median"]``.
+    verbose
+        Log the run's summary lines on stderr (as the command line does); False: warnings only.
 
     Returns
     -------
@@ -153,30 +227,32 @@ def fit_onestage(adata: ad.AnnData, K: int = 10, *, condition_key: str = "condit
     -----
     Writes into ``adata``: ``.obsm["X_deltanmf"]`` (usage, cells x K; NaN for cells not
     fitted), ``.varm["deltanmf_programs"]`` (genes x K; NaN for genes filtered out),
-    ``.var["deltanmf_gene_scale"]`` (divisor of unit-variance scaling) and ``.uns["deltanmf"]`` (program names and kinds, configuration, gene counts, losses).
+    ``.var["deltanmf_gene_scale"]`` (divisor of unit-variance scaling) and ``.uns["deltanmf"]``
+    (program names and kinds, configuration, gene counts, losses).
     """
-    settings = dict(K=K, seed=seed, **{"data.condition_key": condition_key, "data.control": control,
-                                        "data.layer": layer, "data.batch_size": batch_size})
-    return _fit(adata, "onestage", settings, out_dir, overrides)
+    settings = {"K": K, "seed": seed, "data.condition_key": condition_key, "data.control": control,
+                "data.layer": layer, "data.use_raw": use_raw, "data.batch_size": batch_size}
+    return _fit(adata, "onestage", settings, out_dir, overrides, verbose)
 
 
-def fit_twostage(adata: ad.AnnData, K: int = 10, K_case: int = 3, *, condition_key: str = "condition",
-                 control="control", case=None, group_key: str | None = None, layer: str | None = None,
-                 batch_size: int | None = None, stage1_from: str | Path | None = None, seed: int = 0,
-                 out_dir: str | Path | None = None, overrides: Sequence[str] = ()) -> DeltaNMFResult:
+def fit_twostage(adata: ad.AnnData, K: int | None = None, K_case: int | None = None, *,
+                 condition_key: str | None = None, control=None, case=None, group_key: str | None = None,
+                 layer: str | None = None, use_raw: bool | None = None, batch_size: int | None = None,
+                 stage1_from: str | Path | None = None, seed: int | None = None, out_dir: str | Path | None = None,
+                 overrides: Sequence[str] = (), verbose: bool = True) -> DeltaNMFResult:
     """Fit baseline programs on controls, then case-specific programs on cases (baseline frozen).
 
     Parameters
     ----------
     adata
-        Cells x genes, non-negative expression.
+        Cells x genes, non-negative expression, in memory.
     K, K_case
-        Numbers of baseline and case-specific programs.
+        Numbers of baseline and case-specific programs (None: the configuration's).
     condition_key, control, case
         ``.obs`` column, control value, and case value (None: every non-control cell).
     group_key
         ``.obs`` column of perturbation groups for the per-group table.
-    layer, batch_size, seed, out_dir, overrides
+    layer, use_raw, batch_size, seed, out_dir, overrides, verbose
         As for :func:`fit_onestage`.
     stage1_from
         A finished run directory (or its ``results.h5ad``) whose baseline is reused.
@@ -184,7 +260,7 @@ def fit_twostage(adata: ad.AnnData, K: int = 10, K_case: int = 3, *, condition_k
     Returns
     -------
     DeltaNMFResult
-        With ``usage_shift``, ``case_programs`` and (with ``group_key``) ``group_usage``.
+        With ``usage_refit``, ``usage_shift``, ``case_programs`` and (with ``group_key``) ``group_usage``.
 
     Notes
     -----
@@ -194,7 +270,8 @@ def fit_twostage(adata: ad.AnnData, K: int = 10, K_case: int = 3, *, condition_k
     the statistics use), ``.varm["deltanmf_programs"]``, ``.obs["deltanmf_novelty"]`` (share
     of a cell's usage from case programs) and ``.uns["deltanmf"]``.
     """
-    settings = dict(K=K, K_case=K_case, seed=seed, stage1_from=None if stage1_from is None else str(stage1_from),
-                    **{"data.condition_key": condition_key, "data.control": control, "data.case": case,
-                       "data.group_key": group_key, "data.layer": layer, "data.batch_size": batch_size})
-    return _fit(adata, "twostage", settings, out_dir, overrides)
+    settings = {"K": K, "K_case": K_case, "seed": seed, "stage1_from": stage1_from,
+                "data.condition_key": condition_key, "data.control": control, "data.case": case,
+                "data.group_key": group_key, "data.layer": layer, "data.use_raw": use_raw,
+                "data.batch_size": batch_size}
+    return _fit(adata, "twostage", settings, out_dir, overrides, verbose)

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
 from ..data import Baseline, PreparedData, load_input, load_stage1, prepare
+from ..data.prepare import matrix_genes
 from ..errors import InputError
 from ..resources import strip_version
 from ..settings import RunSettings
@@ -61,13 +62,15 @@ def instantiate_input(node: dict, **kwargs):
 
 
 def gene_ids(adata, settings: RunSettings) -> list[str]:
-    """The IDs genes are matched by: ``data.gene_id_column`` or ``.var_names``, Ensembl versions stripped."""
+    """The IDs genes are matched by: ``data.gene_id_column`` or the gene names (of ``.var``, or of
+    ``.raw.var`` with ``data.use_raw``), Ensembl versions stripped."""
+    var = matrix_genes(adata, settings.data)
     column = settings.data.gene_id_column
     if column:
-        if column not in adata.var:
-            raise InputError(f"data.gene_id_column={column!r} is not a column of .var; columns: {list(adata.var.columns)}")
-        return [strip_version(g) for g in adata.var[column].astype(str)]
-    return [strip_version(g) for g in adata.var_names.astype(str)]
+        if column not in var:
+            raise InputError(f"data.gene_id_column={column!r} is not a column of .var; columns: {list(var.columns)}")
+        return [strip_version(g) for g in var[column].astype(str)]
+    return [strip_version(g) for g in var.index.astype(str)]
 
 
 def training_plan(settings: RunSettings, run_dir: Path) -> TrainingPlan:
@@ -166,7 +169,7 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, lead
     prepared = prepare(adata, settings.data, use_case=settings.twostage,
                        resource_genes=None if resource is None or baseline is not None else resource.gene_list(),
                        gene_ids=gene_ids(adata, settings),
-                       genes=None if baseline is None else baseline.genes,
+                       reference_genes=None if baseline is None else baseline.genes,
                        gene_scale=None if baseline is None else baseline.gene_scale)
     k = settings.K
     validate(settings, prepared, k)
