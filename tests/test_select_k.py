@@ -79,6 +79,21 @@ def test_k_rule_takes_the_largest_k_within_the_margin():
     assert sk.suggest_k(table.iloc[:1])[0] is None  # one K: nothing to choose
 
 
+def test_a_suggestion_at_the_edge_of_the_sweep_says_to_extend_it():
+    """K=4 or K=10, the ends of a sweep over 4..10, may be cut short by the sweep: the reason says
+    so and proposes the next values; a K inside the range does not."""
+    rows = lambda stabilities: pd.DataFrame(  # noqa: E731
+        [{"K": k, "stability": s, "stage1_relative_error": 0.6 - 0.01 * k, "stage": "onestage"}
+         for k, s in zip((4, 6, 8, 10), stabilities)])
+    k, reason = sk.suggest_k(rows([0.7, 0.8, 0.9, 0.95]))
+    assert k == 10 and "K=10 is the largest K the sweep tried: extend the sweep past it" in reason
+    assert "e.g. K=10,12,14,16" in reason
+    k, reason = sk.suggest_k(rows([0.99, 0.6, 0.5, 0.4]))
+    assert k == 4 and "K=4 is the smallest K the sweep tried" in reason and reason.endswith("e.g. K=2,4")
+    k, reason = sk.suggest_k(rows([0.7, 0.95, 0.8, 0.6]))
+    assert k == 6 and "extend" not in reason
+
+
 def test_k_case_rule_uses_the_gain_over_the_null(tmp_path):
     # measured on the quick demo (3 planted case programs): gain and null per K_case
     gain = {1: 0.0751, 2: 0.1400, 3: 0.2020, 4: 0.2038, 5: 0.2046, 6: 0.2065}

@@ -172,8 +172,24 @@ def suggest_k(table: pd.DataFrame, margin: float = MARGIN) -> tuple[int | None, 
     best = float(stable.max())
     chosen = int(stable[stable >= best - margin].index.max())
     reason = (f"K={chosen}: the largest K whose stability ({stable[chosen]:.3f}) is within {margin:g} of the "
-              f"best ({best:.3f}, K={best_k}){elbow_text}")
+              f"best ({best:.3f}, K={best_k}){elbow_text}{_at_the_edge('K', chosen, stable.index)}")
     return chosen, reason
+
+
+def _at_the_edge(key: str, chosen: int, tried) -> str:
+    """A warning when the suggestion is the smallest or largest value the sweep tried: the
+    answer may lie beyond it."""
+    values = sorted(int(v) for v in tried)
+    if len(values) < 2 or values[0] < chosen < values[-1]:
+        return ""
+    step = values[-1] - values[-2] if chosen == values[-1] else values[1] - values[0]
+    beyond = ([chosen + step * i for i in (1, 2, 3)] if chosen == values[-1] else
+              [v for v in (chosen - step * i for i in (3, 2, 1)) if v >= 1])
+    side = "largest" if chosen == values[-1] else "smallest"
+    if not beyond:
+        return ""
+    return (f". {key}={chosen} is the {side} {key} the sweep tried: extend the sweep past it to be sure, "
+            f"e.g. {key}={','.join(str(v) for v in sorted({*beyond, chosen}))}")
 
 
 def suggest_k_case(table: pd.DataFrame, gain_tolerance: float = GAIN_TOLERANCE,
@@ -211,6 +227,8 @@ def suggest_k_case(table: pd.DataFrame, gain_tolerance: float = GAIN_TOLERANCE,
     if with_null:
         reason += (f"; gain {per.loc[chosen, 'explained_variance_gain']:.4f} vs null "
                    f"{per.loc[chosen, 'null_explained_variance_gain']:.4f}")
+    if chosen == int(per.index.max()):  # the gain still grew at the largest K_case tried
+        reason += _at_the_edge("K_case", chosen, per.index)
     return chosen, reason
 
 
