@@ -47,10 +47,12 @@ def cache_dir(tmp_path_factory) -> Path:
 def make_cfg(tmp_path, cache_dir):
     """Compose conf/config.yaml with the small overrides plus ``overrides``; returns (cfg, run_dir)."""
 
-    def _make(*overrides: str):
+    def _make(*overrides: str, small: bool = True):
+        """``small=False``: without the shrunk demo (e.g. for data=h5ad)."""
+        shrink = SMALL if small else [o for o in SMALL if not o.startswith("data.simulation.")]
         GlobalHydra.instance().clear()
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-            cfg = compose("config", overrides=[*SMALL, *overrides], return_hydra_config=True)
+            cfg = compose("config", overrides=[*shrink, *overrides], return_hydra_config=True)
         run_dir = tmp_path / "run"
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(run_dir)

@@ -140,33 +140,46 @@ def test_train_py_on_a_user_h5ad(tmp_path):
     assert "litlogger" not in proc.stdout + proc.stderr  # no advertising in a user's log
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["data=h5ad", "data.path=/no/such/file.h5ad"], "file not found: /no/such/file.h5ad"),
-        (["data.condition_key=guide"], "data.condition_key='guide' is not a column of .obs"),
-        (["data.control=NTC"], "data.control='NTC': no cell has this value"),
-        (["K=5000"], "K=5000 must be smaller than"),
-        (["K_case=0"], "K_case=0: stage=twostage needs at least 1 case program"),
-        (["data.group_key=guide"], "data.group_key='guide' is not a column of .obs"),
-        (["data.symbol_key=symbol"], "data.symbol_key='symbol' is not a column of .var"),
-        (["data.path=/no/such/file.h5ad"], "was given with the demo's data settings; add data=h5ad"),
-        (["data.simulation.n_genes=50"], "data.simulation: n_genes"),
-        (["data.transposed_copy=maybe"], "data.transposed_copy=maybe must be one of auto, true, false"),
-        (["model.consensus.tol=2"], "model.consensus.tol=2 must be a number in [0, 1)"),
-        (["model.stop.patience=0"], "model.stop.patience=0 must be a whole number >= 1 (checks without progress"),
-        (["+k=20"], "unknown setting k (did you mean K?)"),  # Hydra's own hint for k=20 leads here
-        (["K=2.5"], "K=2.5 must be a whole number >= 1"),
-    ],
-)
-def test_bad_input_exits_with_one_clear_message(tmp_path, cache_dir, args, message):
-    demo = [] if "data=h5ad" in args else [f"data.cache_dir={cache_dir}"]
-    proc = _train(*args, "experiment=quick", "trainer.accelerator=cpu", *demo, f"hydra.run.dir={tmp_path / 'out'}")
+BAD_INPUT = [
+    (["data=h5ad", "data.path=/no/such/file.h5ad"], "file not found: /no/such/file.h5ad"),
+    (["data.condition_key=guide"], "data.condition_key='guide' is not a column of .obs"),
+    (["data.control=NTC"], "data.control='NTC': no cell has this value"),
+    (["K=5000"], "K=5000 must be smaller than"),
+    (["K_case=0"], "K_case=0: stage=twostage needs at least 1 case program"),
+    (["data.group_key=guide"], "data.group_key='guide' is not a column of .obs"),
+    (["data.symbol_key=symbol"], "data.symbol_key='symbol' is not a column of .var"),
+    (["data.path=/no/such/file.h5ad"], "was given with the demo's data settings; add data=h5ad"),
+    (["data.simulation.n_genes=50"], "data.simulation: n_genes"),
+    (["data.transposed_copy=maybe"], "data.transposed_copy=maybe must be one of auto, true, false"),
+    (["model.consensus.tol=2"], "model.consensus.tol=2 must be a number in [0, 1)"),
+    (["model.stop.patience=0"], "model.stop.patience=0 must be a whole number >= 1 (checks without progress"),
+    (["+k=20"], "unknown setting k (did you mean K?)"),  # Hydra's own hint for k=20 leads here
+    (["K=2.5"], "K=2.5 must be a whole number >= 1"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT)
+def test_bad_input_exits_with_one_clear_message(make_cfg, capsys, args, message):
+    """In process, as train.py runs it: exit code 2, the message on one line, nothing written."""
+    from deltanmf.workflow import main as cli
+
+    cfg, run_dir = make_cfg(*args, "experiment=quick", small="data=h5ad" not in args)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(cfg)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("deltanmf: error: ") and message in err[0]
+    assert not run_dir.exists() or not any(run_dir.iterdir())  # caught before any work
+
+
+def test_bad_input_on_the_command_line_leaves_only_the_log(tmp_path, cache_dir):
+    """The same exit path through train.py (one case): Hydra's log holds the error, nothing else is written."""
+    args, message = BAD_INPUT[2]
+    proc = _train(*args, "experiment=quick", "trainer.accelerator=cpu", f"data.cache_dir={cache_dir}",
+                  f"hydra.run.dir={tmp_path / 'out'}")
     assert proc.returncode == 2
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "out" / "results" / "results.h5ad").exists()
-    # caught before any work: the directory holds only the log, which ends with the error
+    assert proc.stderr.strip().splitlines() == [f"deltanmf: error: {proc.stderr.split('deltanmf: error: ')[1].strip()}"]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train.log"]
     assert message in (tmp_path / "out" / "train.log").read_text()
 
