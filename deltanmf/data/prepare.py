@@ -2,15 +2,17 @@
 factorisation sees: one preparation for both.
 
 Steps, in order: choose ``.X`` or a layer; split cells into controls and cases; keep genes
-detected in at least ``min_cells`` of the cells in use and drop a user list; keep genes
-present in a similarity resource; optionally normalise each cell's total; optionally scale
-each gene to unit variance with ONE scale computed over all cells in use (controls and cases
-pooled) and applied to both.
+detected in at least ``min_cells`` of the cells in use and drop a user list; keep the genes
+of a boolean ``.var`` column (``gene_mask_key``), of a similarity resource and of reference
+programs; keep the ``n_top_genes`` most variable of those left (:mod:`deltanmf.data.genes`);
+optionally normalise each cell's total; optionally scale each gene to unit variance with ONE
+scale computed over all cells in use (controls and cases pooled) and applied to both.
 
 The matrix is read in blocks of cells (:class:`_Blocks`): the whole matrix when it is in
 memory and fits a block, rows of a file otherwise. Two passes over the blocks give the
-value checks, each gene's detections, each cell's total and the pooled per-gene variance
-(float64). The result's ``X`` is the processed matrix itself (numpy, or float32 CSR for
+value checks, each gene's detections (and, for ``n_top_genes``, its mean and variance),
+each cell's total and the pooled per-gene variance (float64); ``n_top_genes`` adds one pass
+between them, for the clipped standardised variance. The result's ``X`` is the processed matrix itself (numpy, or float32 CSR for
 sparse input) for an in-memory AnnData, and an :class:`~deltanmf.data.backed.H5adRows`
 (rows processed as they are read) for a file, equal row for row.
 """
@@ -30,8 +32,11 @@ from ..core.matrix import scan_rows
 from ..errors import InputError
 from ..settings import DataSettings, show
 from .backed import H5adFile, H5adRows, scale_rows
+from .genes import check_unique, gene_mask, highly_variable, select_genes
 
 log = logging.getLogger(__name__)
+
+HVG_KEY = "deltanmf_variances_norm"  # .var: a kept gene's standardised variance (data.n_top_genes)
 
 
 @dataclass
@@ -56,6 +61,9 @@ class PreparedData:
         else ``.var_names``), e.g. to align a similarity resource.
     gene_counts
         Genes left after each filter step, in order.
+    target
+        The total each cell was normalised to (None without normalisation): new cells are
+        put in the same units with it (:func:`deltanmf.tl.project.project`).
     source
         The input's annotations restricted to ``obs`` and ``var`` (its ``.varm``/``.obsm``
         carry any simulation truth).
@@ -69,6 +77,7 @@ class PreparedData:
     cell_scale: np.ndarray
     gene_ids: np.ndarray | None = None
     gene_counts: dict[str, int] = field(default_factory=dict)
+    target: float | None = None
     source: ad.AnnData | None = None
 
     @property
@@ -132,12 +141,6 @@ def split_conditions(obs: pd.DataFrame, condition_key: str, control, case=None) 
     return is_control, is_case
 
 
-def _check_unique(names: pd.Index, what: str, fix: str) -> None:
-    if not names.is_unique:
-        dup = names[names.duplicated()].unique()
-        raise InputError(f"{len(dup)} {what} names occur more than once (e.g. {list(dup[:3])}); {fix}")
-
-
 def cells_in_use(obs: pd.DataFrame, var_names: pd.Index, data: DataSettings, use_case: bool
                  ) -> tuple[np.ndarray, np.ndarray]:
     """``(is_control, cells)``: the control mask over ``obs`` and the positions in use,
@@ -149,46 +152,17 @@ def cells_in_use(obs: pd.DataFrame, var_names: pd.Index, data: DataSettings, use
     cells = np.flatnonzero(is_control)
     if use_case:
         cells = np.concatenate([cells, np.flatnonzero(is_case)])
-    _check_unique(obs.index[cells], "cell", "make them unique first (adata.obs_names_make_unique())")
-    _check_unique(var_names, "gene", "make them unique first (adata.var_names_make_unique())")
+    check_unique(obs.index[cells], "cell", "make them unique first (adata.obs_names_make_unique())")
+    check_unique(var_names, "gene", "make them unique first (adata.var_names_make_unique())")
     return is_control, cells
 
 
-def select_genes(detected: np.ndarray, var_names: pd.Index, gene_ids, genes, min_cells: int, remove_genes,
-                 resource_genes) -> tuple[np.ndarray, dict[str, int], np.ndarray]:
-    """The kept genes' positions, the genes left after each filter step, and the kept
-    genes' IDs (``gene_ids``, else ``var_names``).
-
-    ``detected`` is each gene's number of cells with a positive value. With ``genes``
-    (a finished fit's genes) exactly those are kept, in that order.
-    """
-    ids = np.asarray(var_names if gene_ids is None else gene_ids).astype(str)
-    if gene_ids is not None:
-        _check_unique(pd.Index(ids), "gene ID", "choose a data.gene_id_column with one ID per gene")
-    counts = {"input": int(len(var_names))}
-    if genes is not None:
-        position = {g: i for i, g in enumerate(np.asarray(var_names).astype(str))}
-        missing = [g for g in genes if g not in position]
-        if missing:
-            raise InputError(f"{len(missing)} genes of the stage-1 result are not in this dataset (e.g. {missing[:3]}); "
-                             "stage1_from must come from a fit of the same genes")
-        keep_index = np.array([position[g] for g in genes], dtype=np.int64)
-        counts["stage1_genes"] = len(keep_index)
-    else:
-        keep = detected >= min_cells
-        counts["min_cells"] = int(keep.sum())
-        if remove_genes:
-            keep &= ~np.isin(ids, np.asarray(list(remove_genes), dtype=str))
-        counts["remove_genes"] = int(keep.sum())
-        if resource_genes is not None:
-            keep &= np.isin(ids, np.asarray(list(resource_genes), dtype=str))
-            counts["resource"] = int(keep.sum())
-        keep_index = np.flatnonzero(keep)
-    log.info("genes kept after each step: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
-    if len(keep_index) == 0:
-        raise InputError(f"no genes left after filtering (genes left per step: {counts}); "
-                         "lower data.min_cells or check data.remove_genes and the resource's gene IDs")
-    return keep_index, counts, ids[keep_index]
+def every_cell(obs: pd.DataFrame, var_names: pd.Index) -> tuple[np.ndarray, np.ndarray]:
+    """``(is_control, cells)`` of a dataset used whole, with no condition (projection onto
+    new cells): every cell in file order, each counted as a control."""
+    check_unique(obs.index, "cell", "make them unique first (adata.obs_names_make_unique())")
+    check_unique(var_names, "gene", "make them unique first (adata.var_names_make_unique())")
+    return np.ones(len(obs), dtype=bool), np.arange(len(obs))
 
 
 # -- the matrix, by blocks of cells ------------------------------------------------------------
@@ -297,9 +271,10 @@ class _Moments:
         return np.where(sd > 1e-6 * np.abs(mean), sd, 0.0)
 
 
-def _check_values(blocks: _Blocks, what: str, cell_names, gene_names) -> np.ndarray:
-    """Pass 1: refuse NaN, infinite or negative values (naming the first), and count each
-    gene's detections (> 0) over the cells in use."""
+def _check_values(blocks: _Blocks, what: str, cell_names, gene_names, moments: _Moments | None = None
+                  ) -> np.ndarray:
+    """Pass 1: refuse NaN, infinite or negative values (naming the first), count each gene's
+    detections (> 0) over the cells in use and (``moments``) add up the values' moments."""
     detected = np.zeros(blocks.n_genes, dtype=np.int64)
     bad = {"NaN or infinite": [0, None], "negative": [0, None]}  # count, first (cell position, gene)
     for where, block in blocks:
@@ -320,6 +295,11 @@ def _check_values(blocks: _Blocks, what: str, cell_names, gene_names) -> np.ndar
             detected += np.bincount(block.indices[block.data > 0], minlength=blocks.n_genes)
         else:
             detected += np.count_nonzero(block > 0, axis=0)
+        if moments is not None:
+            if sparse:
+                moments.add(block.data.astype(np.float64), block.indices, block.shape[0])
+            else:
+                moments.add_dense(block.astype(np.float64))
     for kind, need in (("NaN or infinite", "finite, non-negative expression"),
                        ("negative", "non-negative expression (use raw or normalised counts, not centred or "
                                     "log-ratio data)")):
@@ -383,7 +363,8 @@ def _in_memory(blocks: _Blocks, keep_index: np.ndarray, cell_scale: np.ndarray, 
 def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool,
             resource_genes: Sequence[str] | None = None, gene_ids: Sequence[str] | None = None,
             genes: Sequence[str] | None = None, gene_scale: np.ndarray | None = None,
-            pass_cells: int | None = None) -> PreparedData:
+            pass_cells: int | None = None, reference_genes: Sequence[str] | None = None,
+            all_cells: bool = False) -> PreparedData:
     """Select cells and genes and normalise, as described in the module docstring.
 
     Parameters
@@ -393,13 +374,15 @@ def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool
         (:func:`~deltanmf.data.read.open_h5ad`).
     data
         The ``data`` settings: ``condition_key``, ``control``, ``case``, ``layer``,
-        ``min_cells``, ``remove_genes``, ``normalize``, ``target_sum``, ``scale_genes``.
+        ``min_cells``, ``remove_genes``, ``gene_mask_key``, ``n_top_genes``, ``normalize``,
+        ``target_sum``, ``scale_genes``.
     use_case
         Include the case cells (two-stage fits); otherwise only controls are used.
     resource_genes
         Genes of a similarity resource; genes absent from it are dropped.
     gene_ids
-        IDs to match against ``remove_genes`` and ``resource_genes`` (defaults to ``.var_names``).
+        IDs to match against ``remove_genes``, ``resource_genes`` and ``reference_genes``
+        (defaults to ``.var_names``).
     genes, gene_scale
         Reuse a finished fit's genes (exactly these, in this order; the filters are
         skipped) and its per-gene scale, so new cells are put in the same units as the
@@ -407,17 +390,36 @@ def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool
     pass_cells
         Cells per block of the passes over the matrix (default: as many as hold
         :data:`~deltanmf.core.matrix.SCAN_VALUES` values).
+    reference_genes
+        IDs of reference programs' genes (``stage1_from`` a programs file); the others are dropped.
+    all_cells
+        Use every cell, with no condition split (projecting programs onto new cells):
+        ``is_control`` is then all True.
     """
-    is_control, cells = cells_in_use(source.obs, source.var_names, data, use_case)
+    if all_cells:
+        is_control, cells = every_cell(source.obs, source.var_names)
+    else:
+        is_control, cells = cells_in_use(source.obs, source.var_names, data, use_case)
     blocks = _Blocks(source, data.layer, cells, pass_cells)
     what = f"data.layer={show(data.layer)}" if data.layer else ".X"
     if blocks.dtype == np.float64:
         warnings.warn(f"{what} is float64; converting to float32 (the precision the model trains in)",
                       UserWarning, stacklevel=2)
     cell_names = source.obs_names[cells]
-    detected = _check_values(blocks, what, cell_names, source.var_names)
+    select = genes is None  # a finished fit's genes are kept as they are
+    mask = gene_mask(source.var, data.gene_mask_key) if select and data.gene_mask_key else None
+    raw = _Moments(source.n_vars) if select and data.n_top_genes else None
+    detected = _check_values(blocks, what, cell_names, source.var_names, raw)
     keep_index, counts, kept_ids = select_genes(detected, source.var_names, gene_ids, genes, data.min_cells,
-                                                data.remove_genes, resource_genes)
+                                                data.remove_genes, resource_genes, mask, reference_genes)
+    variances = None
+    if raw is not None:
+        left = len(keep_index)
+        chosen, variances = highly_variable(blocks, blocks.n_genes, keep_index, raw, data.n_top_genes, counts)
+        kept_ids = kept_ids[np.searchsorted(keep_index, chosen)]
+        keep_index = chosen
+        log.info("highly variable genes: the %d of %d genes left with the largest standardised variance",
+                 len(keep_index), left)
 
     normalize = data.normalize != "none"
     moments = _Moments(len(keep_index)) if gene_scale is None and data.scale_genes else None
@@ -427,7 +429,7 @@ def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool
         raise InputError(f"{int(empty.sum())} cells have no expression left in the {len(keep_index)} kept genes "
                          f"(e.g. {list(cell_names[empty][:3])}; genes left per step: {counts}); remove empty "
                          "cells first, or lower data.min_cells")
-    cell_scale, target = np.ones(len(cells)), 1.0
+    cell_scale, target = np.ones(len(cells)), None
     if normalize:
         target = float(np.median(totals)) if data.normalize == "median" else float(data.target_sum or 1e4)
         cell_scale = target / totals
@@ -436,7 +438,7 @@ def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool
         if gene_scale.shape != (len(keep_index),) or not np.all(gene_scale > 0):
             raise InputError(f"the given gene scale must hold {len(keep_index)} positive values")
     elif moments is not None:
-        sd = moments.std(target)
+        sd = moments.std(1.0 if target is None else target)
         gene_scale = np.where(sd > 0, sd, 1.0)
     else:
         gene_scale = np.ones(len(keep_index))
@@ -447,6 +449,9 @@ def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool
     else:
         x = _in_memory(blocks, keep_index, cell_scale, gene_scale)
         annotations = source[cells][:, keep_index]
-    return PreparedData(X=x, obs=annotations.obs.copy(), var=annotations.var.copy(), is_control=is_control[cells],
+    var = annotations.var.copy()
+    if variances is not None:
+        var[HVG_KEY] = variances
+    return PreparedData(X=x, obs=annotations.obs.copy(), var=var, is_control=is_control[cells],
                         gene_scale=gene_scale, cell_scale=cell_scale, gene_ids=kept_ids, gene_counts=counts,
-                        source=annotations)
+                        target=target, source=annotations)
