@@ -18,7 +18,7 @@ from deltanmf.workflow.config import load_settings
 from helpers import run
 
 ROOT = Path(__file__).resolve().parents[1]
-OUTPUTS = ["results.h5ad", "programs.csv", "usage.csv", "top_genes.csv", "metrics.json",
+OUTPUTS = ["results.h5ad", "programs.csv", "programs.spectra.tsv", "usage.csv", "top_genes.csv", "metrics.json",
            "checkpoints/stage1.ckpt"]
 
 
@@ -54,16 +54,25 @@ def test_onestage_demo_run_writes_every_output(make_cfg):
     assert set(info["loss"]["stage1"]) >= {"recon", "total"}
     assert (result.var["deltanmf_gene_scale"] > 0).all()
 
+    # programs.csv in expression units: the fitted (scaled) programs times each gene's scale
     programs = pd.read_csv(run_dir / "programs.csv", index_col=0)
     np.testing.assert_allclose(programs.to_numpy(), result.varm["deltanmf_programs"], rtol=1e-5)
+    np.testing.assert_allclose(result.varm["deltanmf_programs"], result.varm["deltanmf_programs_scaled"]
+                               * result.var["deltanmf_gene_scale"].to_numpy()[:, None], rtol=1e-5)
     assert list(programs.index) == list(result.var_names)
+    spectra = pd.read_csv(run_dir / "programs.spectra.tsv", sep="\t", index_col=0)  # as starCAT reads it
+    assert list(spectra.index) == list(info["program_names"]) and list(spectra.columns) == list(result.var_names)
+    np.testing.assert_allclose(spectra.to_numpy().T, result.varm["deltanmf_programs_scaled"], rtol=1e-5)
     usage = pd.read_csv(run_dir / "usage.csv", index_col=0)
     assert list(usage.index) == list(result.obs_names)
     top = pd.read_csv(run_dir / "top_genes.csv")
-    assert list(top.columns) == ["program", "rank", "gene", "symbol", "weight"]
+    assert list(top.columns) == ["program", "rank", "gene", "symbol", "specificity", "weight"]
     assert len(top) == 5 * 50
     first = top[top["program"] == "baseline_1"]
-    assert first["weight"].is_monotonic_decreasing and first["rank"].tolist() == list(range(1, 51))
+    assert first["specificity"].is_monotonic_decreasing and first["rank"].tolist() == list(range(1, 51))
+    position = result.var_names.get_indexer(first["gene"])
+    np.testing.assert_allclose(first["weight"], result.varm["deltanmf_programs"][position, 0], rtol=1e-5)
+    np.testing.assert_allclose(first["specificity"], result.varm["deltanmf_specificity"][position, 0], rtol=1e-5)
 
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert saved["stage1"]["steps"] == metrics["stage1"]["steps"] > 0

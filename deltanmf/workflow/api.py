@@ -15,6 +15,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+from ..data.programs import PROGRAMS_KEY, SCALED_KEY, SPECIFICITY_KEY
 from ..errors import InputError
 from .config import compose, load_settings
 
@@ -28,7 +29,9 @@ class DeltaNMFResult:
     results
         The results AnnData (as ``results.h5ad``): fitted cells x kept genes, no ``.X``.
     programs
-        Programs, genes x programs (``baseline_1``..., then ``case_1``...).
+        Programs in expression units, genes x programs (``baseline_1``..., then ``case_1``...);
+        the fitted (scaled) programs and the specificity score are in ``results.varm``
+        (``docs/programs.md``).
     usage
         Usage, fitted cells x programs.
     usage_shift, case_programs, group_usage
@@ -71,9 +74,11 @@ def _write_back(adata: ad.AnnData, result: ad.AnnData) -> None:
         refit = np.full_like(usage, np.nan)
         refit[cells] = result.obsm["X_deltanmf_refit"]
         adata.obsm["X_deltanmf_refit"] = refit
-    programs = np.full((adata.n_vars, n_programs), np.nan, dtype=np.float32)
-    programs[genes] = result.varm["deltanmf_programs"]
-    adata.varm["deltanmf_programs"] = programs
+    for key in (PROGRAMS_KEY, SCALED_KEY, SPECIFICITY_KEY):
+        if key in result.varm:
+            values = np.full((adata.n_vars, n_programs), np.nan, dtype=np.float32)
+            values[genes] = result.varm[key]
+            adata.varm[key] = values
     scale = np.full(adata.n_vars, np.nan)
     scale[genes] = result.var["deltanmf_gene_scale"].to_numpy()
     adata.var["deltanmf_gene_scale"] = scale
@@ -91,9 +96,12 @@ def _fit(adata: ad.AnnData, stage: str, settings: dict, out_dir, overrides: Sequ
         raise InputError("adata has duplicate cell or gene names; run adata.obs_names_make_unique() / "
                          "adata.var_names_make_unique() first")
     items = [f"stage={stage}", "data=h5ad", "data.path=null", "data.source=anndata"]
+    settings = {key: value for key, value in settings.items() if key != "K" or value is not None}  # K=None: conf's
     items += [f"{key}={_value(value)}" for key, value in settings.items()]
     if out_dir is None:
         items.append("logger=none")  # nothing is kept: no TensorBoard files in a folder about to go
+    # a K given must agree with stage1_from's programs (deltanmf.workflow.run)
+    given = frozenset(set(settings) | {item.split("=", 1)[0].lstrip("+~") for item in overrides})
     settings = load_settings(compose(items + list(overrides)))
     from .main import quiet_lightning
     from .run import run  # torch, Lightning: after the settings are checked
@@ -101,7 +109,7 @@ def _fit(adata: ad.AnnData, stage: str, settings: dict, out_dir, overrides: Sequ
     quiet_lightning()
     with tempfile.TemporaryDirectory(prefix="deltanmf-") as scratch:
         run_dir = Path(out_dir) if out_dir is not None else Path(scratch)
-        out = run(settings, run_dir, adata=adata)
+        out = run(settings, run_dir, adata=adata, given=given)
     result = out.results
     names = list(result.uns["deltanmf"]["program_names"])
     _write_back(adata, result)
@@ -148,7 +156,8 @@ def fit_onestage(adata: ad.AnnData, K: int = 10, *, condition_key: str = "condit
     Notes
     -----
     Writes into ``adata``: ``.obsm["X_deltanmf"]`` (usage, cells x K; NaN for cells not
-    fitted), ``.varm["deltanmf_programs"]`` (genes x K; NaN for genes filtered out),
+    fitted), ``.varm["deltanmf_programs"]`` (genes x K in expression units; NaN for genes
+    filtered out), ``.varm["deltanmf_programs_scaled"]`` (as fitted), ``.varm["deltanmf_specificity"]``,
     ``.var["deltanmf_gene_scale"]`` (divisor of unit-variance scaling) and ``.uns["deltanmf"]`` (program names and kinds, configuration, gene counts, losses).
     """
     settings = dict(K=K, seed=seed, **{"data.condition_key": condition_key, "data.control": control,
@@ -156,7 +165,7 @@ def fit_onestage(adata: ad.AnnData, K: int = 10, *, condition_key: str = "condit
     return _fit(adata, "onestage", settings, out_dir, overrides)
 
 
-def fit_twostage(adata: ad.AnnData, K: int = 10, K_case: int = 3, *, condition_key: str = "condition",
+def fit_twostage(adata: ad.AnnData, K: int | None = None, K_case: int = 3, *, condition_key: str = "condition",
                  control="control", case=None, group_key: str | None = None, layer: str | None = None,
                  batch_size: int | None = None, stage1_from: str | Path | None = None, seed: int = 0,
                  out_dir: str | Path | None = None, overrides: Sequence[str] = ()) -> DeltaNMFResult:
@@ -167,7 +176,8 @@ def fit_twostage(adata: ad.AnnData, K: int = 10, K_case: int = 3, *, condition_k
     adata
         Cells x genes, non-negative expression.
     K, K_case
-        Numbers of baseline and case-specific programs.
+        Numbers of baseline and case-specific programs; ``K=None``: the configured default
+        (10), or the number ``stage1_from`` holds.
     condition_key, control, case
         ``.obs`` column, control value, and case value (None: every non-control cell).
     group_key
@@ -175,7 +185,8 @@ def fit_twostage(adata: ad.AnnData, K: int = 10, K_case: int = 3, *, condition_k
     layer, batch_size, seed, out_dir, overrides
         As for :func:`fit_onestage`.
     stage1_from
-        A finished run directory (or its ``results.h5ad``) whose baseline is reused.
+        A finished run directory (or its ``results.h5ad``) whose baseline is reused, or a
+        programs file (``docs/programs.md``): its programs are the frozen baseline.
 
     Returns
     -------
@@ -187,7 +198,9 @@ def fit_twostage(adata: ad.AnnData, K: int = 10, K_case: int = 3, *, condition_k
     Writes into ``adata``: ``.obsm["X_deltanmf"]`` (cells x (K + K_case); control cells
     carry their stage-1 usage and zero case usage; NaN for cells not fitted),
     ``.obsm["X_deltanmf_refit"]`` (usage of every fitted cell by NNLS on all programs, which
-    the statistics use), ``.varm["deltanmf_programs"]``, ``.obs["deltanmf_novelty"]`` (share
+    the statistics use), ``.varm["deltanmf_programs"]`` (expression units),
+    ``.varm["deltanmf_programs_scaled"]`` (as fitted), ``.varm["deltanmf_specificity"]``,
+    ``.obs["deltanmf_novelty"]`` (share
     of a cell's usage from case programs) and ``.uns["deltanmf"]``.
     """
     settings = dict(K=K, K_case=K_case, seed=seed, stage1_from=None if stage1_from is None else str(stage1_from),
