@@ -165,6 +165,7 @@ def test_train_py_on_a_user_h5ad(tmp_path):
         (["model.stop.patience=0"], "model.stop.patience=0 must be a whole number >= 1 (checks without progress"),
         (["+k=20"], "unknown setting k (did you mean K?)"),  # Hydra's own hint for k=20 leads here
         (["K=2.5"], "K=2.5 must be a whole number >= 1"),
+        (["data.n_top_genes=100000"], "data.n_top_genes=100000 is more than the 600 genes left after filtering"),
     ],
 )
 def test_bad_input_exits_with_one_clear_message(tmp_path, cache_dir, args, message):
