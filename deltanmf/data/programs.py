@@ -76,8 +76,9 @@ def read_run(path: str | Path, what: str = "stage1_from") -> ad.AnnData:
     except Exception as exc:  # h5py/anndata raise many types for a file that is not an h5ad
         raise InputError(f"{what}: cannot read {file} as an .h5ad file ({type(exc).__name__}: {exc})") from exc
     if "deltanmf" not in result.uns or PROGRAMS_KEY not in result.varm:
+        key = "stage1_varm_key=..." if what == "stage1_from" else "varm_key=..., --varm-key on the command line"
         raise InputError(f"{what}: {file} is not a DeltaNMF result (no .uns['deltanmf'] / .varm[{PROGRAMS_KEY!r}]); "
-                         "for programs in another .h5ad's .varm, name their key (stage1_varm_key=...)")
+                         f"for programs in another .h5ad's .varm, name their key ({key})")
     return result
 
 
