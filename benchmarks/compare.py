@@ -108,6 +108,7 @@ def run_sklearn(tol: float, args) -> dict:
 
     from deltanmf.core import CellMatrix, fit_error
     from deltanmf.data import load_input, prepare
+    from deltanmf.tl.programs import expression_programs
     from deltanmf.tl.recovery import recovery
 
     settings = _settings(_shared(args))
@@ -124,7 +125,8 @@ def run_sklearn(tol: float, args) -> dict:
     wall = time.perf_counter() - start
     programs = model.components_.T.astype(np.float32)  # genes x K, as DeltaNMF's programs
     error = fit_error(CellMatrix(x, batch_size=None, device="cpu"), programs, usage.astype(np.float32))
-    return {"wall_s": wall, "device": "cpu", "recovery": recovery(prepared, programs, settings.K) or {},
+    found = recovery(prepared, expression_programs(programs, prepared.gene_scale), settings.K)
+    return {"wall_s": wall, "device": "cpu", "recovery": found or {},
             "stage1": {"time_s": fit_s, "init_s": 0.0, "train_s": fit_s, "steps": int(model.n_iter_),
                        "relative_error": error["relative_error"]}}
 
@@ -132,6 +134,7 @@ def run_sklearn(tol: float, args) -> dict:
 def run_init(args) -> dict:
     from deltanmf.core import CellMatrix, consensus_init, fit_error
     from deltanmf.data import load_input, prepare
+    from deltanmf.tl.programs import expression_programs
     from deltanmf.tl.recovery import recovery
 
     settings = _settings([*_shared(args), *_overrides("full", args)])
@@ -143,7 +146,8 @@ def run_init(args) -> dict:
     fit_s = time.perf_counter() - fit_start
     wall = time.perf_counter() - start
     error = fit_error(matrix, init.programs, init.usage)
-    return {"wall_s": wall, "device": "cpu", "recovery": recovery(prepared, init.programs.numpy(), settings.K) or {},
+    found = recovery(prepared, expression_programs(init.programs.numpy(), prepared.gene_scale), settings.K)
+    return {"wall_s": wall, "device": "cpu", "recovery": found or {},
             "stage1": {"time_s": fit_s, "init_s": fit_s, "train_s": 0.0, "steps": 0,
                        "relative_error": error["relative_error"]}}
 

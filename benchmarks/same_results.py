@@ -24,6 +24,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from deltanmf.files import results_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {
     "full batch": [],
@@ -41,6 +43,12 @@ def run(tree: Path, out: Path, overrides: list[str], cache: Path) -> None:
                           capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{tree}/train.py {' '.join(overrides)} failed:\n{proc.stderr[-3000:]}")
+
+
+def _fitted(result: ad.AnnData) -> np.ndarray:
+    """The programs as fitted: ``deltanmf_programs`` holds them in expression units since issue 22."""
+    key = "deltanmf_programs_scaled" if "deltanmf_programs_scaled" in result.varm else "deltanmf_programs"
+    return np.asarray(result.varm[key])
 
 
 def _matrix(a: np.ndarray, b: np.ndarray) -> str:
@@ -63,8 +71,9 @@ def _table(a: Path, b: Path) -> str:
 
 
 def compare(new: Path, old: Path) -> dict:
+    new, old = results_dir(new), results_dir(old)  # the reference may predate results/
     rn, ro = ad.read_h5ad(new / "results.h5ad"), ad.read_h5ad(old / "results.h5ad")
-    row = {"programs": _matrix(rn.varm["deltanmf_programs"], ro.varm["deltanmf_programs"]),
+    row = {"programs": _matrix(_fitted(rn), _fitted(ro)),
            "usage": _matrix(rn.obsm["X_deltanmf"], ro.obsm["X_deltanmf"])}
     if "X_deltanmf_refit" in ro.obsm:
         row["refitted usage"] = _matrix(rn.obsm["X_deltanmf_refit"], ro.obsm["X_deltanmf_refit"])

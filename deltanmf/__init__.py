@@ -13,6 +13,8 @@ The package is laid out by job, each layer importing only the ones below it:
 - :mod:`deltanmf.workflow`: the edge (Hydra config -> settings -> fits -> files, the Python API).
 
 Importing the package loads nothing heavy; the names below load on first use.
+``deltanmf.project`` is the function :func:`deltanmf.tl.project.project` (its command line is
+the module ``python -m deltanmf.project``, which, once imported, is callable the same way).
 """
 from importlib import import_module
 
@@ -22,6 +24,7 @@ _EXPORTS = {
     "DeltaNMFResult": "deltanmf.workflow.api",
     "fit_onestage": "deltanmf.workflow.api",
     "fit_twostage": "deltanmf.workflow.api",
+    "project": "deltanmf.tl.project",
     "simulate_case_control": "deltanmf.data.simulate",
     "simulation_truth": "deltanmf.data.simulate",
     "default_settings": "deltanmf.workflow.config",

@@ -224,6 +224,9 @@ class DataSettings(Settings):
     gene_id_column: str | None = rule("str", optional=True)
     min_cells: int = rule("int", low=0, hint="keep genes detected in at least this many cells")
     remove_genes: tuple[str, ...] = rule("strs")
+    gene_mask_key: str | None = rule("str", optional=True, hint="a boolean .var column, e.g. highly_variable")
+    n_top_genes: int | None = rule("int", low=1, optional=True,
+                                   hint="highly variable genes kept, e.g. 2000; null = every gene left")
     normalize: str = rule("choice", choices=NORMALIZE)
     target_sum: float | None = rule("float", low=0, low_open=True, optional=True, hint="null = 10,000")
     scale_genes: bool = rule("bool")
@@ -287,6 +290,7 @@ class StageSettings(Settings):
                      hint="stage=twostage (both stages) or stage=onestage (baseline programs only)")
 
 
+STAGE1_UNITS = ("auto", "expression", "scaled")
 SEED_MAX = 2**32 - 1  # what torch and numpy seeding accept
 
 
@@ -302,6 +306,11 @@ class RunSettings(Settings):
     K_case: int = rule("int", low=0, hint="the number of case programs, e.g. K_case=3")
     seed: int = rule("int", low=0, high=SEED_MAX)
     stage1_from: str | None = rule("str", optional=True)
+    stage1_varm_key: str | None = rule("str", optional=True, hint="the .varm key of an .h5ad's programs")
+    stage1_units: str = rule("choice", choices=STAGE1_UNITS,
+                             hint="auto: a programs x genes spectra file is scaled, others expression units")
+    stage1_min_coverage: float = rule("float", low=0, high=1,
+                                      hint="least share of a programs file's genes found in the data, e.g. 0.5")
     overwrite: bool = rule("bool")
     resume: bool = rule("bool")
     ckpt_path: str | None = rule("str", optional=True)
@@ -322,6 +331,9 @@ class RunSettings(Settings):
         if self.twostage and self.K_case < 1:
             raise InputError(f"K_case={self.K_case}: stage=twostage needs at least 1 case program "
                              "(use stage=onestage for baseline programs only)")
+        if self.stage1_varm_key and not self.stage1_from:
+            raise InputError(f"stage1_varm_key={self.stage1_varm_key} names the programs of a stage1_from .h5ad, but "
+                             "stage1_from is not set (stage1_from=<file>.h5ad)")
         if self.resume and self.ckpt_path:
             raise InputError("give resume=true (continue in this run directory) or ckpt_path=FILE (continue from "
                              "that checkpoint in a new directory), not both")

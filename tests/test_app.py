@@ -18,8 +18,8 @@ from deltanmf.workflow.config import load_settings
 from helpers import run
 
 ROOT = Path(__file__).resolve().parents[1]
-OUTPUTS = ["results/results.h5ad", "results/programs.csv", "results/usage.csv", "results/top_genes.csv",
-           "results/metrics.json", "checkpoints/stage1.ckpt"]
+OUTPUTS = ["results/results.h5ad", "results/programs.csv", "results/programs.spectra.tsv", "results/usage.csv",
+           "results/top_genes.csv", "results/metrics.json", "checkpoints/stage1.ckpt"]
 
 
 def test_config_composes_with_overrides(make_cfg):
@@ -54,16 +54,25 @@ def test_onestage_demo_run_writes_every_output(make_cfg):
     assert set(info["loss"]["stage1"]) >= {"recon", "total"}
     assert (result.var["deltanmf_gene_scale"] > 0).all()
 
+    # programs.csv in expression units: the fitted (scaled) programs times each gene's scale
     programs = pd.read_csv(run_dir / "results" / "programs.csv", index_col=0)
     np.testing.assert_allclose(programs.to_numpy(), result.varm["deltanmf_programs"], rtol=1e-5)
+    np.testing.assert_allclose(result.varm["deltanmf_programs"], result.varm["deltanmf_programs_scaled"]
+                               * result.var["deltanmf_gene_scale"].to_numpy()[:, None], rtol=1e-5)
     assert list(programs.index) == list(result.var_names)
+    spectra = pd.read_csv(run_dir / "results" / "programs.spectra.tsv", sep="\t", index_col=0)  # as starCAT reads it
+    assert list(spectra.index) == list(info["program_names"]) and list(spectra.columns) == list(result.var_names)
+    np.testing.assert_allclose(spectra.to_numpy().T, result.varm["deltanmf_programs_scaled"], rtol=1e-5)
     usage = pd.read_csv(run_dir / "results" / "usage.csv", index_col=0)
     assert list(usage.index) == list(result.obs_names)
     top = pd.read_csv(run_dir / "results" / "top_genes.csv")
-    assert list(top.columns) == ["program", "rank", "gene", "symbol", "weight"]
+    assert list(top.columns) == ["program", "rank", "gene", "symbol", "specificity", "weight"]
     assert len(top) == 5 * 50
     first = top[top["program"] == "baseline_1"]
-    assert first["weight"].is_monotonic_decreasing and first["rank"].tolist() == list(range(1, 51))
+    assert first["specificity"].is_monotonic_decreasing and first["rank"].tolist() == list(range(1, 51))
+    position = result.var_names.get_indexer(first["gene"])
+    np.testing.assert_allclose(first["weight"], result.varm["deltanmf_programs"][position, 0], rtol=1e-5)
+    np.testing.assert_allclose(first["specificity"], result.varm["deltanmf_specificity"][position, 0], rtol=1e-5)
 
     saved = json.loads((run_dir / "results" / "metrics.json").read_text())
     assert saved["stage1"]["steps"] == metrics["stage1"]["steps"] > 0
@@ -155,6 +164,7 @@ BAD_INPUT = [
     (["model.stop.patience=0"], "model.stop.patience=0 must be a whole number >= 1 (checks without progress"),
     (["+k=20"], "unknown setting k (did you mean K?)"),  # Hydra's own hint for k=20 leads here
     (["K=2.5"], "K=2.5 must be a whole number >= 1"),
+    (["data.n_top_genes=100000"], "data.n_top_genes=100000 is more than the"),
 ]
 
 

@@ -119,7 +119,7 @@ def test_rows_bit_for_bit_given_the_same_scales(sim_file):
     # stage1_from: genes in a given (unsorted) order with a given scale
     order = np.random.default_rng(3).permutation(len(ref.var))
     again = prepare(file, data("condition", "control", normalize="total"), use_case=True,
-                    reference_genes=list(ref.var.index[order]), gene_scale=ref.gene_scale[order])
+                    genes=list(ref.var.index[order]), gene_scale=ref.gene_scale[order])
     np.testing.assert_allclose(again.X.to_memory().toarray(), ref.X.toarray()[:, order], rtol=2e-6)
     assert again.X.to_memory().has_sorted_indices
 

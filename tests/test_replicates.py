@@ -172,7 +172,7 @@ def test_onestage_consensus_usage_is_the_nnls_refit(make_cfg):
     cfg, run_dir = make_cfg("stage=onestage", "model.replicates=2", *LIGHT)
     metrics = run(cfg, run_dir).metrics
     result = ad.read_h5ad(run_dir / "results" / "results.h5ad")
-    programs, usage = result.varm["deltanmf_programs"], result.obsm["X_deltanmf"]
+    programs, usage = result.varm["deltanmf_programs_scaled"], result.obsm["X_deltanmf"]  # the units fitted
     np.testing.assert_allclose(programs.sum(0), 1, rtol=1e-5)
     # recompute the error from the written programs and usage on the prepared control matrix
     data = load_settings(cfg).data

@@ -136,7 +136,7 @@ def test_raising_rel_gamma_lowers_baseline_case_similarity():
     cos = {}
     for gamma in (0.0, 2.0):
         result = deltanmf.fit_twostage(adata, K=5, K_case=2, overrides=[*FAST, f"model.stage2.rel_gamma={gamma}"])
-        w = result.programs.to_numpy()
+        w = np.asarray(result.results.varm["deltanmf_programs_scaled"])  # the units the penalty acts in
         w = w / np.linalg.norm(w, axis=0)
         cos[gamma] = float(np.mean((w[:, :5].T @ w[:, 5:]) ** 2))
         if gamma:

@@ -1,16 +1,19 @@
 """From an AnnData (in memory, or an ``.h5ad`` opened for streaming) to the matrix the
 factorisation sees: one preparation for both.
 
-Steps, in order: choose ``.X`` or a layer; split cells into controls and cases; keep genes
-detected in at least ``min_cells`` of the cells in use and drop a user list; keep genes
-present in a similarity resource; optionally normalise each cell's total; optionally scale
-each gene to unit variance with ONE scale computed over all cells in use (controls and cases
+Steps, in order: choose ``.X``, a layer or ``.raw``; split cells into controls and cases;
+keep genes detected in at least ``min_cells`` of the cells in use and drop a user list; keep
+the genes of a boolean ``.var`` column (``gene_mask_key``), of a similarity resource and of
+reference programs; keep the ``n_top_genes`` most variable of those left
+(:mod:`deltanmf.data.genes`); optionally normalise each cell's total; optionally scale each
+gene to unit variance with ONE scale computed over all cells in use (controls and cases
 pooled) and applied to both.
 
 The matrix is read in blocks of cells (:class:`_Blocks`): the whole matrix when it is in
 memory and fits a block, rows of a file otherwise. Two passes over the blocks give the
-value checks, each gene's detections, each cell's total and the pooled per-gene variance
-(float64). The result's ``X`` is the processed matrix itself (numpy, or float32 CSR for
+value checks, each gene's detections (and, for ``n_top_genes``, its mean and variance), each
+cell's total and the pooled per-gene variance (float64); ``n_top_genes`` adds one pass
+between them, for the clipped standardised variance. The result's ``X`` is the processed matrix itself (numpy, or float32 CSR for
 sparse input) for an in-memory AnnData, and an :class:`~deltanmf.data.backed.H5adRows`
 (rows processed as they are read) for a file, equal row for row.
 """
@@ -29,8 +32,12 @@ from ..core.matrix import scan_rows
 from ..errors import InputError
 from ..settings import DataSettings, show
 from .backed import H5adFile, H5adRows, scale_rows
+from .cells import cells_in_use, every_cell
+from .genes import gene_mask, highly_variable, select_genes
 
 log = logging.getLogger(__name__)
+
+HVG_KEY = "deltanmf_variances_norm"  # .var: a kept gene's standardised variance (data.n_top_genes)
 
 
 @dataclass
@@ -58,6 +65,9 @@ class PreparedData:
     cell_counts
         Cells per condition in use (``control``, ``case``) and left out (``unlabelled``: no
         condition; ``other``: another condition than ``data.case``, or the cases of a one-stage fit).
+    target
+        The total each cell was normalised to (None without normalisation): new cells are
+        put in the same units with it (:func:`deltanmf.tl.project.project`).
     source
         The input's annotations restricted to ``obs`` and ``var`` (its ``.varm``/``.obsm``
         carry any simulation truth).
@@ -72,6 +82,7 @@ class PreparedData:
     gene_ids: np.ndarray | None = None
     gene_counts: dict[str, int] = field(default_factory=dict)
     cell_counts: dict[str, int] = field(default_factory=dict)
+    target: float | None = None
     source: ad.AnnData | None = None
 
     @property
@@ -107,134 +118,6 @@ class PreparedData:
             view.has_canonical_format = self.X.has_canonical_format  # known, not recomputed
             return view
         return self.X[index]
-
-
-# -- cells and genes -------------------------------------------------------------------
-def _label_text(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """``(text, missing)``: each cell's condition as text, and whether it has none (NaN, None,
-    or an empty or blank string)."""
-    missing = values.isna().to_numpy()
-    text = values.astype(object).where(~values.isna(), "").astype(str).to_numpy()
-    missing |= np.char.strip(text.astype(str)) == ""
-    return text, missing
-
-
-def _near_misses(text: np.ndarray, wanted: str, key: str, setting: str) -> None:
-    """Refuse labels that differ from ``wanted`` only by white space or letter case: a typo in a
-    file must not silently split a condition (``"control "`` would become a case)."""
-    folded = str(wanted).strip().casefold()
-    near = sorted({t for t in np.unique(text) if t != str(wanted) and t.strip().casefold() == folded})
-    if near:
-        raise InputError(f".obs[{key!r}] holds {', '.join(repr(t) for t in near)} beside {setting}={str(wanted)!r}: "
-                         "labels that differ only by spaces or capitals would be treated as different "
-                         f"conditions. Make them one label first (e.g. adata.obs[{key!r}] = "
-                         f"adata.obs[{key!r}].astype(str).str.strip()), or give the exact spelling in {setting}")
-
-
-def split_conditions(obs: pd.DataFrame, condition_key: str, control, case=None,
-                     allow_unlabelled: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """Boolean masks (control, case) over ``obs``, and how many cells each condition got.
-
-    Values are compared as text, so ``control: 0`` in a config matches an integer or a ``"0"``
-    column alike. With ``case=None`` every other labelled cell is a case. Cells without a
-    condition (NaN, None, empty) are left out and counted (``unlabelled``), or refused with
-    ``allow_unlabelled=False``; with a ``case`` value, cells of other conditions are left out
-    too (``other``). Labels that differ from the control or case value only by white space or
-    letter case are refused (both spellings named).
-    """
-    if condition_key not in obs.columns:
-        raise InputError(f"data.condition_key={condition_key!r} is not a column of .obs; "
-                         f"columns present: {list(obs.columns)}")
-    text, missing = _label_text(obs[condition_key])
-    found = pd.Series(text[~missing]).value_counts()
-    described = ", ".join(f"{v!r} ({n} cells)" for v, n in found.items())
-    if missing.any():
-        if not allow_unlabelled:
-            first = list(obs.index[missing][:3])
-            raise InputError(f"{int(missing.sum())} cells have no condition in .obs[{condition_key!r}] (NaN or "
-                             f"empty; e.g. {first}): label them, or leave them out with data.allow_unlabelled=true")
-        log.warning("%d cells have no condition in .obs[%r] (NaN or empty) and are left out", int(missing.sum()),
-                    condition_key)
-    _near_misses(text[~missing], control, condition_key, "data.control")
-    is_control = ~missing & (text == str(control))
-    if not is_control.any():
-        raise InputError(f"data.control={control!r}: no cell has this value in .obs[{condition_key!r}]; "
-                         f"values found: {described}")
-    if case is None:
-        is_case = ~missing & ~is_control
-    else:
-        _near_misses(text[~missing], case, condition_key, "data.case")
-        is_case = ~missing & (text == str(case))
-        if not is_case.any():
-            raise InputError(f"data.case={case!r}: no cell has this value in .obs[{condition_key!r}]; "
-                             f"values found: {described} (use data.case=null for every non-control cell)")
-    counts = {"control": int(is_control.sum()), "case": int(is_case.sum()), "unlabelled": int(missing.sum()),
-              "other": int((~missing & ~is_control & ~is_case).sum())}
-    return is_control, is_case, counts
-
-
-def _check_unique(names: pd.Index, what: str, fix: str) -> None:
-    if not names.is_unique:
-        dup = names[names.duplicated()].unique()
-        raise InputError(f"{len(dup)} {what} names occur more than once (e.g. {list(dup[:3])}); {fix}")
-
-
-def cells_in_use(obs: pd.DataFrame, var_names: pd.Index, data: DataSettings, use_case: bool
-                 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """``(is_control, cells, counts)``: the control mask over ``obs``, the positions in use
-    (controls first, each condition in file order) and the cells per condition
-    (:func:`split_conditions`)."""
-    is_control, is_case, counts = split_conditions(obs, data.condition_key, data.control, data.case,
-                                                   data.allow_unlabelled)
-    if use_case and not is_case.any():
-        raise InputError(f"no case cells: every cell in .obs[{data.condition_key!r}] is the control "
-                         f"{data.control!r}")
-    cells = np.flatnonzero(is_control)
-    if use_case:
-        cells = np.concatenate([cells, np.flatnonzero(is_case)])
-    _check_unique(obs.index[cells], "cell", "make them unique first (adata.obs_names_make_unique())")
-    _check_unique(var_names, "gene", "make them unique first (adata.var_names_make_unique())")
-    if not use_case:
-        counts = {**counts, "other": counts["other"] + counts["case"], "case": 0}
-    log.info("cells per condition: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
-    return is_control, cells, counts
-
-
-def select_genes(detected: np.ndarray, var_names: pd.Index, gene_ids, genes, min_cells: int, remove_genes,
-                 resource_genes) -> tuple[np.ndarray, dict[str, int], np.ndarray]:
-    """The kept genes' positions, the genes left after each filter step, and the kept
-    genes' IDs (``gene_ids``, else ``var_names``).
-
-    ``detected`` is each gene's number of cells with a positive value. With ``genes``
-    (a finished fit's genes) exactly those are kept, in that order.
-    """
-    ids = np.asarray(var_names if gene_ids is None else gene_ids).astype(str)
-    if gene_ids is not None:
-        _check_unique(pd.Index(ids), "gene ID", "choose a data.gene_id_column with one ID per gene")
-    counts = {"input": int(len(var_names))}
-    if genes is not None:
-        position = {g: i for i, g in enumerate(np.asarray(var_names).astype(str))}
-        missing = [g for g in genes if g not in position]
-        if missing:
-            raise InputError(f"{len(missing)} genes of the stage-1 result are not in this dataset (e.g. {missing[:3]}); "
-                             "stage1_from must come from a fit of the same genes")
-        keep_index = np.array([position[g] for g in genes], dtype=np.int64)
-        counts["stage1_genes"] = len(keep_index)
-    else:
-        keep = detected >= min_cells
-        counts["min_cells"] = int(keep.sum())
-        if remove_genes:
-            keep &= ~np.isin(ids, np.asarray(list(remove_genes), dtype=str))
-        counts["remove_genes"] = int(keep.sum())
-        if resource_genes is not None:
-            keep &= np.isin(ids, np.asarray(list(resource_genes), dtype=str))
-            counts["resource"] = int(keep.sum())
-        keep_index = np.flatnonzero(keep)
-    log.info("genes kept after each step: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
-    if len(keep_index) == 0:
-        raise InputError(f"no genes left after filtering (genes left per step: {counts}); "
-                         "lower data.min_cells or check data.remove_genes and the resource's gene IDs")
-    return keep_index, counts, ids[keep_index]
 
 
 # -- the matrix, by blocks of cells ------------------------------------------------------------
@@ -388,10 +271,11 @@ _PROBLEMS = {
 }
 
 
-def _check_values(blocks: _Blocks, what: str, cell_names, gene_names, elsewhere: str) -> tuple[np.ndarray, np.ndarray]:
+def _check_values(blocks: _Blocks, what: str, cell_names, gene_names, elsewhere: str,
+                  moments: _Moments | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pass 1: refuse NaN, infinite, negative values and values float32 cannot hold (naming the
-    first of each), and count each gene's detections (> 0 in float32) over the cells in use.
-    Returns the detections and each gene's largest value."""
+    first of each), count each gene's detections (> 0 in float32) over the cells in use and
+    (``moments``) add up the values' moments. Returns the detections and each gene's largest value."""
     detected = np.zeros(blocks.n_genes, dtype=np.int64)
     largest = np.zeros(blocks.n_genes)
     bad = {kind: [0, None] for kind in _PROBLEMS}  # count, first (cell position, gene)
@@ -425,6 +309,11 @@ def _check_values(blocks: _Blocks, what: str, cell_names, gene_names, elsewhere:
             detected += np.bincount(block.indices[values > 0], minlength=blocks.n_genes)
         else:
             detected += np.count_nonzero(values > 0, axis=0)
+        if moments is not None:
+            if sparse:
+                moments.add(values.astype(np.float64), block.indices, block.shape[0])
+            else:
+                moments.add_dense(values.astype(np.float64))
     for kind, need in _PROBLEMS.items():
         count, first = bad[kind]
         if count:
@@ -510,8 +399,9 @@ def _check_range(gene_scale: np.ndarray, largest: np.ndarray, genes, data: DataS
 
 def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool,
             resource_genes: Sequence[str] | None = None, gene_ids: Sequence[str] | None = None,
-            reference_genes: Sequence[str] | None = None, gene_scale: np.ndarray | None = None,
-            pass_cells: int | None = None) -> PreparedData:
+            genes: Sequence[str] | None = None, gene_scale: np.ndarray | None = None,
+            pass_cells: int | None = None, reference_genes: Sequence[str] | None = None,
+            all_cells: bool = False) -> PreparedData:
     """Select cells and genes and normalise, as described in the module docstring.
 
     Parameters
@@ -521,33 +411,53 @@ def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool
         (:func:`~deltanmf.data.read.open_h5ad`).
     data
         The ``data`` settings: ``condition_key``, ``control``, ``case``, ``allow_unlabelled``,
-        ``layer``, ``use_raw``, ``min_cells``, ``remove_genes``, ``normalize``, ``target_sum``,
-        ``scale_genes``.
+        ``layer``, ``use_raw``, ``min_cells``, ``remove_genes``, ``gene_mask_key``, ``n_top_genes``,
+        ``normalize``, ``target_sum``, ``scale_genes``.
     use_case
         Include the case cells (two-stage fits); otherwise only controls are used.
     resource_genes
         Genes of a similarity resource; genes absent from it are dropped.
     gene_ids
-        IDs to match against ``remove_genes`` and ``resource_genes`` (defaults to ``.var_names``).
-    reference_genes, gene_scale
+        IDs to match against ``remove_genes``, ``resource_genes`` and ``reference_genes``
+        (defaults to ``.var_names``).
+    genes, gene_scale
         Reuse a finished fit's genes (exactly these, in this order; the filters are
         skipped) and its per-gene scale, so new cells are put in the same units as the
         programs that fit was trained in (``stage1_from``).
     pass_cells
         Cells per block of the passes over the matrix (default: as many as hold
         :data:`~deltanmf.core.matrix.SCAN_VALUES` values).
+    reference_genes
+        IDs of reference programs' genes (``stage1_from`` a programs file); the others are dropped.
+    all_cells
+        Use every cell, with no condition split (projecting programs onto new cells):
+        ``is_control`` is then all True.
     """
-    genes = matrix_genes(source, data)
-    is_control, cells, cell_counts = cells_in_use(source.obs, genes.index, data, use_case)
+    var_table = matrix_genes(source, data)
+    if all_cells:
+        is_control, cells, cell_counts = every_cell(source.obs, var_table.index)
+    else:
+        is_control, cells, cell_counts = cells_in_use(source.obs, var_table.index, data, use_case)
     blocks = _Blocks(source, data, cells, pass_cells)
     what = ".raw.X (data.use_raw=true)" if data.use_raw else f"data.layer={show(data.layer)}" if data.layer else ".X"
     if blocks.dtype != np.float32:
         log.info("%s is %s; the model trains in float32 (values are converted as they are read)", what,
                  blocks.dtype)
     cell_names = source.obs_names[cells]
-    detected, largest = _check_values(blocks, what, cell_names, genes.index, _other_matrices(source, data))
-    keep_index, counts, kept_ids = select_genes(detected, genes.index, gene_ids, reference_genes, data.min_cells,
-                                                data.remove_genes, resource_genes)
+    select = genes is None  # a finished fit's genes are kept as they are
+    mask = gene_mask(var_table, data.gene_mask_key) if select and data.gene_mask_key else None
+    raw = _Moments(len(var_table)) if select and data.n_top_genes else None
+    detected, largest = _check_values(blocks, what, cell_names, var_table.index, _other_matrices(source, data), raw)
+    keep_index, counts, kept_ids = select_genes(detected, var_table.index, gene_ids, genes, data.min_cells,
+                                                data.remove_genes, resource_genes, mask, reference_genes)
+    variances = None
+    if raw is not None:
+        left = len(keep_index)
+        chosen, variances = highly_variable(blocks, blocks.n_genes, keep_index, raw, data.n_top_genes, counts)
+        kept_ids = kept_ids[np.searchsorted(keep_index, chosen)]
+        keep_index = chosen
+        log.info("highly variable genes: the %d of %d genes left with the largest standardised variance",
+                 len(keep_index), left)
 
     normalize = data.normalize != "none"
     moments = _Moments(len(keep_index)) if gene_scale is None and data.scale_genes else None
@@ -557,7 +467,7 @@ def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool
         raise InputError(f"{int(empty.sum())} cells have no expression left in the {len(keep_index)} kept genes "
                          f"(e.g. {list(cell_names[empty][:3])}; genes left per step: {counts}); remove empty "
                          "cells first, or lower data.min_cells")
-    cell_scale, target = np.ones(len(cells)), 1.0
+    cell_scale, target = np.ones(len(cells)), None
     if normalize:
         target = float(np.median(totals)) if data.normalize == "median" else float(data.target_sum or 1e4)
         cell_scale = target / totals
@@ -566,11 +476,11 @@ def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool
         if gene_scale.shape != (len(keep_index),) or not np.all(gene_scale > 0):
             raise InputError(f"the given gene scale must hold {len(keep_index)} positive values")
     elif moments is not None:
-        sd = moments.std(target)
+        sd = moments.std(1.0 if target is None else target)
         gene_scale = np.where(sd > 0, sd, 1.0)
     else:
         gene_scale = np.ones(len(keep_index))
-    _check_range(gene_scale, largest[keep_index] * float(cell_scale.max()), genes.index[keep_index], data)
+    _check_range(gene_scale, largest[keep_index] * float(cell_scale.max()), var_table.index[keep_index], data)
 
     if blocks.file is not None:
         x = H5adRows(blocks.file, cells, keep_index, cell_scale, gene_scale)
@@ -579,9 +489,12 @@ def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool
         x = _in_memory(blocks, keep_index, cell_scale, gene_scale)
         annotations = source
     if data.use_raw:  # .raw's genes: the annotations of the cells, no per-gene (simulated) truth
-        annotations = ad.AnnData(obs=source.obs.iloc[cells].copy(), var=genes.iloc[keep_index].copy())
+        annotations = ad.AnnData(obs=source.obs.iloc[cells].copy(), var=var_table.iloc[keep_index].copy())
     else:
         annotations = annotations[cells][:, keep_index]
-    return PreparedData(X=x, obs=annotations.obs.copy(), var=annotations.var.copy(), is_control=is_control[cells],
+    var = annotations.var.copy()
+    if variances is not None:
+        var[HVG_KEY] = variances
+    return PreparedData(X=x, obs=annotations.obs.copy(), var=var, is_control=is_control[cells],
                         gene_scale=gene_scale, cell_scale=cell_scale, gene_ids=kept_ids, gene_counts=counts,
-                        cell_counts=cell_counts, source=annotations)
+                        cell_counts=cell_counts, target=target, source=annotations)

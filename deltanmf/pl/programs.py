@@ -6,8 +6,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 
-def top_genes_plot(programs: np.ndarray, names: list[str], labels, n_top: int = 10) -> Figure:
-    """One small bar chart per program: its ``n_top`` highest-weight genes (``top_genes.png``)."""
+def top_genes_plot(scores: np.ndarray, names: list[str], labels, n_top: int = 10,
+                   xlabel: str = "z-score in a cell of this program only",
+                   title: str = "Top genes per program, by specificity") -> Figure:
+    """One small bar chart per program: the ``n_top`` genes with the highest ``scores``
+    (genes x programs; the specificity score in ``top_genes.png``)."""
     labels = np.asarray(labels).astype(str)
     cols = min(5, len(names))
     rows = int(np.ceil(len(names) / cols))
@@ -17,14 +20,16 @@ def top_genes_plot(programs: np.ndarray, names: list[str], labels, n_top: int = 
         if j >= len(names):
             ax.axis("off")
             continue
-        order = np.argsort(-programs[:, j], kind="stable")[:n_top][::-1]
+        order = np.argsort(-scores[:, j], kind="stable")[:n_top][::-1]
         color = "tab:red" if names[j].startswith("case") else "tab:blue"
-        ax.barh(range(len(order)), programs[order, j], color=color)
+        ax.barh(range(len(order)), scores[order, j], color=color)
         ax.set_yticks(range(len(order)), labels[order], fontsize=8)
         ax.set_title(names[j], fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(nbins=3))  # few weight ticks: long decimals otherwise run together
         ax.tick_params(axis="x", labelsize=7)
-    fig.suptitle("Top genes per program (weight in the fitted, scaled units)", fontsize=10)
+        if j >= len(names) - cols:  # the bottom plot of each column
+            ax.set_xlabel(xlabel, fontsize=7)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 

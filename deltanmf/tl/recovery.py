@@ -13,15 +13,15 @@ def recovery(prepared, programs: np.ndarray, n_baseline: int, shift: pd.DataFram
     """Recovery of the planted truth of ``prepared`` (a :class:`~deltanmf.data.PreparedData`);
     None for real data.
 
-    Fitted programs are mapped back to expression units (times each gene's scale) and
-    matched one-to-one with the planted ones on the kept genes. With stage 2, also: the
-    planted case programs, and whether each planted usage shift was called in its
-    direction (through the matching) and no other shift was called.
+    ``programs`` are in expression units (:func:`deltanmf.tl.programs.expression_programs`),
+    the units of the planted ones, and are matched one-to-one with them on the kept genes.
+    With stage 2, also: the planted case programs, and whether each planted usage shift was
+    called in its direction (through the matching) and no other shift was called.
     """
     truth = simulation_truth(prepared.source)
     if truth is None:
         return None
-    unscaled = programs * prepared.gene_scale[:, None]
+    unscaled = np.asarray(programs, dtype=np.float64)
     base = unscaled[:, :n_baseline]
     cos = matched_cosine(base, truth.programs)
     out = {"baseline_matched_cosine": cos.tolist(), "baseline_mean": float(cos.mean()),

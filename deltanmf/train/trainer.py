@@ -142,6 +142,12 @@ def check_trainer(plan: TrainingPlan) -> None:
         banner.setLevel(level)
 
 
+def stage_device(plan: TrainingPlan):
+    """The device the stages train on (the Trainer's root device), for work done beside
+    training, such as NNLS on reference programs."""
+    return _trainer(plan.trainer, logger=False, callbacks=[], enable_checkpointing=False).strategy.root_device
+
+
 def build_trainer(plan: TrainingPlan, name: str) -> L.Trainer:
     """The Trainer of stage ``name``: its logger, the convergence stop, its checkpoints."""
     directory = plan.checkpoint_dir

@@ -23,7 +23,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-
+from ..data.programs import PROGRAMS_KEY, SCALED_KEY, SPECIFICITY_KEY
 from ..errors import InputError
 from .config import compose, load_settings
 
@@ -45,7 +45,9 @@ class DeltaNMFResult:
     results
         The results AnnData (as ``results/results.h5ad``): fitted cells x kept genes, no ``.X``.
     programs
-        Programs, genes x programs (``baseline_1``..., then ``case_1``...).
+        Programs in expression units, genes x programs (``baseline_1``..., then ``case_1``...);
+        the fitted (scaled) programs and the specificity score are in ``results.varm``
+        (``docs/programs.md``).
     usage
         Usage, fitted cells x programs.
     usage_refit
@@ -134,9 +136,11 @@ def _write_back(adata: ad.AnnData, result: ad.AnnData) -> None:
         refit = np.full_like(usage, np.nan)
         refit[cells] = result.obsm["X_deltanmf_refit"]
         adata.obsm["X_deltanmf_refit"] = refit
-    programs = np.full((adata.n_vars, n_programs), np.nan, dtype=np.float32)
-    programs[genes[found]] = np.asarray(result.varm["deltanmf_programs"])[found]
-    adata.varm["deltanmf_programs"] = programs
+    for key in (PROGRAMS_KEY, SCALED_KEY, SPECIFICITY_KEY):
+        if key in result.varm:
+            values = np.full((adata.n_vars, n_programs), np.nan, dtype=np.float32)
+            values[genes[found]] = np.asarray(result.varm[key])[found]
+            adata.varm[key] = values
     scale = np.full(adata.n_vars, np.nan)
     scale[genes[found]] = result.var["deltanmf_gene_scale"].to_numpy()[found]
     adata.var["deltanmf_gene_scale"] = scale
@@ -159,9 +163,12 @@ def _fit(adata: ad.AnnData, stage: str, settings: dict, out_dir, overrides: Sequ
         raise InputError("adata has duplicate cell or gene names; run adata.obs_names_make_unique() / "
                          "adata.var_names_make_unique() first")
     items = [f"stage={stage}", "data=h5ad", "data.path=null", "data.source=anndata"]
+    given = {key for key, value in settings.items() if value is not None}
     items += [f"{key}={_value(value)}" for key, value in settings.items() if value is not None]
     if out_dir is None:
         items.append("logger=none")  # nothing is kept: no TensorBoard files in a folder about to go
+    # a K given must agree with stage1_from's programs (deltanmf.workflow.run)
+    given = frozenset(given | {item.split("=", 1)[0].lstrip("+~") for item in overrides})
     try:
         run_settings = load_settings(compose(items + list(overrides)))
         from .main import quiet_lightning
@@ -170,7 +177,7 @@ def _fit(adata: ad.AnnData, stage: str, settings: dict, out_dir, overrides: Sequ
         quiet_lightning()
         with _logging(verbose), tempfile.TemporaryDirectory(prefix="deltanmf-") as scratch:
             run_dir = Path(out_dir) if out_dir is not None else Path(scratch)
-            out = run(run_settings, run_dir, adata=adata)
+            out = run(run_settings, run_dir, adata=adata, given=given)
     except InputError as err:
         raise InputError(for_python(str(err))) from None
     result = out.results
@@ -226,9 +233,9 @@ def fit_onestage(adata: ad.AnnData, K: int | None = None, *, condition_key: str 
     Notes
     -----
     Writes into ``adata``: ``.obsm["X_deltanmf"]`` (usage, cells x K; NaN for cells not
-    fitted), ``.varm["deltanmf_programs"]`` (genes x K; NaN for genes filtered out),
-    ``.var["deltanmf_gene_scale"]`` (divisor of unit-variance scaling) and ``.uns["deltanmf"]``
-    (program names and kinds, configuration, gene counts, losses).
+    fitted), ``.varm["deltanmf_programs"]`` (genes x K in expression units; NaN for genes
+    filtered out), ``.varm["deltanmf_programs_scaled"]`` (as fitted), ``.varm["deltanmf_specificity"]``,
+    ``.var["deltanmf_gene_scale"]`` (divisor of unit-variance scaling) and ``.uns["deltanmf"]`` (program names and kinds, configuration, gene counts, losses).
     """
     settings = {"K": K, "seed": seed, "data.condition_key": condition_key, "data.control": control,
                 "data.layer": layer, "data.use_raw": use_raw, "data.batch_size": batch_size}
@@ -247,7 +254,8 @@ def fit_twostage(adata: ad.AnnData, K: int | None = None, K_case: int | None = N
     adata
         Cells x genes, non-negative expression, in memory.
     K, K_case
-        Numbers of baseline and case-specific programs (None: the configuration's).
+        Numbers of baseline and case-specific programs (None: the configuration's ``K`` and
+        ``K_case``; with ``stage1_from``, ``K=None`` takes the number of programs it holds).
     condition_key, control, case
         ``.obs`` column, control value, and case value (None: every non-control cell).
     group_key
@@ -255,7 +263,8 @@ def fit_twostage(adata: ad.AnnData, K: int | None = None, K_case: int | None = N
     layer, use_raw, batch_size, seed, out_dir, overrides, verbose
         As for :func:`fit_onestage`.
     stage1_from
-        A finished run directory (or its ``results.h5ad``) whose baseline is reused.
+        A finished run directory (or its ``results.h5ad``) whose baseline is reused, or a
+        programs file (``docs/programs.md``): its programs are the frozen baseline.
 
     Returns
     -------
@@ -267,7 +276,9 @@ def fit_twostage(adata: ad.AnnData, K: int | None = None, K_case: int | None = N
     Writes into ``adata``: ``.obsm["X_deltanmf"]`` (cells x (K + K_case); control cells
     carry their stage-1 usage and zero case usage; NaN for cells not fitted),
     ``.obsm["X_deltanmf_refit"]`` (usage of every fitted cell by NNLS on all programs, which
-    the statistics use), ``.varm["deltanmf_programs"]``, ``.obs["deltanmf_novelty"]`` (share
+    the statistics use), ``.varm["deltanmf_programs"]`` (expression units),
+    ``.varm["deltanmf_programs_scaled"]`` (as fitted), ``.varm["deltanmf_specificity"]``,
+    ``.obs["deltanmf_novelty"]`` (share
     of a cell's usage from case programs) and ``.uns["deltanmf"]``.
     """
     settings = {"K": K, "K_case": K_case, "seed": seed, "stage1_from": stage1_from,

@@ -80,7 +80,8 @@ def main(cfg: DictConfig) -> float:
         from .run import run  # torch, Lightning
 
         signal.signal(signal.SIGTERM, _terminate)
-        result = run(settings, run_dir, on_checked=lambda: write_record(run_dir, cfg))
+        given = frozenset(item.split("=", 1)[0].lstrip("+~") for item in HydraConfig.get().overrides.task)
+        result = run(settings, run_dir, on_checked=lambda: write_record(run_dir, cfg), given=given)
     except (InputError, NonFiniteLossError) as err:
         log.error("%s", err)
         print(f"deltanmf: error: {err}", file=sys.stderr)

@@ -17,10 +17,12 @@ import pandas as pd
 
 from .. import pl
 from ..core.metrics import cosine_matrix
+from ..data.programs import GENE_SCALE_KEY, PROGRAMS_KEY, SCALED_KEY, SPECIFICITY_KEY
 from ..files import commit_results
+from ..tl.programs import top_genes_table
 
-TOP_GENES = 50
-GENE_SCALE_KEY = "deltanmf_gene_scale"
+__all__ = ["GENE_SCALE_KEY", "PROGRAMS_KEY", "SCALED_KEY", "SPECIFICITY_KEY", "jsonable", "output_files",
+           "results_anndata", "write_outputs"]
 
 
 def jsonable(value):
@@ -52,11 +54,17 @@ def write_outputs(run_dir: str | Path, files: dict[str, Callable[[Path], None]],
 
 
 def results_anndata(obs: pd.DataFrame, var: pd.DataFrame, programs: np.ndarray, usage: np.ndarray,
-                    program_names: list[str], program_kind: list[str], uns: dict) -> ad.AnnData:
-    """The results AnnData (no ``.X``); keys documented in ``docs/outputs.md``."""
+                    program_names: list[str], program_kind: list[str], uns: dict, *,
+                    scaled: np.ndarray | None = None, specificity: np.ndarray | None = None) -> ad.AnnData:
+    """The results AnnData (no ``.X``); keys documented in ``docs/outputs.md`` and
+    ``docs/programs.md``: ``programs`` in expression units, ``scaled`` as fitted."""
     result = ad.AnnData(obs=obs.copy(), var=var.copy())
     result.obsm["X_deltanmf"] = np.asarray(usage, dtype=np.float32)
-    result.varm["deltanmf_programs"] = np.asarray(programs, dtype=np.float32)
+    result.varm[PROGRAMS_KEY] = np.asarray(programs, dtype=np.float32)
+    if scaled is not None:
+        result.varm[SCALED_KEY] = np.asarray(scaled, dtype=np.float32)
+    if specificity is not None:
+        result.varm[SPECIFICITY_KEY] = np.asarray(specificity, dtype=np.float32)
     result.uns["deltanmf"] = {
         "program_names": np.asarray(program_names, dtype=object),
         "program_kind": np.asarray(program_kind, dtype=object),
@@ -65,28 +73,12 @@ def results_anndata(obs: pd.DataFrame, var: pd.DataFrame, programs: np.ndarray, 
     return result
 
 
-def top_genes_table(programs: np.ndarray, program_names: list[str], genes: pd.Index,
-                    symbols: pd.Series | None = None, n: int = TOP_GENES) -> pd.DataFrame:
-    """Long table: program, rank (1 = highest weight), gene, [symbol,] weight."""
-    rows = []
-    n = min(n, programs.shape[0])
-    for j, name in enumerate(program_names):
-        order = np.argsort(-programs[:, j], kind="stable")[:n]
-        for rank, g in enumerate(order, start=1):
-            row = {"program": name, "rank": rank, "gene": genes[g]}
-            if symbols is not None:
-                row["symbol"] = symbols.iloc[g]
-            row["weight"] = float(programs[g, j])
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _csv(frame: pd.DataFrame, index_name: str | None = None) -> Callable[[Path], None]:
+def _csv(frame: pd.DataFrame, index_name: str | None = None, sep: str = ",") -> Callable[[Path], None]:
     def write(path: Path) -> None:
         if index_name is None:
-            frame.to_csv(path, index=False)
+            frame.to_csv(path, index=False, sep=sep)
         else:
-            frame.rename_axis(index_name).to_csv(path)
+            frame.rename_axis(index_name).to_csv(path, sep=sep)
     return write
 
 
@@ -96,10 +88,14 @@ def _png(make_figure: Callable) -> Callable[[Path], None]:
 
 def output_files(result: ad.AnnData, tables: dict[str, pd.DataFrame], metrics: dict, n_baseline: int,
                  symbol_key: str | None) -> dict[str, Callable[[Path], None]]:
-    """A writer for every file of a run: results.h5ad, programs.csv, usage.csv, top_genes.csv,
-    metrics.json, the case-control tables and the figures."""
+    """A writer for every file of a run: results.h5ad, programs.csv (expression units),
+    programs.spectra.tsv (the fitted programs, programs x genes, cNMF's and starCAT's layout),
+    usage.csv, top_genes.csv (by specificity), metrics.json, the case-control tables and the
+    figures."""
     names = list(result.uns["deltanmf"]["program_names"])
-    programs = np.asarray(result.varm["deltanmf_programs"])
+    programs = np.asarray(result.varm[PROGRAMS_KEY])
+    scaled = np.asarray(result.varm[SCALED_KEY])
+    scores = np.asarray(result.varm[SPECIFICITY_KEY])
     usage = np.asarray(result.obsm["X_deltanmf"])
     symbols = result.var[symbol_key] if symbol_key and symbol_key in result.var else None
     labels = symbols if symbols is not None else result.var_names
@@ -110,15 +106,18 @@ def output_files(result: ad.AnnData, tables: dict[str, pd.DataFrame], metrics: d
     files = {
         "results.h5ad": result.write_h5ad,
         "programs.csv": _csv(pd.DataFrame(programs, index=result.var_names, columns=names), "gene"),
+        # cNMF writes its spectra with an empty first header cell; starCAT reads them with index_col=0
+        "programs.spectra.tsv": _csv(pd.DataFrame(scaled.T, index=names, columns=result.var_names), "", sep="\t"),
         "usage.csv": _csv(pd.DataFrame(usage, index=result.obs_names, columns=names), "cell"),
-        "top_genes.csv": _csv(top_genes_table(programs, names, result.var_names, symbols)),
+        "top_genes.csv": _csv(top_genes_table(scores, programs, names, result.var_names, symbols)),
         "metrics.json": metrics_json,
     }
     files.update({f"{name}.csv": _csv(table) for name, table in tables.items()})
-    files["top_genes.png"] = _png(lambda: pl.top_genes_plot(programs, names, labels))
+    files["top_genes.png"] = _png(lambda: pl.top_genes_plot(scores, names, labels))
     if "usage_shift" in tables:
         files["usage_share.png"] = _png(lambda: pl.usage_share_plot(tables["usage_shift"], tables["case_programs"]))
-        cos = cosine_matrix(programs[:, :n_baseline], programs[:, n_baseline:])
+        # in the units the programs were fitted and compared in (case_programs.csv's cosine)
+        cos = cosine_matrix(scaled[:, :n_baseline], scaled[:, n_baseline:])
         files["program_similarity.png"] = _png(lambda: pl.similarity_plot(cos, names[:n_baseline],
                                                                           names[n_baseline:]))
     if tables.get("group_usage") is not None and len(tables["group_usage"]):

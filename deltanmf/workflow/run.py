@@ -24,15 +24,20 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
+from ..core import CellMatrix, fit_error, refit_usage
 from ..data import Baseline, PreparedData, load_input, load_stage1, prepare
 from ..data.prepare import matrix_genes
+from ..data.programs import is_run, results_file
+from ..data.reference import ReferencePrograms, coverage, in_run_units, read_programs
 from ..errors import InputError
 from ..resources import strip_version
 from ..settings import RunSettings
 from ..tl import casecontrol
 from ..tl.fit import StageFit, fit_null, fit_replicates
+from ..tl.programs import expression_programs, specificity, top_gene_labels
 from ..tl.recovery import recovery
 from ..train import TrainingPlan, check_trainer
+from ..train.trainer import stage_device
 from .outputs import GENE_SCALE_KEY, output_files, results_anndata, write_outputs
 from .resume import check_resumable, resume_source, settings_record
 from .rundir import RunLock, check_run_dir, clear_for_overwrite
@@ -87,15 +92,32 @@ def training_plan(settings: RunSettings, run_dir: Path) -> TrainingPlan:
                         resume=resume_source(settings, run_dir), settings_record=settings_record(settings))
 
 
-def _baseline_from(settings: RunSettings) -> Baseline | None:
+def _check_k(settings: RunSettings, k: int, source: str, given: frozenset[str]) -> None:
+    """A K given on the command line must agree with the programs ``stage1_from`` brings."""
+    if "K" in given and settings.K != k:
+        raise InputError(f"K={settings.K} was given, but stage1_from={source} holds {k} baseline programs; "
+                         f"leave K out (the programs set it) or give K={k}")
+    if settings.K != k:
+        log.info("stage1_from: using its %d baseline programs (the configured K=%d does not apply)", k, settings.K)
+
+
+def _baseline_from(settings: RunSettings, given: frozenset[str] = frozenset()
+                   ) -> Baseline | ReferencePrograms | None:
+    """What ``stage1_from`` names: a finished run's baseline (:class:`Baseline`) or reference
+    programs read from a file (:class:`~deltanmf.data.reference.ReferencePrograms`)."""
     if not settings.stage1_from:
         return None
+    if settings.stage1_varm_key is not None or not is_run(settings.stage1_from):
+        reference = read_programs(results_file(settings.stage1_from), settings.stage1_varm_key,
+                                  settings.stage1_units)
+        _check_k(settings, reference.k, settings.stage1_from, given)
+        return reference
     baseline = load_stage1(settings.stage1_from)
-    if len(baseline.names) != settings.K:
-        log.info("stage1_from: using its %d baseline programs (the configured K=%d does not apply)",
-                 len(baseline.names), settings.K)
-    if settings.data.remove_genes:
-        log.warning("stage1_from: data.remove_genes is not applied; stage 2 uses exactly the genes of %s",
+    _check_k(settings, len(baseline.names), settings.stage1_from, given)
+    ignored = [f"data.{key}" for key in ("remove_genes", "gene_mask_key", "n_top_genes")
+               if getattr(settings.data, key)]
+    if ignored:
+        log.warning("stage1_from: %s not applied; stage 2 uses exactly the genes of %s", ", ".join(ignored),
                     baseline.source)
     if settings.twostage and not baseline.twostage:
         log.warning("stage1_from: %s is a one-stage run, whose gene scale comes from control cells only; "
@@ -129,8 +151,24 @@ def validate(settings: RunSettings, prepared: PreparedData, k: int) -> None:
                              f"(data.{key}=null to leave it out)")
 
 
+def _reference_stage1(reference: ReferencePrograms, prepared: PreparedData, report: dict, settings: RunSettings,
+                      plan: TrainingPlan) -> StageFit:
+    """Stage 1 from reference programs: frozen, in this run's units, with the controls' usage by NNLS."""
+    programs = in_run_units(reference, prepared.gene_ids, prepared.gene_scale)
+    matrix = CellMatrix(prepared.control, batch_size=settings.data.batch_size, device=stage_device(plan))
+    usage = refit_usage(matrix, torch.from_numpy(programs), settings.model.consensus.nnls_iterations).cpu()
+    error = fit_error(matrix, torch.from_numpy(programs), usage)
+    report = {**report, "genes_used": prepared.n_genes}
+    log.info("stage 1: %d reference programs from %s (%s units) on %d genes; relative error %.4f on the controls",
+             reference.k, reference.source, reference.units, prepared.n_genes, error["relative_error"])
+    return StageFit(programs, usage.numpy(), list(reference.names),
+                    {"from": reference.source, "reference": report, "relative_error": error["relative_error"],
+                     "n_cells": matrix.n_cells})
+
+
 def run(settings: RunSettings, run_dir: str | Path, adata: ad.AnnData | None = None,
-        on_checked: Callable[[], None] | None = None, progress: Callable[[str], None] | None = None) -> RunResult:
+        on_checked: Callable[[], None] | None = None, progress: Callable[[str], None] | None = None,
+        given: frozenset[str] = frozenset()) -> RunResult:
     """Run the configured stages and write every output into ``run_dir``.
 
     The directory is locked for the whole run (:class:`~deltanmf.workflow.rundir.RunLock`) by the
@@ -138,39 +176,47 @@ def run(settings: RunSettings, run_dir: str | Path, adata: ad.AnnData | None = N
     ``adata`` replaces reading ``data.path`` (the Python API passes its AnnData);
     ``on_checked`` is called once every check has passed, before any fit (the command line
     writes Hydra's record of the run then); ``progress(name)`` after each result file is
-    written (before the set is committed).
+    written (before the set is committed); ``given`` names the settings the user gave (a
+    ``K`` given must agree with ``stage1_from``'s programs).
     """
     run_dir = Path(run_dir)
     if rank_zero_only.rank != 0:  # DDP: a process the first one started, in the directory it holds
-        return _run(settings, run_dir, adata, None, progress, leader=False)
+        return _run(settings, run_dir, adata, None, progress, given, leader=False)
     with RunLock(run_dir):
-        return _run(settings, run_dir, adata, on_checked, progress, leader=True)
+        return _run(settings, run_dir, adata, on_checked, progress, given, leader=True)
 
 
-def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, leader: bool) -> RunResult:
+def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, given: frozenset[str],
+         leader: bool) -> RunResult:
     start = time.perf_counter()
     if leader:
         check_run_dir(settings, run_dir)
     plan = training_plan(settings, run_dir)  # a bad resume=/ckpt_path= fails here, before any work
     check_trainer(plan)  # and a trainer setting Lightning refuses (trainer=gpu without a GPU)
     L.seed_everything(settings.seed, workers=True, verbose=False)
-    baseline = _baseline_from(settings)
+    baseline = _baseline_from(settings, given)
     if baseline is not None:  # a reused baseline fixes K; the recorded settings say so
         settings = replace(settings, K=len(baseline.names))
+    reference = baseline if isinstance(baseline, ReferencePrograms) else None
+    if reference is not None:
+        baseline = None
     resource = instantiate_input(settings.resource) if settings.resource is not None else None
     if adata is None:
         adata = load_input(settings.data)
-    coverage = None
+    resource_coverage, reference_report = None, None
+    if reference is not None:  # before any pass over the matrix: a file of the wrong IDs stops here
+        reference_report = coverage_of(reference, adata, settings)
     if resource is not None:
         ids = gene_ids(adata, settings)
         if hasattr(resource, "bind"):  # resources read from the data itself (resource=demo)
             resource.bind(adata, ids)
-        coverage = resource.coverage(ids)
+        resource_coverage = resource.coverage(ids)
     prepared = prepare(adata, settings.data, use_case=settings.twostage,
                        resource_genes=None if resource is None or baseline is not None else resource.gene_list(),
                        gene_ids=gene_ids(adata, settings),
-                       reference_genes=None if baseline is None else baseline.genes,
-                       gene_scale=None if baseline is None else baseline.gene_scale)
+                       genes=None if baseline is None else baseline.genes,
+                       gene_scale=None if baseline is None else baseline.gene_scale,
+                       reference_genes=None if reference is None else reference.genes)
     k = settings.K
     validate(settings, prepared, k)
     check_resumable(settings, plan.resume)
@@ -187,9 +233,12 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, lead
 
     metrics: dict = {"stage": settings.stage.name, "K": k, "cell_counts": prepared.cell_counts,
                      "gene_counts": prepared.gene_counts, "n_genes": prepared.n_genes}
-    if coverage is not None:
-        metrics["resource"] = coverage
-    if baseline is None:
+    if resource_coverage is not None:
+        metrics["resource"] = resource_coverage
+    if reference is not None:
+        stage1 = _reference_stage1(reference, prepared, reference_report, settings, plan)
+        metrics["reference"] = stage1.stats["reference"]
+    elif baseline is None:
         stage1 = fit_replicates(prepared.control, k, model, plan, seed=settings.seed, graph=graph)
     else:
         stage1 = StageFit(baseline.programs, _control_usage_from(baseline, prepared), baseline.names,
@@ -218,7 +267,12 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, lead
     else:
         programs, names, usage = stage1.programs, stage1.names, stage1.usage
 
-    found = recovery(prepared, programs, n_base, tables.get("usage_shift"), tables.get("case_programs"))
+    expression = expression_programs(programs, prepared.gene_scale)
+    scores = specificity(prepared.X, usage)
+    if "case_programs" in tables:  # ranked as top_genes.csv ranks them, not by weight
+        symbols = prepared.var[settings.data.symbol_key] if settings.data.symbol_key else prepared.var.index
+        tables["case_programs"]["top_genes"] = top_gene_labels(scores[:, n_base:], symbols)
+    found = recovery(prepared, expression, n_base, tables.get("usage_shift"), tables.get("case_programs"))
     if found is not None:
         metrics["recovery"] = found
 
@@ -233,11 +287,16 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, lead
         "stage1": {key: v for key, v in stage1.stats.items() if key != "loss"},
         "gene_scale_key": GENE_SCALE_KEY,
     }
-    if coverage is not None:
-        uns["resource"] = coverage
+    if resource_coverage is not None:
+        uns["resource"] = resource_coverage
+    if reference_report is not None:
+        uns["reference"] = metrics["reference"]
+    if prepared.target is not None:
+        uns["normalize_target"] = prepared.target  # new cells are projected onto the same total
     if settings.twostage:
         uns["stage2"] = {key: v for key, v in metrics["stage2"].items() if key != "loss"}
-    result = results_anndata(prepared.obs, var, programs, usage, names, kinds, uns)
+    result = results_anndata(prepared.obs, var, expression, usage, names, kinds, uns, scaled=programs,
+                             specificity=scores)
     if settings.twostage:
         result.obs["deltanmf_novelty"] = casecontrol.novelty(usage, n_base)
         result.obsm["X_deltanmf_refit"] = refit.astype(np.float32)
@@ -256,6 +315,12 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, lead
                  len(tables["case_programs"]), settings.report.q_threshold)
     log.info("results written to %s", written)
     return RunResult(result, tables, metrics)
+
+
+def coverage_of(reference: ReferencePrograms, adata, settings: RunSettings) -> dict:
+    """The reference's coverage of the data's genes (IDs as the run matches them); below
+    ``stage1_min_coverage`` the run stops naming both ID conventions."""
+    return coverage(reference, gene_ids(adata, settings), settings.stage1_min_coverage)
 
 
 def config_yaml(settings: RunSettings) -> str:

@@ -1,0 +1,188 @@
+"""Programs onto new cells: the usage of a finished run's programs, or of reference programs
+from a file, in any dataset (``deltanmf.project``; ``python -m deltanmf.project``).
+
+The new cells are prepared as the run prepared its own: the run's genes (matched by ID,
+Ensembl versions stripped; genes the new data lacks are left out of the programs), its
+layer, its normalisation (the same target total) and its gene scale, so the programs apply
+in the units they were fitted in. The usage is then each cell's non-negative least squares
+fit (:func:`deltanmf.core.refit_usage`, batched, on a GPU when there is one), the solver the
+pipeline uses for ``X_deltanmf_refit``: projecting a run onto its own cells reproduces that
+usage.
+
+Reference programs from a file (:mod:`deltanmf.data.reference`) carry no gene scale: the
+new cells' genes are scaled to unit variance over those cells (as starCAT scales a query),
+and expression programs are divided by the same scale.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
+
+from ..data.prepare import prepare
+from ..data.programs import fitted_programs, gene_scale, is_run, read_run, results_file
+from ..data.reference import ReferencePrograms, coverage, in_run_units, read_programs
+from ..errors import InputError
+from ..resources import strip_version
+from ..settings import NORMALIZE, DataSettings
+
+log = logging.getLogger(__name__)
+
+BATCH_CELLS = 10_000  # cells per NNLS block: memory bounded on any dataset size
+FILE_NNLS_ITERATIONS = 500  # sweeps at most for file programs; the solver stops once they change < 1e-6
+
+
+@dataclass
+class _Source:
+    """What a projection needs of its programs."""
+
+    reference: ReferencePrograms  # the programs (genes x K) and their gene IDs
+    kinds: list[str] | None
+    scale: np.ndarray | None  # per gene of reference.genes; None: computed on the new cells
+    layer: str | None
+    normalize: str
+    target: float | None
+    gene_id_column: str | None
+    nnls_iterations: int
+
+
+def _run_source(path, what: str) -> _Source:
+    result = read_run(path, what)
+    info = result.uns["deltanmf"]
+    config = OmegaConf.to_container(OmegaConf.create(str(info.get("config", "{}"))))
+    data = config.get("data", {})
+    id_column = data.get("gene_id_column")
+    ids = result.var[id_column] if id_column and id_column in result.var else result.var_names
+    normalize = data.get("normalize", "none")
+    target = info.get("normalize_target")
+    if target is None and normalize == "total":
+        target = data.get("target_sum") or 1e4
+    if target is None and normalize == "median":  # a run written before the target was kept
+        log.warning("%s: %s does not record its normalisation target; the median total of the new cells is used",
+                    what, results_file(path))
+    names = list(np.asarray(info["program_names"]).astype(str))
+    genes = [strip_version(str(g)) for g in ids]
+    programs = ReferencePrograms(fitted_programs(result).astype(np.float64), names, genes, "scaled",
+                                 "run", str(results_file(path)))
+    iterations = config.get("model", {}).get("consensus", {}).get("nnls_iterations", FILE_NNLS_ITERATIONS)
+    return _Source(programs, list(np.asarray(info["program_kind"]).astype(str)), gene_scale(result),
+                   data.get("layer"), normalize, None if target is None else float(target), id_column,
+                   int(iterations))
+
+
+def _preparation(layer: str | None, normalize: str, target: float | None, scale_genes: bool) -> DataSettings:
+    """The data settings of the cells to project: every cell (:func:`prepare` with
+    ``all_cells``) and the programs' genes, so the condition and gene filters do not apply."""
+    if normalize not in NORMALIZE:
+        raise InputError(f"normalize={normalize!r} must be one of {', '.join(NORMALIZE)}")
+    if normalize == "median" and target is not None:
+        normalize = "total"  # the run's median, a fixed target for the new cells
+    return DataSettings(source="anndata", path=None, layer=layer, use_raw=False, condition_key="condition",
+                        control="control", case=None, allow_unlabelled=True, group_key=None, symbol_key=None, gene_id_column=None, min_cells=0,
+                        remove_genes=(), gene_mask_key=None, n_top_genes=None, normalize=normalize,
+                        target_sum=target, scale_genes=scale_genes, batch_size=None, backed=False, num_workers=0,
+                        transposed_copy="auto", cache_dir=None, simulation=None)
+
+
+def project(adata: ad.AnnData, source: str | Path, *, layer: str | None = None, gene_id_column: str | None = None,
+            varm_key: str | None = None, units: str = "auto", normalize: str | None = None,
+            target_sum: float | None = None, min_coverage: float = 0.5, batch_size: int = BATCH_CELLS,
+            device=None, nnls_iterations: int | None = None, key_added: str = "X_deltanmf") -> pd.DataFrame:
+    """Usage of programs in the cells of ``adata``, by non-negative least squares.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes, non-negative expression of the kind the programs were fitted on
+        (counts when the run read counts). Not modified except for the keys below.
+    source
+        A finished run directory or its ``results.h5ad``; or a programs file
+        (:mod:`deltanmf.data.reference`: a cNMF/starCAT spectra ``.tsv``/``.txt``, a genes x
+        programs ``.csv``/``.tsv``, or an ``.h5ad`` with ``varm_key``).
+    layer
+        Layer of ``adata`` to use; None: the run's ``data.layer`` if ``adata`` has it, else ``.X``.
+    gene_id_column
+        ``.var`` column of ``adata`` holding the gene IDs the programs use; None: ``.var_names``.
+    varm_key, units
+        For a programs file: the ``.varm`` key of an ``.h5ad``, and the programs' units
+        (``auto``, ``expression`` or ``scaled``; see :mod:`deltanmf.data.reference`).
+    normalize, target_sum
+        Cell normalisation (``none``, ``total``, ``median``); None: the run's (with its
+        target total), or ``none`` for a programs file, as starCAT does.
+    min_coverage
+        Least share of the programs' genes that ``adata`` must have.
+    batch_size
+        Cells per NNLS block.
+    device
+        torch device; None: ``cuda`` when available, else ``cpu``.
+    nnls_iterations
+        NNLS sweeps at most; None: the run's ``model.consensus.nnls_iterations`` (500 for a file).
+    key_added
+        ``.obsm`` key of the usage.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Usage, cells (``adata.obs_names``) x programs.
+
+    Notes
+    -----
+    Writes ``adata.obsm[key_added]`` (cells x K, float32) and ``adata.uns[<key_added without
+    "X_">]`` (``program_names``, ``program_kind`` for a run, and ``projection``: the source,
+    the genes used and the coverage).
+    """
+    import torch
+
+    from ..core import CellMatrix, refit_usage
+
+    if not isinstance(adata, ad.AnnData):
+        raise InputError(f"adata must be an anndata.AnnData, got {type(adata).__name__}")
+    what = "source"
+    if varm_key is None and is_run(source):
+        found = _run_source(source, what)
+    else:  # a programs file, or the .varm of an .h5ad (a run's results too)
+        programs = read_programs(results_file(source), varm_key, units, what=what)
+        found = _Source(programs, None, None, None, "none", None, None, FILE_NNLS_ITERATIONS)
+    reference = found.reference
+    id_column = gene_id_column
+    if id_column is not None and id_column not in adata.var:
+        raise InputError(f"gene_id_column={id_column!r} is not a column of .var; columns: {list(adata.var.columns)}")
+    data_ids = [strip_version(str(g)) for g in (adata.var[id_column] if id_column else adata.var_names)]
+    fix = "gene_id_column=<a .var column with the programs' convention>"
+    report = coverage(reference, data_ids, min_coverage, what=what, fix=fix, setting="min_coverage")
+    if layer is None and found.layer is not None and found.layer in adata.layers:
+        layer = found.layer
+
+    # the programs' genes the data has, in the programs' order, named as the data names them
+    where = {g: i for i, g in enumerate(data_ids)}
+    rows = np.array([i for i, g in enumerate(reference.genes) if g in where], dtype=np.int64)
+    genes = [str(adata.var_names[where[reference.genes[i]]]) for i in rows]
+    scale = None if found.scale is None else found.scale[rows]
+    settings = _preparation(layer, normalize or found.normalize, target_sum or found.target, scale is None)
+    prepared = prepare(adata, settings, use_case=False, genes=genes, gene_scale=scale, all_cells=True)
+    subset = ReferencePrograms(reference.programs[rows], reference.names, [reference.genes[i] for i in rows],
+                               reference.units, reference.layout, reference.source)
+    if found.scale is None:
+        programs = in_run_units(subset, subset.genes, prepared.gene_scale)
+    else:
+        programs = subset.programs.astype(np.float32)  # a run's programs, in its units already
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    matrix = CellMatrix(prepared.X, batch_size=batch_size, device=device)
+    usage = refit_usage(matrix, torch.from_numpy(programs), nnls_iterations or found.nnls_iterations)
+    usage = usage.cpu().numpy().astype(np.float32)
+    log.info("projected %d programs onto %d cells using %d genes (%.1f%% of the programs' genes)",
+             reference.k, adata.n_obs, len(rows), 100 * report["coverage"])
+
+    adata.obsm[key_added] = usage
+    info = {"program_names": np.asarray(reference.names, dtype=object),
+            "projection": {**report, "genes_used": len(rows), "source": str(source)}}
+    if found.kinds is not None:
+        info["program_kind"] = np.asarray(found.kinds, dtype=object)
+    adata.uns[key_added[2:] if key_added.startswith("X_") else key_added] = info
+    return pd.DataFrame(usage, index=adata.obs_names.copy(), columns=reference.names)
