@@ -82,7 +82,7 @@ def fit(path: str, run_dir: Path, batch_size: int, max_steps: int, extra: list[s
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9  # Linux reports KiB
     if code != 0:
         raise SystemExit(f"train.py failed with exit code {code}; see {log_path}")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "results" / "metrics.json").read_text())
     return {"wall_s": wall, "peak_rss_gb": peak_gb, "metrics": metrics, "command": " ".join(cmd[1:]),
             "log": str(log_path), "run_dir": str(run_dir), "phases": _phases(log_path, started)}
 
