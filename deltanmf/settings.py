@@ -217,6 +217,8 @@ class DataSettings(Settings):
     control: Any = rule("scalar", hint="the value of data.condition_key marking control cells")
     case: Any = rule("scalar", optional=True, hint="null = every non-control cell")
     group_key: str | None = rule("str", optional=True)
+    sample_key: str | None = rule("str", optional=True,
+                                  hint="the .obs column of the replicate unit (donor, sample, guide), or null")
     symbol_key: str | None = rule("str", optional=True)
     gene_id_column: str | None = rule("str", optional=True)
     min_cells: int = rule("int", low=0, hint="keep genes detected in at least this many cells")
@@ -261,6 +263,10 @@ class ReportSettings(Settings):
     q_threshold: float = rule("float", low=0, high=1, low_open=True)
     min_log2fc: float = rule("float", low=0)
     emergence_log2fc: float = rule("float", low=0)
+    covariates: tuple[str, ...] = rule("strs", hint=".obs columns constant within each sample, e.g. [sex,batch]")
+    permutations: int = rule("int", low=0, hint="relabellings for every sample-level permutation p-value; "
+                                                "0: only with fewer than 6 samples in a condition")
+    min_cells_per_sample: int = rule("int", low=1, hint="samples with fewer cells are left out of the tests, e.g. 10")
 
 
 @dataclass(frozen=True)
@@ -316,6 +322,10 @@ class RunSettings(Settings):
         if self.twostage and self.K_case < 1:
             raise InputError(f"K_case={self.K_case}: stage=twostage needs at least 1 case program "
                              "(use stage=onestage for baseline programs only)")
+        if self.report.covariates and not self.data.sample_key:
+            raise InputError(f"report.covariates={show(list(self.report.covariates))} are properties of samples: "
+                             "set data.sample_key to the .obs column of the replicate unit (donor, sample, "
+                             "guide), or report.covariates=[]")
         if self.resume and self.ckpt_path:
             raise InputError("give resume=true (continue in this run directory) or ckpt_path=FILE (continue from "
                              "that checkpoint in a new directory), not both")

@@ -157,8 +157,9 @@ def fit_onestage(adata: ad.AnnData, K: int = 10, *, condition_key: str = "condit
 
 
 def fit_twostage(adata: ad.AnnData, K: int = 10, K_case: int = 3, *, condition_key: str = "condition",
-                 control="control", case=None, group_key: str | None = None, layer: str | None = None,
-                 batch_size: int | None = None, stage1_from: str | Path | None = None, seed: int = 0,
+                 control="control", case=None, group_key: str | None = None, sample_key: str | None = None,
+                 layer: str | None = None, batch_size: int | None = None, stage1_from: str | Path | None = None,
+                 seed: int = 0,
                  out_dir: str | Path | None = None, overrides: Sequence[str] = ()) -> DeltaNMFResult:
     """Fit baseline programs on controls, then case-specific programs on cases (baseline frozen).
 
@@ -172,6 +173,9 @@ def fit_twostage(adata: ad.AnnData, K: int = 10, K_case: int = 3, *, condition_k
         ``.obs`` column, control value, and case value (None: every non-control cell).
     group_key
         ``.obs`` column of perturbation groups for the per-group table.
+    sample_key
+        ``.obs`` column of the replicate unit (donor, sample, guide): the tables then test
+        across samples (``docs/statistics.md``); None tests cells, with a warning.
     layer, batch_size, seed, out_dir, overrides
         As for :func:`fit_onestage`.
     stage1_from
@@ -192,5 +196,6 @@ def fit_twostage(adata: ad.AnnData, K: int = 10, K_case: int = 3, *, condition_k
     """
     settings = dict(K=K, K_case=K_case, seed=seed, stage1_from=None if stage1_from is None else str(stage1_from),
                     **{"data.condition_key": condition_key, "data.control": control, "data.case": case,
-                       "data.group_key": group_key, "data.layer": layer, "data.batch_size": batch_size})
+                       "data.group_key": group_key, "data.sample_key": sample_key, "data.layer": layer,
+                       "data.batch_size": batch_size})
     return _fit(adata, "twostage", settings, out_dir, overrides)
