@@ -14,6 +14,10 @@ from ..errors import InputError
 from .sampletests import SampleOptions, condition_in_covariates, covariate_matrix, units_of
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _examples(values, n: int = 3) -> str:
     values = list(values)
     more = f" and {len(values) - n} more" if len(values) > n else ""
@@ -81,7 +85,7 @@ def check_samples(obs: pd.DataFrame, is_control: np.ndarray, sample_key: str, co
     is_control = np.asarray(is_control, dtype=bool)
     both = np.intersect1d(samples[is_control], samples[~is_control])
     if len(both):
-        raise InputError(f"data.sample_key={sample_key!r}: {len(both)} samples hold both control and case cells "
+        raise InputError(f"data.sample_key={sample_key!r}: {_count(len(both), 'sample')} hold both control and case cells "
                          f"({_examples(both)}); each sample must belong to one condition: give the column of a "
                          "replicate unit nested in the condition (e.g. one ID per donor and condition, or the guide)")
     kept = {}
@@ -90,7 +94,7 @@ def check_samples(obs: pd.DataFrame, is_control: np.ndarray, sample_key: str, co
         if len(units.names) < 2:
             sizes = ", ".join(f"{s!r}: {n} cells" for s, n in
                               sorted({**dict(zip(units.names, units.n_cells.tolist())), **units.dropped}.items()))
-            raise InputError(f"data.sample_key={sample_key!r}: the {name} condition has {len(units.names)} samples "
+            raise InputError(f"data.sample_key={sample_key!r}: the {name} condition has {_count(len(units.names), 'sample')} "
                              f"with at least report.min_cells_per_sample={min_cells} cells ({sizes or 'no cells'}); "
                              "a test across samples needs at least 2 per condition: add samples, lower "
                              "report.min_cells_per_sample, or set data.sample_key=null for the cell-level test")
@@ -123,6 +127,6 @@ def check_samples(obs: pd.DataFrame, is_control: np.ndarray, sample_key: str, co
         if condition_in_covariates(np.r_[np.ones(len(members), bool), np.zeros(len(kept["control"]), bool)], z):
             collinear.append(group)
     if collinear:
-        raise InputError(f"report.covariates={names} are collinear with membership of {len(collinear)} groups of "
+        raise InputError(f"report.covariates={names} are collinear with membership of {_count(len(collinear), 'group')} of "
                          f"data.group_key={group_key!r} ({_examples(collinear)}): their samples cannot be told apart "
                          "from the control samples' covariates; drop that covariate from report.covariates")
