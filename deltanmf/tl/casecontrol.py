@@ -296,8 +296,8 @@ def group_usage_table(usage: np.ndarray, groups, is_control: np.ndarray, names: 
 def _log_left_out(what: str, dropped: dict, min_cells: int) -> None:
     if dropped:
         listed = ", ".join(f"{k} ({n} cells)" for k, n in list(dropped.items())[:5])
-        log.info("%s: %d units with fewer than report.min_cells_per_sample=%d cells left out of the sample-level "
-                 "tests: %s%s", what, len(dropped), min_cells, listed, " ..." if len(dropped) > 5 else "")
+        log.info("%s left out of the sample-level tests (fewer than report.min_cells_per_sample=%d cells): %d: %s%s",
+                 what, min_cells, len(dropped), listed, " ..." if len(dropped) > 5 else "")
 
 
 def case_control_tables(prepared, programs: np.ndarray, names: list[str], n_baseline: int, report: ReportSettings, *,
