@@ -69,6 +69,7 @@ def test_usage_shift_at_the_sample_level_matches_welch_per_column(design):
         assert table.loc[j, "log2_fold_change"] == pytest.approx(y_case[:, j].mean() - y_ctrl[:, j].mean(), rel=1e-12)
         assert (table.loc[j, "ci_low"], table.loc[j, "ci_high"]) == pytest.approx((ci.low, ci.high), rel=1e-10)
     assert (table["test_unit"] == "sample").all() and (table["test"] == "welch_t").all()
+    assert list(table.columns) == list(usage_shift_table(ctrl, case, NAMES, K).columns)  # one layout for both units
     assert (table["n_control_samples"] == 6).all() and (table["n_case_samples"] == 8).all()
     assert table["permutation_p_value"].isna().all()  # 6 and 8 samples: no permutation by default
     assert list(table["shift"]) == ["none", "up", "none", "down"]

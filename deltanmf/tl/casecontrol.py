@@ -81,12 +81,11 @@ def _sample_test(case_shares, control_shares, case_labels, control_labels, optio
 
 
 def _unit_columns(table: pd.DataFrame, unit: str, test: str, n_control=None, n_case=None) -> None:
-    table["test_unit"] = unit
-    table["test"] = test
-    table["n_control_samples"] = pd.array([n_control] * len(table) if np.isscalar(n_control) or n_control is None
-                                          else n_control, dtype="Int64")
-    table["n_case_samples"] = pd.array([n_case] * len(table) if np.isscalar(n_case) or n_case is None else n_case,
-                                       dtype="Int64")
+    """The columns saying how a table was tested; sample counts empty (NA) at the cell level."""
+    table["test_unit"], table["test"] = unit, test
+    for column, count in (("n_control_samples", n_control), ("n_case_samples", n_case)):
+        values = np.broadcast_to(np.asarray(pd.NA if count is None else count, dtype=object), len(table))
+        table[column] = pd.array(values, dtype="Int64")
 
 
 def _test_name(options: SampleOptions | None) -> str:
@@ -116,32 +115,30 @@ def usage_shift_table(control_usage: np.ndarray, case_usage: np.ndarray, names: 
     ctrl = defined_baseline_share(control_usage, n_baseline)
     case = defined_baseline_share(case_usage, n_baseline)
     ctrl_total, case_total = total_share(control_usage)[:, :n_baseline], total_share(case_usage)[:, :n_baseline]
-    table = pd.DataFrame({"program": names[:n_baseline]})
     if control_samples is None:
-        table["control_share"], table["case_share"] = column_means(ctrl), column_means(case)
-        table["log2_fold_change"] = log2_ratio(table["case_share"], table["control_share"])
-        table["ci_low"] = table["ci_high"] = np.nan
-        table["p_value"] = mannwhitney_groups(case, np.zeros(len(case), int), 1, ctrl)[0]
-        table["permutation_p_value"] = np.nan
-        table["control_total_share"], table["case_total_share"] = ctrl_total.mean(axis=0), case_total.mean(axis=0)
+        shares = column_means(ctrl), column_means(case)
+        total_shares = ctrl_total.mean(axis=0), case_total.mean(axis=0)
+        found = {"effect": log2_ratio(shares[1], shares[0]), "ci_low": np.nan, "ci_high": np.nan,
+                 "p_value": mannwhitney_groups(case, np.zeros(len(case), int), 1, ctrl)[0],
+                 "permutation_p_value": np.nan}
         counts = (None, None)
     else:
         options = options or SampleOptions()
         found = _sample_test(case, ctrl, np.asarray(case_samples), np.asarray(control_samples), options,
                              "two-sided", salt=1)
-        table["control_share"] = column_means(found["control_means"])
-        table["case_share"] = column_means(found["case_means"])
-        for key in ("ci_low", "ci_high", "p_value", "permutation_p_value"):
-            table[key] = found[key]
-        table.insert(3, "log2_fold_change", found["effect"])
-        units = found["case_units"], found["control_units"]
-        table["control_total_share"] = column_means(unit_means(ctrl_total, units[1].index, len(units[1].names)))
-        table["case_total_share"] = column_means(unit_means(case_total, units[0].index, len(units[0].names)))
-        counts = (len(units[1].names), len(units[0].names))
-    table.insert(table.columns.get_loc("p_value") + 1, "q_value", bh_qvalues(table["p_value"]))
+        units = found["control_units"], found["case_units"]
+        shares = column_means(found["control_means"]), column_means(found["case_means"])
+        total_shares = tuple(column_means(unit_means(total, u.index, len(u.names)))
+                             for total, u in zip((ctrl_total, case_total), units))
+        counts = (len(units[0].names), len(units[1].names))
+    table = pd.DataFrame({"program": names[:n_baseline], "control_share": shares[0], "case_share": shares[1],
+                          "log2_fold_change": found["effect"], "ci_low": found["ci_low"], "ci_high": found["ci_high"],
+                          "p_value": found["p_value"]})
+    table["q_value"] = bh_qvalues(table["p_value"])
+    table["permutation_p_value"] = found["permutation_p_value"]
     called = (table["q_value"] < q_threshold) & (table["log2_fold_change"].abs() >= min_log2fc)
-    table.insert(table.columns.get_loc("permutation_p_value") + 1, "shift",
-                 np.where(called, np.where(table["log2_fold_change"] > 0, "up", "down"), "none"))
+    table["shift"] = np.where(called, np.where(table["log2_fold_change"] > 0, "up", "down"), "none")
+    table["control_total_share"], table["case_total_share"] = total_shares
     _unit_columns(table, "cell" if control_samples is None else "sample",
                   _test_name(None if control_samples is None else options), *counts)
     return table

@@ -90,9 +90,10 @@ class Relabellings:
 
     Groups of one table compared with the same control units reuse the same relabellings
     (as a screen's genes share their permutations): drawn once per number of units.
+    ``seed``: anything :func:`numpy.random.default_rng` takes.
     """
 
-    def __init__(self, n_resamples: int, seed: int):
+    def __init__(self, n_resamples: int, seed):
         self.n_resamples = n_resamples
         self.rng = np.random.default_rng(seed)
         self._subsets: dict[tuple[int, int], tuple[np.ndarray, bool]] = {}
@@ -107,9 +108,9 @@ class Relabellings:
                 chosen = np.array(list(itertools.combinations(range(n), m)), dtype=np.int64).reshape(-1, m)
                 self._subsets[n, m] = (chosen, True)
             else:
-                draws = [np.argpartition(self.rng.random((min(self.n_resamples - start, _BLOCK_VALUES // n + 1), n)),
-                                         m - 1, axis=1)[:, :m]
-                         for start in range(0, self.n_resamples, _BLOCK_VALUES // n + 1)]
+                step = max(1, _BLOCK_VALUES // n)  # a random m-subset: the m smallest of n random keys
+                draws = [np.argpartition(self.rng.random((min(step, self.n_resamples - start), n)), m - 1, axis=1)[:, :m]
+                         for start in range(0, self.n_resamples, step)]
                 self._subsets[n, m] = (np.vstack(draws), False)
         return self._subsets[n, m]
 
