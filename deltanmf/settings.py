@@ -220,6 +220,8 @@ class DataSettings(Settings):
     allow_unlabelled: bool = rule("bool", hint="true: cells without a condition are left out and counted; "
                                                "false: they stop the run")
     group_key: str | None = rule("str", optional=True)
+    sample_key: str | None = rule("str", optional=True,
+                                  hint="the .obs column of the replicate unit (donor, sample, guide), or null")
     symbol_key: str | None = rule("str", optional=True)
     gene_id_column: str | None = rule("str", optional=True)
     min_cells: int = rule("int", low=0, hint="keep genes detected in at least this many cells")
@@ -270,6 +272,10 @@ class ReportSettings(Settings):
     q_threshold: float = rule("float", low=0, high=1, low_open=True)
     min_log2fc: float = rule("float", low=0)
     emergence_log2fc: float = rule("float", low=0)
+    covariates: tuple[str, ...] = rule("strs", hint=".obs columns constant within each sample, e.g. [sex,batch]")
+    permutations: int = rule("int", low=0, hint="relabellings for every sample-level permutation p-value; "
+                                                "0: only with fewer than 6 samples in a condition")
+    min_cells_per_sample: int = rule("int", low=1, hint="samples with fewer cells are left out of the tests, e.g. 10")
 
 
 @dataclass(frozen=True)
@@ -334,6 +340,10 @@ class RunSettings(Settings):
         if self.stage1_varm_key and not self.stage1_from:
             raise InputError(f"stage1_varm_key={self.stage1_varm_key} names the programs of a stage1_from .h5ad, but "
                              "stage1_from is not set (stage1_from=<file>.h5ad)")
+        if self.report.covariates and not self.data.sample_key:
+            raise InputError(f"report.covariates={show(list(self.report.covariates))} are properties of samples: "
+                             "set data.sample_key to the .obs column of the replicate unit (donor, sample, "
+                             "guide), or report.covariates=[]")
         if self.resume and self.ckpt_path:
             raise InputError("give resume=true (continue in this run directory) or ckpt_path=FILE (continue from "
                              "that checkpoint in a new directory), not both")

@@ -235,8 +235,13 @@ def planted_data():
 def test_usage_shift_calls_planted_up_and_down(planted_data):
     ctrl, case = planted_data
     table = usage_shift_table(ctrl, case, NAMES, K)
-    assert list(table.columns) == ["program", "control_share", "case_share", "log2_fold_change", "p_value",
-                                   "q_value", "control_total_share", "case_total_share", "shift"]
+    assert list(table.columns) == ["program", "control_share", "case_share", "log2_fold_change", "ci_low", "ci_high",
+                                   "p_value", "q_value", "permutation_p_value", "shift", "control_total_share",
+                                   "case_total_share", "test_unit", "test", "n_control_samples", "n_case_samples"]
+    # without samples: the cell-level test, and it says so
+    assert (table["test_unit"] == "cell").all() and (table["test"] == "mann_whitney_u").all()
+    assert table[["ci_low", "ci_high", "permutation_p_value"]].isna().all().all()
+    assert table[["n_control_samples", "n_case_samples"]].isna().all().all()
     assert list(table["program"]) == NAMES[:K]
     expected = ["none"] * K
     expected[UP], expected[DOWN] = "up", "down"
@@ -430,9 +435,11 @@ def test_case_program_table_statistics_match_references(case_data):
     thr = 0.1
     table = case_program_table(ctrl, case, NAMES, K, programs, genes, symbols, share_threshold=thr)
     assert list(table.columns) == ["program", "case_fraction_using", "control_fraction_using", "case_mean_share",
-                                   "control_mean_share", "mean_share_when_used", "log2_fold_change", "p_value",
-                                   "q_value", "emergent", "closest_baseline", "cosine_to_closest_baseline",
-                                   "top_genes"]
+                                   "control_mean_share", "mean_share_when_used", "log2_fold_change", "ci_low",
+                                   "ci_high", "p_value", "q_value", "permutation_p_value", "emergent",
+                                   "closest_baseline", "cosine_to_closest_baseline", "top_genes", "test_unit", "test",
+                                   "n_control_samples", "n_case_samples"]
+    assert (table["test_unit"] == "cell").all() and (table["test"] == "mann_whitney_u").all()
     assert list(table["program"]) == NAMES[K:]
     tc, tx = ref_share(ctrl, slice(None))[:, K:], ref_share(case, slice(None))[:, K:]
     np.testing.assert_allclose(table["case_fraction_using"], (tx >= thr).mean(axis=0), rtol=1e-12)
@@ -577,7 +584,10 @@ def test_group_usage_table_layout_and_counts(group_data):
     usage, groups, is_control = group_data
     table = group_usage_table(usage, groups, is_control, NAMES, K)
     assert list(table.columns) == ["group", "program", "program_kind", "n_cells", "share", "control_share",
-                                   "log2_fold_change", "p_value", "q_value", "called"]
+                                   "log2_fold_change", "ci_low", "ci_high", "p_value", "q_value",
+                                   "permutation_p_value", "called", "test_unit", "test", "n_control_samples",
+                                   "n_case_samples"]
+    assert (table["test_unit"] == "cell").all() and (table["test"] == "mann_whitney_u").all()
     assert len(table) == 3 * (K + C)
     assert set(table["group"]) == {"A", "B", "C"}  # control cells never form a group
     assert "ctrl" not in set(table["group"])

@@ -139,6 +139,26 @@ def test_usage_share_plot_nothing_called(tmp_path):
     save_png(pl.usage_share_plot(shift, cases), tmp_path / "quiet.png")
 
 
+def test_usage_share_plot_shows_the_sample_level_intervals(tmp_path, fit):
+    """With per-sample tests: a third panel with each baseline program's log2 FC and 95% CI."""
+    ctrl, case, programs, genes, cell_shift, _ = fit
+    labels = lambda n, prefix: np.array([f"{prefix}{i % 6}" for i in range(n)])  # noqa: E731
+    samples = dict(control_samples=labels(len(ctrl), "c"), case_samples=labels(len(case), "x"))
+    shift = usage_shift_table(ctrl, case, NAMES, K, **samples)
+    cases = case_program_table(ctrl, case, NAMES, K, programs, genes, **samples)
+    fig = pl.usage_share_plot(shift, cases)
+    save_png(fig, tmp_path / "usage_share_samples.png")
+    axes = plot_axes(fig)
+    assert len(axes) == 3 and len(plot_axes(pl.usage_share_plot(cell_shift, cases))) == 2
+    assert "6 control, 6 case" in axes[0].get_title()
+    forest = axes[2]
+    points = np.concatenate([line.get_xdata() for line in forest.lines if len(line.get_xdata()) and
+                             line.get_marker() == "o"])
+    np.testing.assert_allclose(np.sort(points), np.sort(shift["log2_fold_change"]))
+    ticks = sorted(zip(forest.get_yticks(), (t.get_text() for t in forest.get_yticklabels())), reverse=True)
+    assert [label for _, label in ticks] == list(shift["program"])  # top to bottom, in the table's order
+
+
 def test_similarity_plot_writes_png(tmp_path, fit):
     *_, programs, _, _, _ = fit
     cos = cosine_matrix(programs[:, :K], programs[:, K:])

@@ -321,3 +321,59 @@ def test_chunked_counts_match_single_block(monkeypatch, adata):
     chunked = simulate.simulate_case_control(**SMALL, seed=1)
     assert chunked.X.format == "csr" and chunked.X.dtype == np.float32
     assert (chunked.X != adata.X).nnz == 0
+
+
+# --------------------------------------------------------------------------------------
+# samples (donors) with a donor random effect
+# --------------------------------------------------------------------------------------
+def _digest(ad) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for arr in (ad.X.data, ad.X.indices, ad.X.indptr, ad.obsm["sim_usage"], ad.varm["sim_programs"],
+                ad.obs["library_size"].to_numpy()):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update(",".join(ad.obs["perturbation"].astype(str)).encode())
+    return h.hexdigest()
+
+
+def test_without_samples_the_data_are_those_of_the_simulator_before_samples(adata):
+    # digest of simulate_case_control(**SMALL, seed=1) taken on main (71b59d5), before samples existed
+    assert _digest(adata) == "6667f7bb8c4893a3b6a565f92c6a7e7bf8775cc9731b589ec0ec5d82365e56b4"
+    assert "sample" not in adata.obs and "sample_effects" not in adata.uns["simulation"]
+
+
+def test_samples_are_nested_in_conditions_and_carry_a_donor_effect():
+    sim = simulate_case_control(**{**SMALL, "n_control": 600, "n_case": 600, "n_shifted": 0}, n_control_samples=6,
+                                n_case_samples=4, sample_sigma=1.0, seed=5)
+    obs = sim.obs
+    counts = pd.crosstab(obs["sample"], obs["condition"])
+    assert (counts.loc[[f"control_{i}" for i in range(1, 7)], "case"] == 0).all()
+    assert (counts.loc[[f"case_{i}" for i in range(1, 5)], "control"] == 0).all()
+    assert set(counts.loc[[f"control_{i}" for i in range(1, 7)], "control"]) == {100}
+    assert set(counts.loc[[f"case_{i}" for i in range(1, 5)], "case"]) == {150}
+    effects = sim.uns["simulation"]["sample_effects"]
+    assert effects.shape == (10, SMALL["n_programs"])
+    # each sample's mean usage share follows its own effect: within-sample means track exp(effect)
+    k = SMALL["n_programs"]
+    usage = simulation_truth(sim).usage[:, :k]
+    share = usage / usage.sum(axis=1, keepdims=True)
+    means = pd.DataFrame(share).groupby(obs["sample"].to_numpy()).mean()
+    for i, name in enumerate([f"control_{j}" for j in range(1, 7)]):
+        expected = np.exp(effects[i]) / np.exp(effects[i]).sum()
+        assert np.corrcoef(np.log(means.loc[name]), np.log(expected))[0, 1] > 0.8, name
+    again = simulate_case_control(**{**SMALL, "n_control": 600, "n_case": 600, "n_shifted": 0},
+                                  n_control_samples=6, n_case_samples=4, sample_sigma=1.0, seed=5)
+    assert (again.X != sim.X).nnz == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n_control_samples": 3}, "both be 0"),
+    ({"n_control_samples": 0, "n_case_samples": 2}, "both be 0"),
+    ({"n_control_samples": 201, "n_case_samples": 2}, "must not exceed"),
+    ({"n_control_samples": -1, "n_case_samples": 2}, "n_control_samples"),
+    ({"n_control_samples": 2, "n_case_samples": 2, "sample_sigma": -0.1}, "sample_sigma"),
+])
+def test_bad_sample_arguments_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        simulate_case_control(**SMALL, **kwargs)

@@ -123,10 +123,30 @@ def make_usage(
     case_fraction: float,
     case_share: tuple[float, float],
     usage_concentration: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Return (usage, case_group_index, shifted, case_program_group_index)."""
+    n_control_samples: int = 0,
+    n_case_samples: int = 0,
+    sample_sigma: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Return (usage, case_group_index, shifted, case_program_group_index, sample_index,
+    sample_effect).
+
+    Without samples (``n_control_samples = n_case_samples = 0``) the draws are those of
+    the simulator before samples existed, so its datasets are unchanged; ``sample_index``
+    and ``sample_effect`` are then None. With samples, ``sample_index`` gives each cell's
+    sample (controls' samples first) and ``sample_effect`` (samples x K) each sample's
+    log-scale factor on every baseline program's concentration.
+    """
     base_alpha = np.full(n_programs, usage_concentration)
-    control_usage = rng.dirichlet(base_alpha, size=n_control)
+    sample_index = effect = None
+    if n_control_samples:
+        # round-robin then shuffle: sample sizes differ by at most one cell
+        control_sample = rng.permutation(np.arange(n_control) % n_control_samples)
+        case_sample = rng.permutation(np.arange(n_case) % n_case_samples)
+        sample_index = np.concatenate([control_sample, n_control_samples + case_sample])
+        effect = rng.normal(0.0, sample_sigma, size=(n_control_samples + n_case_samples, n_programs))
+        control_usage = _dirichlet_by_sample(rng, base_alpha * np.exp(effect[:n_control_samples]), control_sample)
+    else:
+        control_usage = rng.dirichlet(base_alpha, size=n_control)
 
     shifted = np.zeros(n_programs, dtype=np.int64)
     chosen = rng.choice(n_programs, size=n_shifted, replace=False)
@@ -141,7 +161,10 @@ def make_usage(
         case_alpha[up] += gained * base_alpha[up] / base_alpha[up].sum()
     else:
         case_alpha[up] *= shift_factor
-    case_usage = rng.dirichlet(case_alpha, size=n_case)
+    if n_control_samples:  # the donor effect multiplies the shifted concentrations too
+        case_usage = _dirichlet_by_sample(rng, case_alpha * np.exp(effect[n_control_samples:]), case_sample)
+    else:
+        case_usage = rng.dirichlet(case_alpha, size=n_case)
 
     # Round-robin then shuffle gives group sizes that differ by at most one.
     case_group = rng.permutation(np.arange(n_case) % n_groups)
@@ -164,7 +187,16 @@ def make_usage(
 
     control_usage = np.hstack([control_usage, np.zeros((n_control, n_case_programs))])
     usage = np.vstack([control_usage, case_usage])
-    return usage, case_group, shifted, program_group
+    return usage, case_group, shifted, program_group, sample_index, effect
+
+
+def _dirichlet_by_sample(rng: np.random.Generator, alpha: np.ndarray, sample: np.ndarray) -> np.ndarray:
+    """One Dirichlet draw per cell from its sample's concentrations (samples x K)."""
+    usage = np.empty((len(sample), alpha.shape[1]))
+    for s in range(len(alpha)):
+        cells = np.flatnonzero(sample == s)
+        usage[cells] = rng.dirichlet(alpha[s], size=len(cells))
+    return usage
 
 
 def draw_counts(

@@ -47,6 +47,19 @@ Usage
     than one; each one scales everything before it, so every usage row stays
     on the simplex over the ``K + C`` programs.
 
+Samples (donors)
+    With ``n_control_samples`` and ``n_case_samples`` (both or neither), control
+    and case cells are split as evenly as possible into that many samples
+    (``obs["sample"]``: ``control_1`` ..., ``case_1`` ...), and every sample
+    multiplies every baseline program's Dirichlet concentration by
+    ``exp(e)``, ``e ~ Normal(0, sample_sigma)`` drawn per sample and program:
+    a donor random effect, under which cells of one sample resemble each other
+    more than cells of different samples. The planted shifts act on top of it,
+    so the population-level truth (``shifted``) is unchanged; a program that
+    is not shifted differs between case and control samples only by donor
+    noise. Without samples no extra random number is drawn and the data are
+    those of a simulator without samples.
+
 Counts
     Library sizes are lognormal with median ``library_size`` and log-scale
     spread ``library_sigma``.  Counts are
@@ -135,6 +148,9 @@ def simulate_case_control(
     library_sigma: float = 0.3,
     embedding_dim: int = 32,
     embedding_noise: float = 0.5,
+    n_control_samples: int = 0,
+    n_case_samples: int = 0,
+    sample_sigma: float = 0.0,
     seed: int = 0,
 ) -> anndata.AnnData:
     """Simulate case-control single-cell counts with planted gene programs.
@@ -182,6 +198,12 @@ def simulate_case_control(
         Dimension of the gene embeddings (>= 1).
     embedding_noise : float, default 0.5
         Standard deviation (>= 0) of the per-coordinate embedding noise.
+    n_control_samples, n_case_samples : int, default 0
+        Samples (donors) among control and case cells; both 0 (no samples) or
+        both at least 1, and at most the number of cells.
+    sample_sigma : float, default 0.0
+        Log-scale standard deviation (>= 0) of each sample's factor on every
+        baseline program's concentration (the donor random effect).
     seed : int, default 0
         Seed for ``numpy.random.default_rng``.
 
@@ -190,7 +212,9 @@ def simulate_case_control(
     anndata.AnnData
         Cells x genes, controls first.  ``X`` holds the counts as float32
         CSR.  ``obs`` has ``condition`` (``control``/``case``),
-        ``perturbation`` (``NTC`` or ``TARGET1`` ...) and ``library_size``.
+        ``perturbation`` (``NTC`` or ``TARGET1`` ...), ``library_size`` and,
+        with samples, ``sample``; ``uns["simulation"]["sample_effects"]``
+        then holds each sample's log factors (samples x K).
         ``var_names`` are Ensembl-style IDs, ``var["gene_symbol"]`` gene
         symbols.  The truth is stored in ``varm["sim_programs"]``,
         ``varm["sim_case_programs"]``, ``varm["sim_embedding"]``,
@@ -230,6 +254,19 @@ def simulate_case_control(
     embedding_noise = check_float(
         "embedding_noise", embedding_noise, 0.0, np.inf, False, True
     )
+    n_control_samples = check_int("n_control_samples", n_control_samples, 0)
+    n_case_samples = check_int("n_case_samples", n_case_samples, 0)
+    if (n_control_samples == 0) != (n_case_samples == 0):
+        raise ValueError(
+            f"n_control_samples and n_case_samples must both be 0 (no samples) or both >= 1, "
+            f"got {n_control_samples} and {n_case_samples}"
+        )
+    if n_control_samples > n_control or n_case_samples > n_case:
+        raise ValueError(
+            f"n_control_samples and n_case_samples must not exceed the cells of their condition "
+            f"({n_control} and {n_case}), got {n_control_samples} and {n_case_samples}"
+        )
+    sample_sigma = check_float("sample_sigma", sample_sigma, 0.0, np.inf, False, True)
     if not whole_number(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     seed = int(seed)
@@ -248,7 +285,7 @@ def simulate_case_control(
         rng, n_genes, n_total, markers_per_program, background_weight
     )
     embedding = make_embedding(rng, specific, embedding_dim, embedding_noise)
-    usage, case_group, shifted, program_group = make_usage(
+    usage, case_group, shifted, program_group, sample_index, sample_effects = make_usage(
         rng,
         n_programs,
         n_case_programs,
@@ -260,6 +297,9 @@ def simulate_case_control(
         case_fraction,
         case_share,
         usage_concentration,
+        n_control_samples,
+        n_case_samples,
+        sample_sigma,
     )
     n_cells = n_control + n_case
     library = rng.lognormal(mean=np.log(library_size), sigma=library_sigma, size=n_cells)
@@ -280,6 +320,11 @@ def simulate_case_control(
         },
         index=pd.Index([f"cell_{i}" for i in range(n_cells)]),
     )
+    if sample_index is not None:
+        sample_names = [f"control_{i + 1}" for i in range(n_control_samples)] + [
+            f"case_{i + 1}" for i in range(n_case_samples)
+        ]
+        obs["sample"] = pd.Categorical(np.asarray(sample_names)[sample_index], categories=sample_names)
     var = pd.DataFrame(
         {"gene_symbol": [f"GENE{i + 1}" for i in range(n_genes)]},
         index=pd.Index([f"ENSG{i + 1:011d}" for i in range(n_genes)]),
@@ -303,6 +348,9 @@ def simulate_case_control(
         "library_sigma": library_sigma,
         "embedding_dim": embedding_dim,
         "embedding_noise": embedding_noise,
+        "n_control_samples": n_control_samples,
+        "n_case_samples": n_case_samples,
+        "sample_sigma": sample_sigma,
         "seed": seed,
     }
     uns = {
@@ -320,6 +368,8 @@ def simulate_case_control(
             ),
         }
     }
+    if sample_effects is not None:
+        uns[_UNS_KEY]["sample_effects"] = sample_effects
 
     adata = anndata.AnnData(X=counts, obs=obs, var=var, uns=uns)
     adata.varm[_VARM_PROGRAMS] = np.ascontiguousarray(all_programs[:, :n_programs])

@@ -9,11 +9,23 @@ from matplotlib.figure import Figure
 MAX_GROUPS = 60
 
 
+def _unit(table: pd.DataFrame) -> str:
+    """How a table's tests were run, for a title: across samples (how many) or cells."""
+    if "test_unit" not in table or not len(table) or table["test_unit"].iloc[0] != "sample":
+        return "tests across cells"
+    return (f"tests across samples: {int(table['n_control_samples'].iloc[0])} control, "
+            f"{int(table['n_case_samples'].iloc[0])} case")
+
+
 def usage_share_plot(shift: pd.DataFrame, case_programs: pd.DataFrame) -> Figure:
     """Mean usage share per program, control vs case; called shifts and emergent programs
-    marked (``usage_share.png``)."""
-    fig = Figure(figsize=(max(6, 0.55 * len(shift) + 2) + 3, 3.6))
-    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(len(shift), 1), max(len(case_programs), 1) + 1]})
+    marked (``usage_share.png``). With sample-level tests a third panel shows each baseline
+    program's log2 fold change with its 95% interval across samples."""
+    forest = "ci_low" in shift and bool(np.isfinite(shift["ci_low"].to_numpy(dtype=float)).any())
+    ratios = [max(len(shift), 1), max(len(case_programs), 1) + 1] + ([max(len(shift), 1) * 0.6] if forest else [])
+    fig = Figure(figsize=(max(6, 0.55 * len(shift) + 2) + 3 + (0.35 * len(shift) + 1.5 if forest else 0), 3.6))
+    axes = fig.subplots(1, len(ratios), gridspec_kw={"width_ratios": ratios})
+    ax1, ax2 = axes[0], axes[1]
     x = np.arange(len(shift))
     ax1.bar(x - 0.2, shift["control_share"], 0.4, label="control", color="tab:gray")
     ax1.bar(x + 0.2, shift["case_share"], 0.4, label="case", color="tab:orange")
@@ -24,7 +36,7 @@ def usage_share_plot(shift: pd.DataFrame, case_programs: pd.DataFrame) -> Figure
     ax1.set_ylim(0, float(top.max()) * 1.15)  # room for the arrows
     ax1.set_xticks(x, shift["program"], rotation=60, ha="right", fontsize=8)
     ax1.set_ylabel("mean share of baseline usage")
-    ax1.set_title("Baseline programs (arrow: called shift)", fontsize=10)
+    ax1.set_title(f"Baseline programs (arrow: called shift)\n{_unit(shift)}", fontsize=9)
     ax1.legend(fontsize=8)
     x = np.arange(len(case_programs))
     ax2.bar(x - 0.2, case_programs["control_mean_share"], 0.4, label="control", color="tab:gray")
@@ -37,8 +49,25 @@ def usage_share_plot(shift: pd.DataFrame, case_programs: pd.DataFrame) -> Figure
     ax2.set_xticks(x, case_programs["program"], rotation=60, ha="right", fontsize=8)
     ax2.set_ylabel("mean share of total usage")
     ax2.set_title("Case programs (*: emergent)", fontsize=10)
+    if forest:
+        _forest(axes[2], shift)
     fig.tight_layout()
     return fig
+
+
+def _forest(ax, shift: pd.DataFrame) -> None:
+    """log2 fold change with its 95% interval per baseline program; called shifts in colour."""
+    y = np.arange(len(shift))[::-1]
+    called = (shift["shift"] != "none").to_numpy()
+    effect = shift["log2_fold_change"].to_numpy(dtype=float)
+    low, high = shift["ci_low"].to_numpy(dtype=float), shift["ci_high"].to_numpy(dtype=float)
+    for mask, color in ((~called, "tab:gray"), (called, "tab:red")):
+        ax.errorbar(effect[mask], y[mask], xerr=[effect[mask] - low[mask], high[mask] - effect[mask]], fmt="o",
+                    color=color, ms=4, capsize=2, lw=1)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y, shift["program"], fontsize=8)
+    ax.set_xlabel("log2 fold change (95% CI)", fontsize=8)
+    ax.set_title("Shift across samples (red: called)", fontsize=10)
 
 
 def group_usage_plot(table: pd.DataFrame) -> Figure:
@@ -48,7 +77,7 @@ def group_usage_plot(table: pd.DataFrame) -> Figure:
     called = table.pivot(index="group", columns="program", values="called").reindex_like(wide)
     programs = list(dict.fromkeys(table["program"]))
     wide, called = wide[programs], called[programs]
-    title = "log2 fold change of usage share vs control (dot: called)"
+    title = f"log2 fold change of usage share vs control (dot: called; {_unit(table)})"
     if len(wide) > MAX_GROUPS:  # keep the most changed groups readable
         keep = wide.abs().max(axis=1).sort_values(ascending=False).index[:MAX_GROUPS]
         wide, called = wide.loc[keep], called.loc[keep]

@@ -1,30 +1,45 @@
 """Case-control statistics of a two-stage fit: shifted usage and emerging programs.
 
 All functions take usage matrices (cells x programs, baseline programs first) and return
-pandas tables. Two kinds of share are used:
+pandas tables; the shares they compare are described in :mod:`deltanmf.tl.shares`.
 
-- *baseline share*: a baseline program's usage over the cell's total **baseline** usage.
-  Case programs taking part of a case cell's usage therefore do not read as a drop of
-  every baseline program; this is the share the shift test uses. A cell with no
-  baseline usage at all has no baseline composition and is left out of those means
-  and tests (its share is NaN there).
-- *total share*: a program's usage over the cell's total usage (all programs); used for
-  case programs and reported beside the baseline share.
+Each table tests at one of two units, named in its ``test_unit`` column:
 
-Fold changes are ``log2((mean_case + eps) / (mean_control + eps))`` with ``eps = 1e-3``
-(shares live in [0, 1]); p-values are Mann-Whitney U tests; q-values are
-Benjamini-Hochberg over the programs of one table.
+- ``sample`` (with per-cell sample labels, ``data.sample_key``): each sample's mean share,
+  compared across samples on the log scale (:mod:`deltanmf.tl.sampletests`): Welch's t or,
+  with covariates, OLS; ``log2_fold_change`` is the difference of mean ``log2(share +
+  1e-3)`` with its 95% interval (``ci_low``, ``ci_high``); ``permutation_p_value`` when a
+  side has fewer than 6 samples or ``permutations > 0``.
+- ``cell`` (no samples): Mann-Whitney U over cells (:mod:`deltanmf.tl.celltests`);
+  ``log2_fold_change`` is ``log2((mean case share + 1e-3) / (mean control share + 1e-3))``.
+
+q-values are Benjamini-Hochberg over the finite p-values of one table.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
-from scipy.stats import false_discovery_control, mannwhitneyu
+from scipy.stats import false_discovery_control
 
 from ..core.metrics import cosine_matrix
 from ..settings import ReportSettings
+from .celltests import mannwhitney_groups
+from .samples import sample_options
+from .sampletests import (AUTO_PERMUTATIONS, Relabellings, SampleOptions, compare_units, covariate_matrix,
+                          resamples, units_of)
+from .shares import (PSEUDO, baseline_share, column_means, defined_baseline_share, log2_ratio, log2_share,
+                     novelty, total_share, unit_means)
 
-PSEUDO = 1e-3
+log = logging.getLogger(__name__)
+
+__all__ = ["PSEUDO", "SampleOptions", "baseline_share", "bh_qvalues", "case_control_tables", "case_program_table",
+           "group_usage_table", "novelty", "total_share", "usage_shift_table"]
+
+CELL_WARNING = ("statistics at the cell level: p-values treat cells as independent replicates and overstate the "
+                "evidence when cells come from few samples (donors, guides); set data.sample_key to the .obs column "
+                "of the replicate unit to test across samples")
 
 
 def bh_qvalues(p: np.ndarray) -> np.ndarray:
@@ -38,95 +53,116 @@ def bh_qvalues(p: np.ndarray) -> np.ndarray:
     return q
 
 
-def _share(usage: np.ndarray, columns: slice | None = None) -> np.ndarray:
-    usage = np.asarray(usage, dtype=np.float64)
-    part = usage if columns is None else usage[:, columns]
-    total = part.sum(axis=1, keepdims=True)
-    return np.divide(part, total, out=np.zeros_like(part), where=total > 0)
+def _design(options: SampleOptions, case_samples: list, control_samples: list) -> tuple:
+    """The covariate columns of the case and control units (one design for both)."""
+    if options.covariates is None:
+        return None, None
+    z = covariate_matrix(options.covariates.loc[list(case_samples) + list(control_samples)])
+    return z[:len(case_samples)], z[len(case_samples):]
 
 
-def baseline_share(usage: np.ndarray, n_baseline: int) -> np.ndarray:
-    """Each baseline program's share of the cell's baseline usage (cells x K)."""
-    return _share(usage, slice(0, n_baseline))
+def _relabellings(options: SampleOptions, salt: int) -> Relabellings:
+    return Relabellings(options.permutations or AUTO_PERMUTATIONS, np.random.SeedSequence([options.seed, salt]))
 
 
-def total_share(usage: np.ndarray) -> np.ndarray:
-    """Each program's share of the cell's total usage (cells x all programs)."""
-    return _share(usage)
+def _sample_test(case_shares, control_shares, case_labels, control_labels, options, alternative, salt) -> dict:
+    """One sample-level comparison of every program: unit means, the test, and the counts."""
+    case_units, control_units = units_of(case_labels, options.min_cells), units_of(control_labels, options.min_cells)
+    case_means = unit_means(case_shares, case_units.index, len(case_units.names))
+    control_means = unit_means(control_shares, control_units.index, len(control_units.names))
+    case_z, control_z = _design(options, case_units.names, control_units.names)
+    relabel = _relabellings(options, salt) if resamples(options, len(case_units.names),
+                                                         len(control_units.names)) else None
+    found = compare_units(log2_share(case_means), log2_share(control_means), case_z=case_z, control_z=control_z,
+                          alternative=alternative, relabel=relabel)
+    found.update(case_units=case_units, control_units=control_units, case_means=case_means,
+                 control_means=control_means)
+    return found
 
 
-def novelty(usage: np.ndarray, n_baseline: int) -> np.ndarray:
-    """Per cell, the share of its usage that comes from case programs."""
-    return total_share(usage)[:, n_baseline:].sum(axis=1)
+def _unit_columns(table: pd.DataFrame, unit: str, test: str, n_control=None, n_case=None) -> None:
+    """The columns saying how a table was tested; sample counts empty (NA) at the cell level."""
+    table["test_unit"], table["test"] = unit, test
+    for column, count in (("n_control_samples", n_control), ("n_case_samples", n_case)):
+        values = np.broadcast_to(np.asarray(pd.NA if count is None else count, dtype=object), len(table))
+        table[column] = pd.array(values, dtype="Int64")
 
 
-def _log2fc(case_mean, control_mean):
-    return np.log2((np.asarray(case_mean) + PSEUDO) / (np.asarray(control_mean) + PSEUDO))
-
-
-def _defined_baseline_share(usage: np.ndarray, n_baseline: int) -> np.ndarray:
-    """Baseline share with NaN rows for cells without any baseline usage."""
-    share = baseline_share(usage, n_baseline)
-    share[np.asarray(usage)[:, :n_baseline].sum(axis=1) <= 0] = np.nan
-    return share
-
-
-def _mwu(case: np.ndarray, control: np.ndarray, alternative: str) -> np.ndarray:
-    """Column-wise Mann-Whitney U p-values over the non-NaN cells of each column; NaN where
-    a group is empty or the column is constant in both groups."""
-    p = np.full(case.shape[1], np.nan)
-    for j in range(case.shape[1]):
-        a, b = case[:, j], control[:, j]
-        a, b = a[~np.isnan(a)], b[~np.isnan(b)]
-        if len(a) and len(b) and np.ptp(np.concatenate([a, b])) > 0:
-            p[j] = mannwhitneyu(a, b, alternative=alternative, method="asymptotic").pvalue
-    return p
-
-
-def _mean(x: np.ndarray) -> np.ndarray:
-    """Column means over the non-NaN cells (NaN for a column without any)."""
-    count = (~np.isnan(x)).sum(axis=0)
-    return np.divide(np.nansum(x, axis=0), count, out=np.full(x.shape[1], np.nan), where=count > 0)
+def _test_name(options: SampleOptions | None) -> str:
+    if options is None:
+        return "mann_whitney_u"
+    return "ols" if options.covariates is not None else "welch_t"
 
 
 def usage_shift_table(control_usage: np.ndarray, case_usage: np.ndarray, names: list[str], n_baseline: int,
-                      q_threshold: float = 0.05, min_log2fc: float = 0.25) -> pd.DataFrame:
-    """Per baseline program: does its usage share shift between control and case cells?
+                      q_threshold: float = 0.05, min_log2fc: float = 0.25, *, control_samples=None,
+                      case_samples=None, options: SampleOptions | None = None) -> pd.DataFrame:
+    """Per baseline program: does its usage share shift between control and case?
 
-    Columns: ``program``, ``control_share``, ``case_share`` (mean baseline share),
-    ``log2_fold_change``, ``p_value`` (two-sided Mann-Whitney U on the baseline share),
-    ``q_value`` (BH), ``control_total_share``, ``case_total_share`` (mean total share),
-    ``shift`` (``up``/``down`` when ``q < q_threshold`` and ``|log2 FC| >= min_log2fc``,
-    else ``none``).
+    With ``control_samples`` and ``case_samples`` (each cell's sample) the test is at the
+    sample level, run as ``options`` say; else at the cell level.
+
+    Columns: ``program``; ``control_share``, ``case_share`` (mean baseline share: over
+    samples of each sample's mean, or over cells); ``log2_fold_change`` with ``ci_low``,
+    ``ci_high`` (95%; sample level only); ``p_value`` (two-sided: Welch's t or OLS across
+    samples, or Mann-Whitney U across cells; ``test`` names it); ``q_value`` (BH);
+    ``permutation_p_value`` (sample level with few samples, else NaN); ``shift``
+    (``up``/``down`` when ``q < q_threshold`` and ``|log2 FC| >= min_log2fc``, else
+    ``none``); ``control_total_share``, ``case_total_share`` (mean total share);
+    ``test_unit`` (``sample`` or ``cell``), ``test``, ``n_control_samples``,
+    ``n_case_samples`` (empty at the cell level).
     """
-    ctrl = _defined_baseline_share(control_usage, n_baseline)
-    case = _defined_baseline_share(case_usage, n_baseline)
-    table = pd.DataFrame({"program": names[:n_baseline], "control_share": _mean(ctrl), "case_share": _mean(case)})
-    table["log2_fold_change"] = _log2fc(table["case_share"], table["control_share"])
-    table["p_value"] = _mwu(case, ctrl, "two-sided")
+    ctrl = defined_baseline_share(control_usage, n_baseline)
+    case = defined_baseline_share(case_usage, n_baseline)
+    ctrl_total, case_total = total_share(control_usage)[:, :n_baseline], total_share(case_usage)[:, :n_baseline]
+    if control_samples is None:
+        shares = column_means(ctrl), column_means(case)
+        total_shares = ctrl_total.mean(axis=0), case_total.mean(axis=0)
+        found = {"effect": log2_ratio(shares[1], shares[0]), "ci_low": np.nan, "ci_high": np.nan,
+                 "p_value": mannwhitney_groups(case, np.zeros(len(case), int), 1, ctrl)[0],
+                 "permutation_p_value": np.nan}
+        counts = (None, None)
+    else:
+        options = options or SampleOptions()
+        found = _sample_test(case, ctrl, np.asarray(case_samples), np.asarray(control_samples), options,
+                             "two-sided", salt=1)
+        units = found["control_units"], found["case_units"]
+        shares = column_means(found["control_means"]), column_means(found["case_means"])
+        total_shares = tuple(column_means(unit_means(total, u.index, len(u.names)))
+                             for total, u in zip((ctrl_total, case_total), units))
+        counts = (len(units[0].names), len(units[1].names))
+    table = pd.DataFrame({"program": names[:n_baseline], "control_share": shares[0], "case_share": shares[1],
+                          "log2_fold_change": found["effect"], "ci_low": found["ci_low"], "ci_high": found["ci_high"],
+                          "p_value": found["p_value"]})
     table["q_value"] = bh_qvalues(table["p_value"])
-    table["control_total_share"] = total_share(control_usage)[:, :n_baseline].mean(axis=0)
-    table["case_total_share"] = total_share(case_usage)[:, :n_baseline].mean(axis=0)
+    table["permutation_p_value"] = found["permutation_p_value"]
     called = (table["q_value"] < q_threshold) & (table["log2_fold_change"].abs() >= min_log2fc)
     table["shift"] = np.where(called, np.where(table["log2_fold_change"] > 0, "up", "down"), "none")
+    table["control_total_share"], table["case_total_share"] = total_shares
+    _unit_columns(table, "cell" if control_samples is None else "sample",
+                  _test_name(None if control_samples is None else options), *counts)
     return table
 
 
 def case_program_table(control_usage: np.ndarray, case_usage: np.ndarray, names: list[str], n_baseline: int,
                        programs: np.ndarray, genes, symbols=None, share_threshold: float = 0.1,
-                       q_threshold: float = 0.05, min_log2fc: float = 1.0, n_top: int = 10) -> pd.DataFrame:
+                       q_threshold: float = 0.05, min_log2fc: float = 1.0, n_top: int = 10, *,
+                       control_samples=None, case_samples=None, options: SampleOptions | None = None) -> pd.DataFrame:
     """Per case program: how many case cells use it, how strongly, and is it case-specific?
 
     ``control_usage`` must be the control cells' usage of **all** programs (baseline and
     case, e.g. NNLS on the final programs): a case program that the controls use just as
     much is not case-specific. A cell *uses* a program when its total share is at least
-    ``share_threshold``.
+    ``share_threshold``. Samples and ``options`` as for :func:`usage_shift_table`.
 
-    Columns: ``program``, ``case_fraction_using``, ``control_fraction_using``,
-    ``case_mean_share``, ``control_mean_share``, ``mean_share_when_used``,
-    ``log2_fold_change``, ``p_value`` (one-sided Mann-Whitney U, case > control),
-    ``q_value``, ``emergent`` (``q < q_threshold`` and log2 FC >= ``min_log2fc``),
-    ``closest_baseline`` and ``cosine_to_closest_baseline``, ``top_genes`` (";"-joined).
+    Columns: ``program``, ``case_fraction_using``, ``control_fraction_using`` (of cells),
+    ``case_mean_share``, ``control_mean_share`` (mean total share, over samples or
+    cells), ``mean_share_when_used`` (over the using case cells), ``log2_fold_change``,
+    ``ci_low``, ``ci_high``, ``p_value`` (one-sided, case > control), ``q_value``,
+    ``permutation_p_value``, ``emergent`` (``q < q_threshold`` and log2 FC >=
+    ``min_log2fc``), ``closest_baseline`` and ``cosine_to_closest_baseline``,
+    ``top_genes`` (";"-joined), ``test_unit``, ``test``, ``n_control_samples``,
+    ``n_case_samples``.
     """
     ctrl = total_share(control_usage)[:, n_baseline:]
     case = total_share(case_usage)[:, n_baseline:]
@@ -136,14 +172,26 @@ def case_program_table(control_usage: np.ndarray, case_usage: np.ndarray, names:
         "program": case_names,
         "case_fraction_using": used.mean(axis=0) if len(case) else np.nan,
         "control_fraction_using": (ctrl >= share_threshold).mean(axis=0) if len(ctrl) else np.nan,
-        "case_mean_share": case.mean(axis=0),
-        "control_mean_share": ctrl.mean(axis=0),
-        "mean_share_when_used": [case[used[:, j], j].mean() if used[:, j].any() else 0.0
-                                 for j in range(case.shape[1])],
     })
-    table["log2_fold_change"] = _log2fc(table["case_mean_share"], table["control_mean_share"])
-    table["p_value"] = _mwu(case, ctrl, "greater")
+    if control_samples is None:
+        table["case_mean_share"], table["control_mean_share"] = case.mean(axis=0), ctrl.mean(axis=0)
+        found = {"effect": log2_ratio(table["case_mean_share"], table["control_mean_share"]),
+                 "ci_low": np.nan, "ci_high": np.nan, "permutation_p_value": np.nan,
+                 "p_value": mannwhitney_groups(case, np.zeros(len(case), int), 1, ctrl, "greater")[0]}
+        counts = (None, None)
+    else:
+        options = options or SampleOptions()
+        found = _sample_test(case, ctrl, np.asarray(case_samples), np.asarray(control_samples), options,
+                             "greater", salt=2)
+        table["case_mean_share"] = column_means(found["case_means"])
+        table["control_mean_share"] = column_means(found["control_means"])
+        counts = (len(found["control_units"].names), len(found["case_units"].names))
+    table["mean_share_when_used"] = [case[used[:, j], j].mean() if used[:, j].any() else 0.0
+                                     for j in range(case.shape[1])]
+    table["log2_fold_change"] = found["effect"]
+    table["ci_low"], table["ci_high"], table["p_value"] = found["ci_low"], found["ci_high"], found["p_value"]
     table["q_value"] = bh_qvalues(table["p_value"])
+    table["permutation_p_value"] = found["permutation_p_value"]
     table["emergent"] = (table["q_value"] < q_threshold) & (table["log2_fold_change"] >= min_log2fc)
     cos = cosine_matrix(programs[:, :n_baseline], programs[:, n_baseline:])
     table["closest_baseline"] = [names[i] for i in cos.argmax(axis=0)] if n_baseline else ""
@@ -151,69 +199,150 @@ def case_program_table(control_usage: np.ndarray, case_usage: np.ndarray, names:
     labels = np.asarray(symbols if symbols is not None else genes).astype(str)
     table["top_genes"] = [";".join(labels[np.argsort(-programs[:, n_baseline + j], kind="stable")[:n_top]])
                           for j in range(len(case_names))]
+    _unit_columns(table, "cell" if control_samples is None else "sample",
+                  _test_name(None if control_samples is None else options), *counts)
     return table
+
+
+GROUP_COLUMNS = ["group", "program", "program_kind", "n_cells", "share", "control_share", "log2_fold_change",
+                 "ci_low", "ci_high", "p_value", "q_value", "permutation_p_value", "called", "test_unit", "test",
+                 "n_control_samples", "n_case_samples"]
 
 
 def group_usage_table(usage: np.ndarray, groups, is_control: np.ndarray, names: list[str],
                       n_baseline: int, q_threshold: float = 0.05, min_log2fc: float = 0.25,
-                      emergence_log2fc: float = 1.0) -> pd.DataFrame:
+                      emergence_log2fc: float = 1.0, *, samples=None,
+                      options: SampleOptions | None = None) -> pd.DataFrame:
     """Per perturbation group (among case cells) and program: share, shift against control, q-value.
 
-    A long table, one row per group x program, so hundreds of perturbations fit in one
+    A long table, one row per group x program, so thousands of perturbations fit in one
     file. Baseline programs use the baseline share, case programs the total share
-    (see ``program_kind``). p-values are two-sided Mann-Whitney U of the group's cells against
-    all control cells; q-values are BH over the whole table. ``called`` marks
-    ``q < q_threshold`` with ``|log2 FC| >= min_log2fc`` for baseline programs, and with
-    ``log2 FC >= emergence_log2fc`` for case programs (as for ``case_program_table``: a
-    case program barely used in a group is not called there).
+    (``program_kind``). Each group is compared with all control cells or, with
+    ``samples`` (each cell's sample), its samples' cells in the group (e.g. the guides
+    of one target gene; one sample's cells of one group form one unit) with all control
+    samples, two-sided, as ``options`` say. q-values are BH over the whole table.
+    ``called`` marks ``q < q_threshold`` with ``|log2 FC| >= min_log2fc`` for baseline
+    programs, and with ``log2 FC >= emergence_log2fc`` for case programs (a case program
+    barely used in a group is not called there).
+
+    Columns: ``group``, ``program``, ``program_kind``, ``n_cells`` (the group's cells),
+    ``share`` and ``control_share`` (mean share, over units or cells),
+    ``log2_fold_change``, ``ci_low``, ``ci_high``, ``p_value``, ``q_value``,
+    ``permutation_p_value``, ``called``, ``test_unit``, ``test``, ``n_control_samples``,
+    ``n_case_samples`` (the group's units).
     """
     groups = np.asarray(groups).astype(str)
     is_control = np.asarray(is_control, dtype=bool)
-    shares = np.hstack([_defined_baseline_share(usage, n_baseline), total_share(usage)[:, n_baseline:]])
-    kinds = ["baseline"] * n_baseline + ["case"] * (len(names) - n_baseline)
-    control = shares[is_control]
-    rows = []
-    for group in pd.unique(groups[~is_control]):
-        members = shares[(groups == group) & ~is_control]
-        p = _mwu(members, control, "two-sided")
-        share, control_share = _mean(members), _mean(control)
-        for j, name in enumerate(names):
-            rows.append({"group": group, "program": name, "program_kind": kinds[j], "n_cells": len(members),
-                         "share": share[j], "control_share": control_share[j], "p_value": p[j]})
-    table = pd.DataFrame(rows)
-    if table.empty:
-        return table
-    table["log2_fold_change"] = _log2fc(table["share"], table["control_share"])
+    shares = np.hstack([defined_baseline_share(usage, n_baseline), total_share(usage)[:, n_baseline:]])
+    kinds = np.array(["baseline"] * n_baseline + ["case"] * (len(names) - n_baseline))
+    codes, group_names = pd.factorize(groups[~is_control])  # groups in order of first appearance
+    n_groups, n_programs = len(group_names), len(names)
+    if n_groups == 0:
+        return pd.DataFrame(columns=GROUP_COLUMNS)
+    case, control = shares[~is_control], shares[is_control]
+    n_cells = np.bincount(codes, minlength=n_groups)
+    if samples is None:
+        share, control_share = unit_means(case, codes, n_groups), np.tile(column_means(control), (n_groups, 1))
+        effect = log2_ratio(share, control_share)
+        ci_low = ci_high = permutation = np.full((n_groups, n_programs), np.nan)
+        p = mannwhitney_groups(case, codes, n_groups, control, "two-sided")
+        n_case_units, n_control_units = [None] * n_groups, None
+    else:
+        options = options or SampleOptions()
+        samples = np.asarray(samples).astype(str)
+        control_units = units_of(samples[is_control], options.min_cells)
+        control_means = unit_means(control, control_units.index, len(control_units.names))
+        pairs = pd.MultiIndex.from_arrays([codes, samples[~is_control]]).to_numpy()
+        units = units_of(pairs, options.min_cells)
+        means = unit_means(case, units.index, len(units.names))
+        unit_group = np.array([g for g, _ in units.names], dtype=np.int64)
+        relabel = _relabellings(options, salt=3)
+        share, effect, ci_low, ci_high, p, permutation = (np.full((n_groups, n_programs), np.nan) for _ in range(6))
+        n_case_units = np.bincount(unit_group, minlength=n_groups)
+        for g in range(n_groups):
+            members = np.flatnonzero(unit_group == g)
+            if len(members) == 0:
+                continue
+            case_z, control_z = _design(options, [units.names[i][1] for i in members], control_units.names)
+            use = relabel if resamples(options, len(members), len(control_units.names)) else None
+            found = compare_units(log2_share(means[members]), log2_share(control_means), case_z=case_z,
+                                  control_z=control_z, relabel=use)
+            share[g] = column_means(means[members])
+            effect[g], ci_low[g], ci_high[g] = found["effect"], found["ci_low"], found["ci_high"]
+            p[g], permutation[g] = found["p_value"], found["permutation_p_value"]
+        control_share = np.tile(column_means(control_means), (n_groups, 1))
+        n_control_units = len(control_units.names)
+    table = pd.DataFrame({
+        "group": np.repeat(np.asarray(group_names, dtype=object), n_programs),
+        "program": np.tile(np.asarray(names, dtype=object), n_groups),
+        "program_kind": np.tile(kinds, n_groups),
+        "n_cells": np.repeat(n_cells, n_programs),
+        "share": share.ravel(), "control_share": control_share.ravel(), "log2_fold_change": effect.ravel(),
+        "ci_low": ci_low.ravel(), "ci_high": ci_high.ravel(), "p_value": p.ravel(),
+    })
     table["q_value"] = bh_qvalues(table["p_value"])
+    table["permutation_p_value"] = permutation.ravel()
     fc = table["log2_fold_change"]
     strong = np.where(table["program_kind"] == "case", fc >= emergence_log2fc, fc.abs() >= min_log2fc)
     table["called"] = (table["q_value"] < q_threshold) & strong
-    return table[["group", "program", "program_kind", "n_cells", "share", "control_share", "log2_fold_change",
-                  "p_value", "q_value", "called"]]
+    _unit_columns(table, "cell" if samples is None else "sample", _test_name(None if samples is None else options),
+                  n_control_units, np.repeat(n_case_units, n_programs) if samples is not None else None)
+    return table[GROUP_COLUMNS]
+
+
+def _log_left_out(what: str, dropped: dict, min_cells: int) -> None:
+    if dropped:
+        listed = ", ".join(f"{k} ({n} cells)" for k, n in list(dropped.items())[:5])
+        log.info("%s left out of the sample-level tests (fewer than report.min_cells_per_sample=%d cells): %d: %s%s",
+                 what, min_cells, len(dropped), listed, " ..." if len(dropped) > 5 else "")
 
 
 def case_control_tables(prepared, programs: np.ndarray, names: list[str], n_baseline: int, report: ReportSettings, *,
                         group_key: str | None, symbol_key: str | None, batch_size: int | None, nnls_iterations: int,
-                        device) -> tuple[dict[str, pd.DataFrame], np.ndarray]:
+                        device, sample_key: str | None = None, seed: int = 0
+                        ) -> tuple[dict[str, pd.DataFrame], np.ndarray]:
     """``usage_shift``, ``case_programs`` and (with ``group_key``) ``group_usage``, from usage
     refitted by NNLS on all programs for every cell of ``prepared`` (a
     :class:`~deltanmf.data.PreparedData`), on ``device``, so that controls and cases are
-    measured the same way. Returns the tables and that usage (cells x programs)."""
+    measured the same way. With ``sample_key`` the tables test at the sample level
+    (``report.covariates``, ``report.permutations``, ``report.min_cells_per_sample``;
+    ``seed`` seeds the relabellings); without, at the cell level, with one warning.
+    Returns the tables and that usage (cells x programs)."""
     import torch
 
     from ..core import CellMatrix, refit_usage
 
     matrix = CellMatrix(prepared.X, batch_size=batch_size, device=device)
     refit = refit_usage(matrix, torch.from_numpy(programs), nnls_iterations).cpu().numpy()
-    ctrl, case = refit[prepared.is_control], refit[~prepared.is_control]
+    is_control = prepared.is_control
+    ctrl, case = refit[is_control], refit[~is_control]
     symbols = prepared.var[symbol_key].to_numpy() if symbol_key and symbol_key in prepared.var else None
+    samples, options, by_sample = None, None, {}
+    if sample_key:
+        samples, options = sample_options(prepared.obs, sample_key, report.covariates, report.permutations,
+                                          report.min_cells_per_sample, seed)
+        by_sample = {"control_samples": samples[is_control], "case_samples": samples[~is_control], "options": options}
+        for side, mask in (("control", is_control), ("case", ~is_control)):
+            units = units_of(samples[mask], options.min_cells)
+            _log_left_out(f"{side} samples", units.dropped, options.min_cells)
+            log.info("%s: %d samples of data.sample_key=%r in the tests", side, len(units.names), sample_key)
+    else:
+        log.warning(CELL_WARNING)
     tables = {
-        "usage_shift": usage_shift_table(ctrl, case, names, n_baseline, report.q_threshold, report.min_log2fc),
+        "usage_shift": usage_shift_table(ctrl, case, names, n_baseline, report.q_threshold, report.min_log2fc,
+                                         **by_sample),
         "case_programs": case_program_table(ctrl, case, names, n_baseline, programs, prepared.var.index, symbols,
-                                            report.share_threshold, report.q_threshold, report.emergence_log2fc),
+                                            report.share_threshold, report.q_threshold, report.emergence_log2fc,
+                                            **by_sample),
     }
     if group_key:
-        tables["group_usage"] = group_usage_table(refit, prepared.obs[group_key].to_numpy(), prepared.is_control,
-                                                  names, n_baseline, report.q_threshold, report.min_log2fc,
-                                                  report.emergence_log2fc)
+        groups = prepared.obs[group_key].to_numpy()
+        tables["group_usage"] = group_usage_table(refit, groups, is_control, names, n_baseline, report.q_threshold,
+                                                  report.min_log2fc, report.emergence_log2fc, samples=samples,
+                                                  options=options)
+        if samples is not None:
+            pairs = pd.MultiIndex.from_arrays([np.asarray(groups).astype(str)[~is_control],
+                                               samples[~is_control]]).to_numpy()
+            _log_left_out("group units (group, sample)", units_of(pairs, options.min_cells).dropped,
+                          options.min_cells)
     return tables, refit

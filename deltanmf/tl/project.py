@@ -83,8 +83,8 @@ def _preparation(layer: str | None, normalize: str, target: float | None, scale_
     if normalize == "median" and target is not None:
         normalize = "total"  # the run's median, a fixed target for the new cells
     return DataSettings(source="anndata", path=None, layer=layer, use_raw=False, condition_key="condition",
-                        control="control", case=None, allow_unlabelled=True, group_key=None, symbol_key=None, gene_id_column=None, min_cells=0,
-                        remove_genes=(), gene_mask_key=None, n_top_genes=None, normalize=normalize,
+                        control="control", case=None, allow_unlabelled=True, group_key=None, sample_key=None,
+                        symbol_key=None, gene_id_column=None, min_cells=0, remove_genes=(), gene_mask_key=None, n_top_genes=None, normalize=normalize,
                         target_sum=target, scale_genes=scale_genes, batch_size=None, backed=False, num_workers=0,
                         transposed_copy="auto", cache_dir=None, simulation=None)
 

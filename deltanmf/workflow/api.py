@@ -244,7 +244,8 @@ def fit_onestage(adata: ad.AnnData, K: int | None = None, *, condition_key: str 
 
 def fit_twostage(adata: ad.AnnData, K: int | None = None, K_case: int | None = None, *,
                  condition_key: str | None = None, control=None, case=None, group_key: str | None = None,
-                 layer: str | None = None, use_raw: bool | None = None, batch_size: int | None = None,
+                 sample_key: str | None = None, layer: str | None = None, use_raw: bool | None = None,
+                 batch_size: int | None = None,
                  stage1_from: str | Path | None = None, seed: int | None = None, out_dir: str | Path | None = None,
                  overrides: Sequence[str] = (), verbose: bool = True) -> DeltaNMFResult:
     """Fit baseline programs on controls, then case-specific programs on cases (baseline frozen).
@@ -260,6 +261,9 @@ def fit_twostage(adata: ad.AnnData, K: int | None = None, K_case: int | None = N
         ``.obs`` column, control value, and case value (None: every non-control cell).
     group_key
         ``.obs`` column of perturbation groups for the per-group table.
+    sample_key
+        ``.obs`` column of the replicate unit (donor, sample, guide): the tables then test
+        across samples (``docs/statistics.md``); None tests cells, with a warning.
     layer, use_raw, batch_size, seed, out_dir, overrides, verbose
         As for :func:`fit_onestage`.
     stage1_from
@@ -278,11 +282,11 @@ def fit_twostage(adata: ad.AnnData, K: int | None = None, K_case: int | None = N
     ``.obsm["X_deltanmf_refit"]`` (usage of every fitted cell by NNLS on all programs, which
     the statistics use), ``.varm["deltanmf_programs"]`` (expression units),
     ``.varm["deltanmf_programs_scaled"]`` (as fitted), ``.varm["deltanmf_specificity"]``,
-    ``.obs["deltanmf_novelty"]`` (share
-    of a cell's usage from case programs) and ``.uns["deltanmf"]``.
+    ``.obs["deltanmf_novelty"]`` (share of a cell's usage from case programs) and
+    ``.uns["deltanmf"]`` (with the case-control tables).
     """
     settings = {"K": K, "K_case": K_case, "seed": seed, "stage1_from": stage1_from,
                 "data.condition_key": condition_key, "data.control": control, "data.case": case,
-                "data.group_key": group_key, "data.layer": layer, "data.use_raw": use_raw,
-                "data.batch_size": batch_size}
+                "data.group_key": group_key, "data.sample_key": sample_key, "data.layer": layer,
+                "data.use_raw": use_raw, "data.batch_size": batch_size}
     return _fit(adata, "twostage", settings, out_dir, overrides, verbose)

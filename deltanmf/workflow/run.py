@@ -36,6 +36,7 @@ from ..tl import casecontrol
 from ..tl.fit import StageFit, fit_null, fit_replicates
 from ..tl.programs import expression_programs, specificity, top_gene_labels
 from ..tl.recovery import recovery
+from ..tl.samples import check_samples
 from ..train import TrainingPlan, check_trainer
 from ..train.trainer import stage_device
 from .outputs import GENE_SCALE_KEY, output_files, results_anndata, write_outputs
@@ -149,6 +150,9 @@ def validate(settings: RunSettings, prepared: PreparedData, k: int) -> None:
         if column and column not in frame:
             raise InputError(f"data.{key}={column!r} is not a column of {where}; columns: {list(frame.columns)} "
                              f"(data.{key}=null to leave it out)")
+    if settings.twostage and settings.data.sample_key:  # the case-control tables' design
+        check_samples(prepared.obs, prepared.is_control, settings.data.sample_key, settings.report.covariates,
+                      settings.report.min_cells_per_sample, settings.data.group_key)
 
 
 def _reference_stage1(reference: ReferencePrograms, prepared: PreparedData, report: dict, settings: RunSettings,
@@ -263,7 +267,8 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, give
         tables, refit = casecontrol.case_control_tables(
             prepared, programs, names, n_base, settings.report, group_key=settings.data.group_key,
             symbol_key=settings.data.symbol_key, batch_size=settings.data.batch_size,
-            nnls_iterations=model.consensus.nnls_iterations, device=torch.device(stage2.stats["device"]))
+            nnls_iterations=model.consensus.nnls_iterations, device=torch.device(stage2.stats["device"]),
+            sample_key=settings.data.sample_key, seed=settings.seed)
     else:
         programs, names, usage = stage1.programs, stage1.names, stage1.usage
 
@@ -293,6 +298,7 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, give
         uns["reference"] = metrics["reference"]
     if prepared.target is not None:
         uns["normalize_target"] = prepared.target  # new cells are projected onto the same total
+    uns.update(tables)  # the case-control tables, for a notebook without the CSVs
     if settings.twostage:
         uns["stage2"] = {key: v for key, v in metrics["stage2"].items() if key != "loss"}
     result = results_anndata(prepared.obs, var, expression, usage, names, kinds, uns, scaled=programs,
@@ -310,9 +316,9 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, give
     if settings.twostage:
         shift = tables["usage_shift"]["shift"]
         log.info("summary: %d of %d baseline programs shift usage (%d up, %d down); %d of %d case programs "
-                 "emergent (q < %g)", int((shift != "none").sum()), len(shift), int((shift == "up").sum()),
-                 int((shift == "down").sum()), int(tables["case_programs"]["emergent"].sum()),
-                 len(tables["case_programs"]), settings.report.q_threshold)
+                 "emergent (q < %g; tests across %ss)", int((shift != "none").sum()), len(shift),
+                 int((shift == "up").sum()), int((shift == "down").sum()), int(tables["case_programs"]["emergent"].sum()),
+                 len(tables["case_programs"]), settings.report.q_threshold, tables["usage_shift"]["test_unit"].iloc[0])
     log.info("results written to %s", written)
     return RunResult(result, tables, metrics)
 

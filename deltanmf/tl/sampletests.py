@@ -1,0 +1,306 @@
+"""Sample-level tests: replicate units (samples, or one sample's cells in one perturbation
+group) compared across conditions.
+
+Each unit is summarised by its mean share per program; the tests compare
+``y = log2(mean share + PSEUDO)`` between case and control units, one program at a time:
+
+- effect: the difference of the mean ``y`` of case and control units (``log2_fold_change``),
+  with its 95% confidence interval;
+- without covariates, Welch's t (``scipy.stats.ttest_ind(equal_var=False)`` and its
+  ``confidence_interval``);
+- with sample-level covariates, ordinary least squares ``y ~ 1 + case + covariates``
+  (``statsmodels`` OLS): the effect, interval and p-value of the ``case`` coefficient;
+- a permutation p-value over the units' condition labels (:func:`permutation_pvalues`),
+  exact when there are few enough relabellings, else seeded Monte Carlo; with covariates,
+  Freedman and Lane's scheme (the reduced model's residuals are permuted), so the
+  covariates' own effects stay in place.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy.stats import t as t_distribution
+from scipy.stats import ttest_ind
+
+CONFIDENCE = 0.95
+# Below this many units in a condition, the t-test's normal approximation cannot be checked
+# from the data: a permutation p-value is reported beside it (report.permutations=0).
+FEW_SAMPLES = 6
+AUTO_PERMUTATIONS = 9999  # relabellings drawn then; the p-value's resolution is 1e-4
+_BLOCK_VALUES = 4_000_000  # relabellings x units (x programs) held at once
+_KEYS = ("effect", "ci_low", "ci_high", "p_value", "permutation_p_value")
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """How the sample-level tests run (the ``report.*`` settings).
+
+    Attributes
+    ----------
+    covariates
+        One row per sample (index: the sample labels), the covariates' raw values; numbers
+        enter the model as they are, anything else as indicator columns. None: Welch's t.
+    permutations
+        Relabellings drawn for every permutation p-value; 0: a permutation p-value only
+        when a side has fewer than :data:`FEW_SAMPLES` units, from
+        :data:`AUTO_PERMUTATIONS` relabellings.
+    min_cells
+        Units with fewer cells are left out.
+    seed
+        Seeds the Monte-Carlo relabellings.
+    """
+
+    covariates: pd.DataFrame | None = None
+    permutations: int = 0
+    min_cells: int = 10
+    seed: int = 0
+
+
+def covariate_matrix(frame: pd.DataFrame) -> np.ndarray:
+    """Numeric design columns of covariate values (units x columns): numbers as they are,
+    other columns as indicators of every level but the first; constant columns dropped."""
+    if frame is None or frame.shape[1] == 0:
+        return np.zeros((0 if frame is None else len(frame), 0))
+    parts = []
+    for name in frame.columns:
+        column = frame[name]
+        if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+            parts.append(column.to_numpy(dtype=np.float64)[:, None])
+        else:
+            levels = pd.Categorical(column.astype(str))
+            parts.append(np.eye(len(levels.categories))[levels.codes][:, 1:])
+    z = np.hstack(parts)
+    return z[:, np.ptp(z, axis=0) > 0] if len(z) else z
+
+
+def condition_in_covariates(is_case: np.ndarray, z: np.ndarray) -> bool:
+    """Whether the condition is a linear combination of the intercept and the covariates
+    (its effect then cannot be told apart from theirs)."""
+    base = np.column_stack([np.ones(len(is_case)), z])
+    return np.linalg.matrix_rank(np.column_stack([base, is_case])) == np.linalg.matrix_rank(base)
+
+
+class Relabellings:
+    """Seeded relabellings of units, shared by the comparisons of one table.
+
+    Groups of one table compared with the same control units reuse the same relabellings
+    (as a screen's genes share their permutations): drawn once per number of units.
+    ``seed``: anything :func:`numpy.random.default_rng` takes.
+    """
+
+    def __init__(self, n_resamples: int, seed):
+        self.n_resamples = n_resamples
+        self.rng = np.random.default_rng(seed)
+        self._subsets: dict[tuple[int, int], tuple[np.ndarray, bool]] = {}
+        self._permutations: dict[int, tuple[np.ndarray, bool]] = {}
+
+    def subsets(self, n: int, m: int) -> tuple[np.ndarray, bool]:
+        """``(subsets, exact)``: relabellings x m positions among n units, the units given
+        one label; all C(n, m) of them when there are at most ``n_resamples``, else that
+        many drawn at random."""
+        if (n, m) not in self._subsets:
+            if math.comb(n, m) <= self.n_resamples:
+                chosen = np.array(list(itertools.combinations(range(n), m)), dtype=np.int64).reshape(-1, m)
+                self._subsets[n, m] = (chosen, True)
+            else:
+                step = max(1, _BLOCK_VALUES // n)  # a random m-subset: the m smallest of n random keys
+                draws = [np.argpartition(self.rng.random((min(step, self.n_resamples - start), n)), m - 1, axis=1)[:, :m]
+                         for start in range(0, self.n_resamples, step)]
+                self._subsets[n, m] = (np.vstack(draws), False)
+        return self._subsets[n, m]
+
+    def permutations(self, n: int) -> tuple[np.ndarray, bool]:
+        """``(permutations, exact)``: relabellings x n; all n! when there are at most
+        ``n_resamples``, else that many drawn at random."""
+        if n not in self._permutations:
+            if math.factorial(n) <= self.n_resamples:
+                self._permutations[n] = (np.array(list(itertools.permutations(range(n))), dtype=np.int64), True)
+            else:
+                self._permutations[n] = (self.rng.permuted(np.tile(np.arange(n), (self.n_resamples, 1)), axis=1),
+                                         False)
+        return self._permutations[n]
+
+
+def permutation_pvalues(y: np.ndarray, is_case: np.ndarray, z: np.ndarray, alternative: str,
+                        relabel: Relabellings) -> np.ndarray:
+    """Permutation p-values of the case effect on each column of ``y`` (units x programs).
+
+    The statistic is the effect's least-squares estimate: with no covariates, the
+    difference of the case and control means; with covariates ``z``, the ``case``
+    coefficient of ``y ~ 1 + case + z``. By the Frisch-Waugh-Lovell theorem that
+    coefficient is ``c @ y``, ``c`` being the condition's residual on ``[1, z]`` over its
+    squared norm, and ``c @ y = c @ r`` for the residuals ``r`` of ``y ~ 1 + z``. Freedman
+    and Lane's null permutes ``r``; ``c @ r[perm]`` is ``c[perm^-1] @ r``, so the
+    relabellings rearrange ``c``. Without covariates ``c`` takes two values (1/n_case and
+    -1/n_control) and only the split of the units matters: the splits are enumerated or
+    drawn. p-values follow ``scipy.stats.permutation_test``: an exact enumeration counts
+    the observed labelling among the relabellings; Monte Carlo adds one to the count and
+    to the number of relabellings; two-sided p is twice the smaller tail, at most 1;
+    values within a relative ``100 * eps`` of the observed one count as ties.
+    """
+    import statsmodels.api as sm
+
+    base = np.column_stack([np.ones(len(y)), z])
+    x_res = sm.OLS(is_case.astype(np.float64), base).fit().resid
+    residual = sm.OLS(y, base).fit().resid.reshape(y.shape)
+    c = x_res / (x_res @ x_res)
+    observed = c @ residual
+    less, greater = np.zeros(y.shape[1]), np.zeros(y.shape[1])
+    gamma = np.abs(observed) * np.finfo(np.float64).eps * 100
+
+    def count(null: np.ndarray) -> None:
+        less[:] += (null <= observed + gamma).sum(axis=0)
+        greater[:] += (null >= observed - gamma).sum(axis=0)
+
+    if z.shape[1] == 0:
+        # label the smaller side: null = a * sum(r[chosen]) + b * sum(r[others]), and sum(r) = 0
+        side = is_case if is_case.sum() <= (~is_case).sum() else ~is_case
+        a, b = c[side][0], c[~side][0]
+        observed = (a - b) * residual[side].sum(axis=0)  # as the null's values are computed
+        gamma = np.abs(observed) * np.finfo(np.float64).eps * 100
+        chosen, exact = relabel.subsets(len(y), int(side.sum()))
+        block = max(1, _BLOCK_VALUES // max(chosen.shape[1] * y.shape[1], 1))
+        for start in range(0, len(chosen), block):
+            count((a - b) * residual[chosen[start:start + block]].sum(axis=1))
+    else:
+        orders, exact = relabel.permutations(len(y))
+        block = max(1, _BLOCK_VALUES // len(y))
+        for start in range(0, len(orders), block):
+            count(c[orders[start:start + block]] @ residual)
+    n = len(chosen) if z.shape[1] == 0 else len(orders)
+    adjust = 0 if exact else 1
+    less, greater = (less + adjust) / (n + adjust), (greater + adjust) / (n + adjust)
+    if alternative == "greater":
+        return np.clip(greater, 0.0, 1.0)
+    return np.clip(2 * np.minimum(less, greater), 0.0, 1.0)
+
+
+def _welch(case: np.ndarray, control: np.ndarray, alternative: str) -> dict:
+    both = ttest_ind(case, control, axis=0, equal_var=False)
+    low, high = both.confidence_interval(CONFIDENCE)
+    p = both.pvalue if alternative == "two-sided" else \
+        ttest_ind(case, control, axis=0, equal_var=False, alternative=alternative).pvalue
+    return {"effect": case.mean(axis=0) - control.mean(axis=0), "ci_low": low, "ci_high": high, "p_value": p}
+
+
+def _ols(y: np.ndarray, is_case: np.ndarray, z: np.ndarray, alternative: str) -> dict:
+    import statsmodels.api as sm
+
+    design = np.column_stack([np.ones(len(y)), is_case.astype(np.float64), z])
+    out = {key: np.full(y.shape[1], np.nan) for key in ("effect", "ci_low", "ci_high", "p_value")}
+    for j in range(y.shape[1]):
+        fit = sm.OLS(y[:, j], design).fit()
+        out["effect"][j] = fit.params[1]
+        out["ci_low"][j], out["ci_high"][j] = fit.conf_int(1 - CONFIDENCE)[1]
+        out["p_value"][j] = fit.pvalues[1] if alternative == "two-sided" else \
+            t_distribution.sf(fit.tvalues[1], fit.df_resid)
+    return out
+
+
+def _compare_clean(case, control, case_z, control_z, alternative, relabel) -> dict:
+    out = {key: np.full(case.shape[1], np.nan) for key in _KEYS}
+    if len(case) == 0 or len(control) == 0:
+        return out
+    y = np.vstack([case, control])
+    is_case = np.r_[np.ones(len(case), bool), np.zeros(len(control), bool)]
+    z = np.vstack([case_z, control_z])
+    z = z[:, np.ptp(z, axis=0) > 0]
+    out["effect"] = case.mean(axis=0) - control.mean(axis=0)
+    if z.shape[1] and condition_in_covariates(is_case, z):
+        return out  # these units cannot tell the condition from the covariates: no test
+    out.update(_ols(y, is_case, z, alternative) if z.shape[1] else _welch(case, control, alternative))
+    if relabel is not None:
+        out["permutation_p_value"] = permutation_pvalues(y, is_case, z, alternative, relabel)
+    return out
+
+
+def compare_units(case: np.ndarray, control: np.ndarray, *, case_z: np.ndarray | None = None,
+                  control_z: np.ndarray | None = None, alternative: str = "two-sided",
+                  relabel: Relabellings | None = None) -> dict[str, np.ndarray]:
+    """Case vs control units, per program: the sample-level test of one comparison.
+
+    Parameters
+    ----------
+    case, control
+        Units x programs, ``log2(mean share + PSEUDO)``; NaN marks a unit without a share
+        for that program (left out of that program's test).
+    case_z, control_z
+        The units' covariate columns (:func:`covariate_matrix`); None or no columns: Welch's t.
+    alternative
+        ``"two-sided"`` or ``"greater"`` (case above control).
+    relabel
+        The table's relabellings; None: no permutation p-value.
+
+    Returns
+    -------
+    dict
+        Arrays over programs: ``effect`` (difference of mean ``y``, or the OLS ``case``
+        coefficient), ``ci_low``, ``ci_high`` (95%, two-sided), ``p_value`` (Welch's t or
+        OLS) and ``permutation_p_value`` (NaN without ``relabel``). NaN where a side has
+        too few units for the test.
+    """
+    case, control = np.asarray(case, dtype=np.float64), np.asarray(control, dtype=np.float64)
+    case_z = np.zeros((len(case), 0)) if case_z is None else np.asarray(case_z, dtype=np.float64)
+    control_z = np.zeros((len(control), 0)) if control_z is None else np.asarray(control_z, dtype=np.float64)
+    out = {key: np.full(case.shape[1], np.nan) for key in _KEYS}
+    missing = np.isnan(case).any(axis=0) | np.isnan(control).any(axis=0)
+    # the tests warn about too few units or constant values; their NaN results say so in the table
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore")
+        clean = np.flatnonzero(~missing)
+        if len(clean):
+            found = _compare_clean(case[:, clean], control[:, clean], case_z, control_z, alternative, relabel)
+            for key in _KEYS:
+                out[key][clean] = found[key]
+        for j in np.flatnonzero(missing):
+            ok_case, ok_control = ~np.isnan(case[:, j]), ~np.isnan(control[:, j])
+            found = _compare_clean(case[ok_case, j:j + 1], control[ok_control, j:j + 1], case_z[ok_case],
+                                   control_z[ok_control], alternative, relabel)
+            for key in _KEYS:
+                out[key][j] = found[key][0]
+    return out
+
+
+@dataclass
+class UnitShares:
+    """Replicate units of one side of a comparison and their mean shares.
+
+    Attributes
+    ----------
+    names
+        Each kept unit's label (a sample, or ``(group, sample)``).
+    index
+        Each cell's unit position in ``names``; -1 for a cell in a unit left out.
+    n_cells
+        Cells per kept unit.
+    dropped
+        Label -> cells of every unit left out for having fewer than ``min_cells`` cells.
+    """
+
+    names: list
+    index: np.ndarray
+    n_cells: np.ndarray
+    dropped: dict = field(default_factory=dict)
+
+
+def units_of(labels: np.ndarray, min_cells: int) -> UnitShares:
+    """The units of ``labels`` (one per cell) with at least ``min_cells`` cells."""
+    codes, names = pd.factorize(pd.Series(labels, dtype=object), sort=True)
+    sizes = np.bincount(codes, minlength=len(names))
+    keep = sizes >= min_cells
+    new = np.full(len(names), -1)
+    new[keep] = np.arange(int(keep.sum()))
+    return UnitShares(names=list(names[keep]), index=new[codes] if len(codes) else codes, n_cells=sizes[keep],
+                      dropped={names[i]: int(sizes[i]) for i in np.flatnonzero(~keep)})
+
+
+def resamples(options: SampleOptions, n_case: int, n_control: int) -> int:
+    """Relabellings for a comparison of these unit counts (0: no permutation p-value)."""
+    if options.permutations > 0:
+        return options.permutations
+    return AUTO_PERMUTATIONS if min(n_case, n_control) < FEW_SAMPLES else 0
