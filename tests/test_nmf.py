@@ -257,6 +257,7 @@ def test_gene_graph_trace_matches_numpy(layout):
     np.testing.assert_allclose(graph.degree.numpy(), s.sum(axis=1), rtol=1e-12)
     tw = torch.tensor(w)
     assert float(graph.trace(tw)) == pytest.approx(ref_trace, rel=1e-10)
+    np.testing.assert_allclose(graph.quadratic(tw).numpy(), np.diag(w.T @ lap @ w), rtol=1e-10)
     np.testing.assert_allclose(graph.rayleigh(tw).numpy(), _np_rayleigh(s, w), rtol=1e-10)
     assert float(laplacian_penalty(graph, tw)) == pytest.approx(_np_rayleigh(s, w).mean(), rel=1e-10)
     assert graph.n_genes == n

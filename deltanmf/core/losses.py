@@ -152,15 +152,19 @@ class GeneGraph:
         """``S @ programs`` in the programs' dtype (a sparse ``S`` stays sparse)."""
         return (self.similarity @ programs.to(self.similarity.dtype)).to(programs.dtype)
 
-    def trace(self, programs: torch.Tensor) -> torch.Tensor:
-        """``tr(W^T L W) = 1/2 sum_ij S_ij ||w_i - w_j||^2`` for W = ``programs`` (genes x K).
+    def quadratic(self, programs: torch.Tensor) -> torch.Tensor:
+        """``w_k^T L w_k = 1/2 sum_ij S_ij (w_ik - w_jk)^2`` of each program (length K).
 
-        It grows as ``c^2`` when W is multiplied by c, so it is not what the prior penalises
-        (see :meth:`rayleigh`); kept as the plain definition for checks.
+        It grows as ``c^2`` when a program is multiplied by c, so it is not what the prior
+        penalises (see :meth:`rayleigh`); the plain definition, for checks and comparisons.
         """
         self._check(programs)
-        degree = self.degree.to(programs.dtype)
-        return torch.sum(degree[:, None] * programs**2) - torch.sum(programs * self._product(programs))
+        degree = self.degree.to(programs.dtype)[:, None]
+        return torch.sum(degree * programs**2, dim=0) - torch.sum(programs * self._product(programs), dim=0)
+
+    def trace(self, programs: torch.Tensor) -> torch.Tensor:
+        """``tr(W^T L W)``, the sum of :meth:`quadratic` over programs."""
+        return self.quadratic(programs).sum()
 
     def rayleigh(self, programs: torch.Tensor) -> torch.Tensor:
         """The normalised Rayleigh quotient of each program (a vector of length K).
@@ -190,7 +194,7 @@ class GeneGraph:
         tiny = torch.finfo(programs.dtype).tiny
         centred = programs - torch.sum(degree * programs, dim=0, keepdim=True) / volume.clamp_min(tiny)
         spread = torch.sum(degree * centred**2, dim=0)
-        rough = spread - torch.sum(centred * self._product(centred), dim=0)
+        rough = spread - torch.sum(centred * self._product(centred), dim=0)  # quadratic(centred) = quadratic(w)
         # a spread at rounding level of the loadings' size: the program is constant on the graph
         scale = torch.sum(degree * programs**2, dim=0)
         ok = spread > torch.finfo(programs.dtype).eps * scale
