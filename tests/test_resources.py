@@ -193,3 +193,11 @@ def test_a_similarity_symmetric_up_to_rounding_is_accepted(tmp_path, similarity_
     matrix, genes_file = similarity_files(tmp_path, genes, s, sparse)
     graph = FileResource(str(matrix), str(genes_file)).graph(genes)
     np.testing.assert_allclose(graph.degree.numpy(), s.sum(axis=1), rtol=1e-6)
+
+
+def test_replicates_with_the_prior_record_where_it_began(make_cfg):
+    cfg, run_dir = make_cfg("stage=onestage", "resource=demo", "model.replicates=2", "logger=none")
+    stage1 = run(cfg, run_dir).metrics["stage1"]
+    starts = stage1["laplacian_start_step"]
+    assert len(starts) == 2 and all(isinstance(s, int) and s > 0 for s in starts)
+    assert stage1["laplacian_alpha"] > 0 and "laplacian" in stage1["loss"]

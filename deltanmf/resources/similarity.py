@@ -197,7 +197,7 @@ class FileResource(Resource):
         if negative:
             raise InputError(f"resource {self.name!r}: the similarity {self.matrix_path} has {negative} negative "
                              f"entries among the data's genes (smallest {values.min():.4g}); a gene graph's "
-                             f"weights must be >= 0: {self._fix()}")
+                             f"weights must be non-negative: {self._fix()}")
 
     def _check_symmetric(self, sub, genes: Sequence[str], block: int = 2048) -> None:
         """Refuse ``S_ij != S_ji`` beyond float32 rounding (relative to the largest similarity),

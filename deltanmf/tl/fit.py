@@ -297,7 +297,9 @@ def fit_replicates(x, k: int, model: ModelSettings, plan: TrainingPlan, *, seed:
         "converged": all(f.stats["converged"] for f in fits),
         "stop_reason": ",".join(sorted({f.stats["stop_reason"] for f in fits})),
         "laplacian_alpha": alpha,
-        "laplacian_start_step": [f.stats["laplacian_start_step"] for f in fits],
+        # the prior switches on in every replicate or in none (same settings)
+        "laplacian_start_step": ([f.stats["laplacian_start_step"] for f in fits]
+                                 if fits[0].stats["laplacian_start_step"] is not None else None),
         "init_time_s": float(sum(f.stats["init_time_s"] for f in fits)),
         "train_time_s": float(sum(f.stats["train_time_s"] for f in fits)),
         "n_cells": first["n_cells"],
