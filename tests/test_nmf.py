@@ -76,6 +76,18 @@ def _np_laplacian(s: np.ndarray) -> np.ndarray:
     return np.diag(s.sum(axis=1)) - s
 
 
+def _np_rayleigh(s: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Normalised Rayleigh quotient of each column, from its definition: half the similarity-weighted
+    squared differences over pairs of genes, over the degree-weighted spread around the degree-weighted mean."""
+    d = s.sum(axis=1)
+    out = []
+    for col in w.T:
+        rough = 0.5 * np.sum(s * (col[:, None] - col[None, :]) ** 2)
+        mean = np.sum(d * col) / d.sum()
+        out.append(rough / np.sum(d * (col - mean) ** 2))
+    return np.array(out)
+
+
 def _random_similarity(n: int, seed: int, density: float = 0.3) -> np.ndarray:
     """Symmetric, non-negative, zero-diagonal, sparse-ish gene-gene similarity."""
     rng = np.random.default_rng(seed)
@@ -245,8 +257,51 @@ def test_gene_graph_trace_matches_numpy(layout):
     np.testing.assert_allclose(graph.degree.numpy(), s.sum(axis=1), rtol=1e-12)
     tw = torch.tensor(w)
     assert float(graph.trace(tw)) == pytest.approx(ref_trace, rel=1e-10)
-    assert float(laplacian_penalty(graph, tw)) == pytest.approx(ref_trace / (n * k), rel=1e-10)
+    np.testing.assert_allclose(graph.quadratic(tw).numpy(), np.diag(w.T @ lap @ w), rtol=1e-10)
+    np.testing.assert_allclose(graph.rayleigh(tw).numpy(), _np_rayleigh(s, w), rtol=1e-10)
+    assert float(laplacian_penalty(graph, tw)) == pytest.approx(_np_rayleigh(s, w).mean(), rel=1e-10)
     assert graph.n_genes == n
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_penalty_depends_on_the_programs_shape_not_their_scale(layout):
+    """W -> W diag(c), H -> diag(1/c) H leaves W H and the penalty unchanged (any c > 0 per program),
+    where tr(W^T L W) changes by c^2; raising a program by the same amount on every gene leaves it
+    unchanged too (it cannot be met by flattening the programs)."""
+    n, k, cells = 40, 3, 25
+    rng = np.random.default_rng(11)
+    s = _random_similarity(n, seed=12)
+    w, h = rng.random((n, k)), rng.random((cells, k))
+    c = np.array([0.01, 3.0, 250.0])
+    graph = GeneGraph(_as_layout(s, layout))
+    before = graph.rayleigh(torch.tensor(w)).numpy()
+    after = graph.rayleigh(torch.tensor(w * c)).numpy()
+    np.testing.assert_allclose((h / c) @ (w * c).T, h @ w.T, rtol=1e-12)  # the same reconstruction
+    np.testing.assert_allclose(before, _np_rayleigh(s, w), rtol=1e-10)
+    np.testing.assert_allclose(after, before, rtol=1e-10)
+    np.testing.assert_allclose(_np_rayleigh(s, w * c), _np_rayleigh(s, w), rtol=1e-10)
+    assert float(laplacian_penalty(graph, torch.tensor(w * c))) == pytest.approx(before.mean(), rel=1e-10)
+    assert float(graph.trace(torch.tensor(w * 10))) == pytest.approx(100 * float(graph.trace(torch.tensor(w))))
+    np.testing.assert_allclose(graph.rayleigh(torch.tensor(w + 5.0)).numpy(), before, rtol=1e-9)
+
+
+def test_the_penalty_reads_against_a_graph_unrelated_programs():
+    """In [0, 2]; about 1 for loadings unrelated to the graph; 0 for a program constant on the graph;
+    low for a program that is high on one tight group of similar genes."""
+    n = 300
+    rng = np.random.default_rng(13)
+    s = _random_similarity(n, seed=14, density=0.1)
+    group = np.arange(30)
+    s[np.ix_(group, group)] = 5.0 * (1 - np.eye(30))
+    graph = GeneGraph(torch.tensor(s))
+    unrelated = graph.rayleigh(torch.tensor(rng.random((n, 200)))).numpy()
+    assert np.all((unrelated >= 0) & (unrelated <= 2))
+    assert abs(unrelated.mean() - 1) < 0.02
+    marker = np.full((n, 1), 0.1)
+    marker[group] = 1.0
+    assert float(graph.rayleigh(torch.tensor(marker))) < 0.3
+    assert float(graph.rayleigh(torch.tensor(rng.permutation(marker)))) > 0.7
+    np.testing.assert_array_equal(graph.rayleigh(torch.full((n, 2), 3.0, dtype=torch.float64)).numpy(), 0.0)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -261,9 +316,15 @@ def test_gene_graph_gradient_is_2LW(layout):
     graph.trace(tw).backward()
     np.testing.assert_allclose(tw.grad.numpy(), 2 * lap @ w, rtol=1e-10, atol=1e-12)
 
+    # d R / d w = 2 (L w - R D v) / (v^T D v), v = w minus its degree-weighted mean (d^T v = 0)
+    d = s.sum(axis=1)
+    v = w - (d @ w) / d.sum()
+    spread = np.sum(d[:, None] * v**2, axis=0)
+    quotient = _np_rayleigh(s, w)
+    expected = 2 * (lap @ w - quotient * d[:, None] * v) / spread / k
     tw2 = torch.tensor(w, requires_grad=True)
     laplacian_penalty(graph, tw2).backward()
-    np.testing.assert_allclose(tw2.grad.numpy(), 2 * lap @ w / (n * k), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(tw2.grad.numpy(), expected, rtol=1e-9, atol=1e-13)
 
 
 def test_gene_graph_constant_programs_have_zero_trace():
@@ -271,6 +332,10 @@ def test_gene_graph_constant_programs_have_zero_trace():
     graph = GeneGraph(torch.tensor(s))
     w = torch.ones(20, 3, dtype=torch.float64) * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
     assert float(graph.trace(w)) == pytest.approx(0.0, abs=1e-10)
+    w.requires_grad_(True)
+    penalty = laplacian_penalty(graph, w)
+    penalty.backward()
+    assert float(penalty.detach()) == 0.0 and torch.isfinite(w.grad).all()
 
 
 def test_gene_graph_to_keeps_values():
@@ -782,7 +847,7 @@ def test_neural_nmf_laplacian_and_training_step_with_lazy_adam():
     graph = GeneGraph(torch.tensor(s, dtype=torch.float32))
     model = NeuralNMF(w, u, Activation("softplus", 5.0), sparse_usage_grad=True)
     wn = model.programs().detach().double().numpy()
-    ref = np.trace(wn.T @ _np_laplacian(s) @ wn) / wn.size
+    ref = _np_rayleigh(s, wn).mean()
     assert float(model.laplacian(graph)) == pytest.approx(ref, rel=1e-5)
 
     opt = LazyAdam(model.parameters(), lr=0.05)

@@ -268,6 +268,37 @@ def test_correlation_similarity_matches_the_dense_reference(embedding, block_siz
     assert s.min() >= 0
 
 
+class _UnevenProducts(np.ndarray):
+    """Unit rows whose products are off by an ulp-sized amount that depends on the position in
+    the product, as a BLAS whose kernels sum the two halves of a block in different orders
+    gives: ``A @ B`` is then not the transpose of ``B @ A`` to the last bit."""
+
+    def __matmul__(self, other):
+        product = np.asarray(self) @ np.asarray(other)
+        rows, cols = np.indices(product.shape)
+        return product + 1e-7 * np.sin(3.0 * rows + 7.0 * cols).astype(product.dtype)
+
+
+@pytest.mark.parametrize("block_size", [4, 5, 10, 36])
+def test_correlation_similarity_is_exactly_symmetric_whatever_the_products_round(monkeypatch, embedding, block_size):
+    """Symmetric by construction (each block pair computed once and mirrored, the diagonal
+    blocks' upper triangles too), not by the luck of the machine's BLAS; 37 genes split
+    unevenly by every block size here."""
+    from deltanmf.resources import build as build_module
+
+    unit_rows = build_module._unit_rows
+    monkeypatch.setattr(build_module, "_unit_rows", lambda e, b: unit_rows(e, b).view(_UnevenProducts))
+    s = correlation_similarity(embedding, block_size=block_size)
+    assert type(s) is np.ndarray
+    np.testing.assert_array_equal(s, s.T)
+    np.testing.assert_array_equal(np.diag(s), 0.0)
+    reference = similarity_from_embeddings(embedding)
+    reference[4] = reference[:, 4] = 0.0
+    assert_close_to_reference(s, reference)
+    knn = knn_similarity(embedding, 5, block_size=block_size)  # symmetrised by the elementwise maximum
+    assert abs(knn - knn.T).nnz == 0
+
+
 @pytest.mark.parametrize("block_size", [3, 7, 64])
 @pytest.mark.parametrize("k", [1, 5, 36, 100])
 def test_knn_keeps_each_genes_k_strongest_positive_neighbours(embedding, k, block_size):

@@ -27,11 +27,39 @@ def test_default_demo_recovers_the_planted_truth(tmp_path, batch):
 
 @pytest.mark.slow
 def test_prior_on_the_default_demo(tmp_path):
-    """resource=demo on the full demo: the prior switches on and recovery stays high."""
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "resource=demo",
-                           f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}",
-                           "trainer.enable_progress_bar=false"], capture_output=True, text=True, timeout=3000)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "run" / "results" / "metrics.json").read_text())
+    """``python train.py resource=demo`` against ``resource=none`` on the full demo: the programs are
+    smoother in the demo graph's sense (baseline 0.9666 -> 0.9648, case 0.9730 -> 0.9720 measured),
+    recovery no worse (-0.00002 measured)."""
+    import anndata as ad
+    import numpy as np
+    import torch
+
+    from deltanmf.core import GeneGraph
+    from deltanmf.resources import similarity_from_embeddings
+
+    runs = {}
+    for name in ("none", "demo"):
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), f"resource={name}",
+                               f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / name}",
+                               "trainer.enable_progress_bar=false"], capture_output=True, text=True, timeout=3000)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = (json.loads((tmp_path / name / "results" / "metrics.json").read_text()),
+                      ad.read_h5ad(tmp_path / name / "results" / "results.h5ad"))
+    metrics = runs["demo"][0]
     assert metrics["stage1"]["laplacian_alpha"] > 0 and metrics["resource"]["coverage"] == 1.0
-    assert metrics["recovery"]["baseline_min"] >= 0.99
+    assert metrics["stage2"]["laplacian_alpha"] > 0
+    source = ad.read_h5ad(next((tmp_path / "cache").glob("demo-*.h5ad")))
+    smooth = {}
+    for name, (_, result) in runs.items():
+        genes = source.var_names.get_indexer(result.var_names)
+        graph = GeneGraph(torch.from_numpy(similarity_from_embeddings(np.asarray(source.varm["sim_embedding"])[genes])))
+        kind = np.asarray(result.uns["deltanmf"]["program_kind"])
+        programs = torch.as_tensor(np.asarray(result.varm["deltanmf_programs"]))
+        smooth[name] = {k: float(graph.rayleigh(programs[:, kind == k]).mean()) for k in ("baseline", "case")}
+    assert smooth["demo"]["baseline"] == pytest.approx(metrics["stage1"]["loss"]["laplacian"], rel=1e-5)
+    for kind in ("baseline", "case"):
+        assert smooth["demo"][kind] < smooth["none"][kind] - 5e-4, smooth  # run to run: < 1e-4
+    with_prior, without = metrics["recovery"], runs["none"][0]["recovery"]
+    for key in ("baseline_mean", "case_mean"):
+        assert with_prior[key] >= without[key] - 1e-4, (key, with_prior[key], without[key])
+    assert with_prior["baseline_min"] >= 0.999

@@ -124,9 +124,9 @@ def reconstruction_loss(x: torch.Tensor, programs: torch.Tensor, usage: torch.Te
 class GeneGraph:
     """A gene-gene similarity ``S`` (non-negative, zero diagonal) and its degrees.
 
-    ``S`` may be a dense tensor or a torch sparse (COO/CSR) tensor; the Laplacian term is
-    computed as ``sum_i d_i ||w_i||^2 - tr(W^T S W)`` so that ``L = D - S`` is never built
-    and a sparse ``S`` is never densified.
+    ``S`` may be a dense tensor or a torch sparse (COO/CSR) tensor; the Laplacian's quadratic
+    form is computed as ``sum_i d_i w_i^2 - w^T S w`` so that ``L = D - S`` is never built
+    and a sparse ``S`` is never densified (cost ``nnz(S) K``).
     """
 
     def __init__(self, similarity: torch.Tensor):
@@ -148,19 +148,75 @@ class GeneGraph:
         moved.degree = self.degree.to(device)
         return moved
 
+    def _product(self, programs: torch.Tensor) -> torch.Tensor:
+        """``S @ programs`` in the programs' dtype (a sparse ``S`` stays sparse)."""
+        return (self.similarity @ programs.to(self.similarity.dtype)).to(programs.dtype)
+
+    def quadratic(self, programs: torch.Tensor) -> torch.Tensor:
+        """``w_k^T L w_k = 1/2 sum_ij S_ij (w_ik - w_jk)^2`` of each program (length K).
+
+        It grows as ``c^2`` when a program is multiplied by c, so it is not what the prior
+        penalises (see :meth:`rayleigh`); the plain definition, for checks and comparisons.
+        """
+        self._check(programs)
+        degree = self.degree.to(programs.dtype)[:, None]
+        return torch.sum(degree * programs**2, dim=0) - torch.sum(programs * self._product(programs), dim=0)
+
     def trace(self, programs: torch.Tensor) -> torch.Tensor:
-        """``tr(W^T L W) = 1/2 sum_ij S_ij ||w_i - w_j||^2`` for W = ``programs`` (genes x K)."""
-        if programs.shape[0] != self.n_genes:
+        """``tr(W^T L W)``, the sum of :meth:`quadratic` over programs."""
+        return self.quadratic(programs).sum()
+
+    def rayleigh(self, programs: torch.Tensor) -> torch.Tensor:
+        """The normalised Rayleigh quotient of each program (a vector of length K).
+
+        For a program w with degree-weighted mean ``m = sum_i d_i w_i / sum_i d_i`` and
+        ``v = w - m``::
+
+            R(w) = w^T L w / v^T D v = 1/2 sum_ij S_ij (w_i - w_j)^2 / sum_i d_i (w_i - m)^2
+
+        the Rayleigh quotient of the normalised Laplacian ``D^-1/2 L D^-1/2`` at
+        ``D^1/2 v``. It is unchanged when the program is multiplied by any c > 0 (only its
+        shape counts) or raised by the same amount on every gene (so it cannot be lowered by
+        flattening the program), and it lies in [0, 2] whatever the graph's weights: 0 when
+        the program is constant over each connected part of the graph, about 1 when its
+        loadings are unrelated to the graph (loadings drawn independently of it, or shuffled
+        over the genes, give 1 up to a few 1/genes), below 1 when similar genes carry similar loadings. It
+        equals ``1 - v^T S v / v^T D v``, one minus the program's degree-weighted
+        autocorrelation over the graph. Genes without edges (degree 0) do not count. A
+        program that is constant over the genes with edges counts 0.
+
+        Computed from ``S @ v`` and the degrees, so ``L`` is never built and a sparse ``S``
+        is never densified (cost ``nnz(S) K``).
+        """
+        self._check(programs)
+        degree = self.degree.to(programs.dtype)[:, None]
+        volume = degree.sum()
+        tiny = torch.finfo(programs.dtype).tiny
+        centred = programs - torch.sum(degree * programs, dim=0, keepdim=True) / volume.clamp_min(tiny)
+        spread = torch.sum(degree * centred**2, dim=0)
+        rough = spread - torch.sum(centred * self._product(centred), dim=0)  # quadratic(centred) = quadratic(w)
+        # a spread at rounding level of the loadings' size: the program is constant on the graph
+        scale = torch.sum(degree * programs**2, dim=0)
+        ok = spread > torch.finfo(programs.dtype).eps * scale
+        quotient = rough / torch.where(ok, spread, torch.ones_like(spread))  # no 0/0 in the gradient
+        return torch.where(ok, quotient, torch.zeros_like(quotient))
+
+    def _check(self, programs: torch.Tensor) -> None:
+        if programs.dim() != 2 or programs.shape[0] != self.n_genes:
             raise ValueError(
                 f"programs have {programs.shape[0]} genes but the similarity graph has {self.n_genes}"
             )
-        smoothness = torch.sum(self.degree[:, None] * programs**2)
-        return smoothness - torch.sum(programs * (self.similarity @ programs))
 
 
 def laplacian_penalty(graph: GeneGraph, programs: torch.Tensor) -> torch.Tensor:
-    """The Laplacian term as the loss uses it: ``tr(W^T L W) / (n_genes * K)``."""
-    return graph.trace(programs) / programs.numel()
+    """The prior's term as the loss uses it: the mean over programs of the normalised Rayleigh
+    quotient (:meth:`GeneGraph.rayleigh`), a number in [0, 2] (1: unrelated to the graph).
+
+    Scale-invariant per program: ``W H`` is unchanged when a program is divided by c and its
+    usage multiplied by c, so a penalty on the raw programs (``tr(W^T L W)``) could be met by
+    that rescaling alone; this one can only be lowered by changing the programs' shapes.
+    """
+    return graph.rayleigh(programs).mean()
 
 
 def orthogonality_penalty(baseline: torch.Tensor, case: torch.Tensor) -> torch.Tensor:

@@ -89,7 +89,9 @@ def correlation_similarity(embedding, block_size: int = 2048) -> np.ndarray:
     -----
     Agrees with :func:`~.similarity.similarity_from_embeddings` to float32 precision. Only
     the blocks on and above the diagonal are multiplied and then mirrored, which halves
-    the work and makes ``S`` exactly symmetric.
+    the work; within a diagonal block the upper triangle is mirrored onto the lower one too
+    (a BLAS product of a block with itself need not be symmetric to the last bit: its kernels
+    may sum the two halves in different orders), so ``S`` is exactly symmetric by construction.
     """
     e = check_embedding(embedding)
     block_size = _check_block_size(block_size)
@@ -100,9 +102,11 @@ def correlation_similarity(embedding, block_size: int = 2048) -> np.ndarray:
         stop = min(start + block_size, n)
         block = unit[start:stop] @ unit[start:].T
         np.maximum(block, 0.0, out=block)
-        block[np.arange(stop - start), np.arange(stop - start)] = 0.0
+        size = stop - start
+        upper = np.triu(block[:, :size], 1)
+        block[:, :size] = upper + upper.T  # the diagonal block: its upper triangle mirrored, a zero diagonal
         out[start:stop, start:] = block
-        out[stop:, start:stop] = block[:, stop - start:].T
+        out[stop:, start:stop] = block[:, size:].T
     return out
 
 

@@ -134,6 +134,7 @@ class FileResource(Resource):
         self.genes_path = Path(genes).expanduser()
         self.name = name
         self.min_coverage = float(min_coverage)
+        self.build_command = build_command
         hint = f" Build it with: {build_command}" if build_command else ""
         for key, path in (("resource.matrix", self.matrix_path), ("resource.genes", self.genes_path)):
             if not path.exists():
@@ -160,6 +161,7 @@ class FileResource(Resource):
             sub.setdiag(0)
             sub.eliminate_zeros()
             self._check_values(sub.data)
+            self._check_symmetric(sub.tocsr(), genes)
             tensor = torch.sparse_coo_tensor(np.vstack([sub.row, sub.col]), sub.data.astype(np.float32),
                                              size=sub.shape, check_invariants=True).coalesce().to_sparse_csr()
         else:
@@ -172,6 +174,7 @@ class FileResource(Resource):
             sub = sub[inverse][:, inverse]
             np.fill_diagonal(sub, 0.0)
             self._check_values(sub)
+            self._check_symmetric(sub, genes)
             tensor = torch.from_numpy(np.ascontiguousarray(sub))
         log.info("similarity resource %s: %d of its %d genes used", self.name, len(rows), n)
         return GeneGraph(tensor)
@@ -191,11 +194,52 @@ class FileResource(Resource):
             raise InputError(f"resource {self.name!r}: matrix {self.matrix_path} is {shape} but its gene list "
                              f"{self.genes_path} has {n} genes")
 
+    def _fix(self) -> str:
+        build = f"rebuild it ({self.build_command}), which writes " if self.build_command else "build it as "
+        return (f"{build}S = max(0, corr(E)) with a zero diagonal, or repair the file: in numpy, "
+                "S = np.nan_to_num(S, nan=0.0).clip(0); S = (S + S.T) / 2")
+
     def _check_values(self, values):
         values = np.asarray(values)
-        if values.size and (not np.all(np.isfinite(values)) or values.min() < 0):
-            raise InputError(f"resource {self.name!r}: similarities must be finite and non-negative "
-                             f"({self.matrix_path}); build S as max(0, corr(E))")
+        if not values.size:
+            return
+        missing = int(np.count_nonzero(~np.isfinite(values)))
+        if missing:
+            raise InputError(f"resource {self.name!r}: the similarity {self.matrix_path} has {missing} NaN or "
+                             f"infinite entries among the data's genes; a gene graph needs finite similarities: "
+                             f"{self._fix()}")
+        negative = int(np.count_nonzero(values < 0))
+        if negative:
+            raise InputError(f"resource {self.name!r}: the similarity {self.matrix_path} has {negative} negative "
+                             f"entries among the data's genes (smallest {values.min():.4g}); a gene graph's "
+                             f"weights must be non-negative: {self._fix()}")
+
+    def _check_symmetric(self, sub, genes: Sequence[str], block: int = 2048) -> None:
+        """Refuse ``S_ij != S_ji`` beyond float32 rounding (relative to the largest similarity),
+        by row blocks for a dense ``S`` (no second genes x genes copy) and on the stored entries
+        for a sparse one (never densified)."""
+        if sp.issparse(sub):
+            diff = abs(sub - sub.T).tocoo()
+            worst = int(np.argmax(diff.data)) if diff.nnz else -1
+            gap = float(diff.data[worst]) if diff.nnz else 0.0
+            pair = (int(diff.row[worst]), int(diff.col[worst])) if diff.nnz else (0, 0)
+            largest = float(abs(sub).max()) if sub.nnz else 0.0
+        else:
+            gap, pair, largest = 0.0, (0, 0), float(np.abs(sub).max()) if sub.size else 0.0
+            for start in range(0, sub.shape[0], block):
+                diff = np.abs(sub[start:start + block] - sub[:, start:start + block].T)
+                if diff.size and diff.max() > gap:
+                    i, j = np.unravel_index(int(np.argmax(diff)), diff.shape)
+                    gap, pair = float(diff[i, j]), (start + int(i), int(j))
+        if gap > _SYMMETRY_TOL * largest:
+            a, b = genes[pair[0]], genes[pair[1]]
+            raise InputError(f"resource {self.name!r}: the similarity {self.matrix_path} is not symmetric: "
+                             f"S[{a}, {b}] and S[{b}, {a}] differ by {gap:.4g} (largest similarity {largest:.4g}); "
+                             f"a gene graph needs S_ij = S_ji: {self._fix()}")
+
+
+# asymmetry tolerated, relative to the largest similarity: float32 rounding of a product (a few ulps)
+_SYMMETRY_TOL = 1e-5
 
 
 class EmbeddingResource(Resource):
@@ -217,6 +261,11 @@ class EmbeddingResource(Resource):
         if len(embedding) != len(gene_ids):
             raise InputError(f"resource {self.name!r}: .varm[{self.key!r}] has {len(embedding)} genes but the matrix in "
                              f"use has {len(gene_ids)} (data.use_raw=true?); use the matrix of .var's genes")
+        bad = ~np.all(np.isfinite(embedding), axis=1)
+        if bad.any():
+            raise InputError(f"resource {self.name!r}: .varm[{self.key!r}] has NaN or infinite values for "
+                             f"{int(bad.sum())} genes (e.g. {list(np.asarray(gene_ids)[bad][:3])}); replace them "
+                             "(e.g. by 0) or drop those genes from the data")
         self._embedding = dict(zip(gene_ids, embedding))
 
     def gene_list(self) -> list[str]:

@@ -46,10 +46,14 @@ def case_names(k_case: int) -> list[str]:
 def loss_summary(recon: float, graph: GeneGraph | None, prior_programs: torch.Tensor, alpha: float,
                  ortho: float | None = None, gamma: float = 0.0) -> dict:
     """A stage's final loss terms over all its cells (not one batch), in the units of the
-    training loss: ``recon`` (mean squared error per entry), ``laplacian`` of the programs the
-    prior acts on (with a gene graph), ``ortho`` (with ``rel_gamma > 0``), and ``total``, the
-    sum weighted by the strengths the stage ended with (``alpha`` is 0 if the prior never
-    switched on)."""
+    training loss (TensorBoard's ``train/*``): ``recon`` (mean squared error per entry of the
+    prepared matrix), ``laplacian`` (with a gene graph: the mean normalised Rayleigh quotient
+    of the programs the prior acts on, in [0, 2], 1 for programs unrelated to the graph; see
+    :func:`deltanmf.core.laplacian_penalty`), ``ortho`` (with ``rel_gamma > 0``: the mean squared
+    cosine between baseline and case programs), and ``total``, the sum weighted by the
+    strengths the stage ended with (``alpha`` is 0 if the prior never switched on). The
+    Laplacian term and ``ortho`` do not depend on the programs' scale, so rescaling the
+    programs to unit sums for the outputs leaves them as training last saw them."""
     loss = {"recon": recon}
     total = recon
     if graph is not None:
@@ -88,6 +92,7 @@ def _train_stage(name: str, label: str, x, k_total: int, plan: TrainingPlan, see
 def _stats(label: str, module, trainer: L.Trainer, matrix: CellMatrix, error: dict, loss: dict,
            init_time: float, train_time: float, **extra) -> dict:
     """The facts both stages report (metrics.json, .uns), logged in one line."""
+    start = module.prior_start_step
     stats = {
         "loss": loss,
         "relative_error": error["relative_error"],
@@ -96,14 +101,38 @@ def _stats(label: str, module, trainer: L.Trainer, matrix: CellMatrix, error: di
         "converged": bool(module.converged),
         "stop_reason": module.stop_reason,
         "laplacian_alpha": float(module.alpha),
+        "laplacian_start_step": start,
         "init_time_s": init_time,
         "train_time_s": train_time,
         "n_cells": matrix.n_cells,
         "device": str(trainer.strategy.root_device),
     }
-    log.info("%s: %d steps (%s), relative error %.4f", label, stats["steps"], stats["stop_reason"].replace("_", " "),
+    log.info("%s: %d steps (%s); loss %s; relative error %.4f", label, stats["steps"],
+             describe_stop(stats, module.laplacian_steps), describe_loss(loss, stats["laplacian_alpha"],
+                                                                       extra.get("ortho_gamma", 0.0)),
              stats["relative_error"])
     return stats
+
+
+def describe_stop(stats: dict, laplacian_steps: int) -> str:
+    """Why a stage stopped, in words: its ``stop_reason`` and where the prior's phase began."""
+    start, reason = stats["laplacian_start_step"], stats["stop_reason"]
+    prior = "" if start is None else f"the prior on from step {start}"
+    if reason == "prior_steps":
+        return f"converged, then {prior} until its laplacian_steps={laplacian_steps} ran out before converging"
+    if reason == "converged":
+        return "converged" if start is None else f"converged, then {prior} until it converged too"
+    return "stopped at the step cap (trainer.max_steps)" + (f", {prior}" if prior else "")
+
+
+def describe_loss(loss: dict, alpha: float, gamma: float) -> str:
+    """The loss terms as metrics.json and TensorBoard give them (see docs/prior.md)."""
+    parts = [f"recon {loss['recon']:.6g}"]
+    if "laplacian" in loss:
+        parts.append(f"laplacian {loss['laplacian']:.4f} (alpha {alpha:.4g})")
+    if "ortho" in loss:
+        parts.append(f"ortho {loss['ortho']:.4g} (gamma {gamma:.4g})")
+    return ", ".join(parts) + f", total {loss['total']:.6g}"
 
 
 def _module_args(model: ModelSettings) -> dict:
@@ -268,6 +297,9 @@ def fit_replicates(x, k: int, model: ModelSettings, plan: TrainingPlan, *, seed:
         "converged": all(f.stats["converged"] for f in fits),
         "stop_reason": ",".join(sorted({f.stats["stop_reason"] for f in fits})),
         "laplacian_alpha": alpha,
+        # the prior switches on in every replicate or in none (same settings)
+        "laplacian_start_step": ([f.stats["laplacian_start_step"] for f in fits]
+                                 if fits[0].stats["laplacian_start_step"] is not None else None),
         "init_time_s": float(sum(f.stats["init_time_s"] for f in fits)),
         "train_time_s": float(sum(f.stats["train_time_s"] for f in fits)),
         "n_cells": first["n_cells"],

@@ -25,17 +25,20 @@ class NMFStageModule(L.LightningModule):
     """Base of :class:`Stage1Module` and :class:`Stage2Module`.
 
     Subclasses build ``self.model`` (a :class:`~deltanmf.core.NeuralNMF`) and implement
-    :meth:`loss_terms`, calling :meth:`prior_strength` for the Laplacian term's weight.
+    :meth:`loss_terms`, calling :meth:`prior_term` for the Laplacian term.
 
     The Laplacian prior exists only with a gene graph and ``rel_alpha > 0``. It switches
-    on late, for the last ``laplacian_steps`` steps: when the rest of the loss has
-    converged (:meth:`advance_phase`, called by the convergence stop), or when the step
-    cap (``trainer.max_steps``) is that close. At that moment ``alpha`` is set so that
-    the term equals ``rel_alpha`` times the reconstruction loss.
+    on late, for at most ``laplacian_steps`` steps at the end: when the rest of the loss has
+    converged (:meth:`advance_phase`, called by the convergence stop, which then checks the
+    prior's phase for convergence from scratch), or when the step cap (``trainer.max_steps``)
+    is that close. At that moment ``alpha`` is set so that the term equals ``rel_alpha``
+    times the reconstruction loss. The term (:func:`~deltanmf.core.laplacian_penalty`) is
+    scale-invariant per program, so it is met by changing the programs' shapes only.
 
     ``stop_reason`` says why training ended: ``converged`` (the loss stopped improving; with a
     prior, also in the prior's phase), ``prior_steps`` (the rest of the loss had converged and
-    the prior's ``laplacian_steps`` ran out) or ``step_cap`` (``trainer.max_steps``).
+    the prior's ``laplacian_steps`` ran out before its phase converged) or ``step_cap``
+    (``trainer.max_steps``).
     """
 
     model: NeuralNMF
@@ -55,6 +58,7 @@ class NMFStageModule(L.LightningModule):
         self.register_load_state_dict_post_hook(_forget_prior_start)
         self._switch_requested = False
         self._logged, self._batch_cells = True, 0  # whether this step's terms were logged (training_step)
+        self._reporting = True  # whether this step's terms are reported (logged, or step 0 written)
         self._window_sum, self._window_steps = None, 0
         self.window_ended = False  # whether this step closed a window (WINDOW_LOSS logged)
         self.converged = False
@@ -72,6 +76,12 @@ class NMFStageModule(L.LightningModule):
     @property
     def prior_on(self) -> bool:
         return self._prior_start() >= 0
+
+    @property
+    def prior_start_step(self) -> int | None:
+        """The step at which the prior switched on, or None."""
+        start = self._prior_start()
+        return start if start >= 0 else None
 
     def _prior_start(self) -> int:
         if self._prior_start_host is None:  # after loading a state dict: one read of the buffer
@@ -104,13 +114,31 @@ class NMFStageModule(L.LightningModule):
         return cap is not None and cap > 0 and self.global_step >= cap - self.laplacian_steps
 
     def prior_strength(self, recon: torch.Tensor, laplacian: torch.Tensor) -> torch.Tensor:
-        """The Laplacian's weight this step (0 until it switches on)."""
+        """The Laplacian's weight this step (0 until it switches on; set when it does)."""
         if self.has_prior and not self.prior_on and (self._switch_requested or self._cap_reached()):
             self.alpha.copy_(adaptive_strength(self.rel_alpha, recon, laplacian))
             self.prior_start.fill_(self.global_step)
             self._prior_start_host = self.global_step
             self._switch_requested = False
         return self.alpha if self.prior_on else torch.zeros_like(self.alpha)
+
+    def prior_term(self, recon: torch.Tensor,
+                   programs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(alpha * laplacian, laplacian)`` for the programs the prior acts on.
+
+        While the prior is off the term has no weight: it is then evaluated only on the steps
+        whose terms are reported, without gradient (one ``S @ W`` product, not three), and the
+        first element is None. Without a gene graph both are None.
+        """
+        if self.graph is None:
+            return None, None
+        if self.has_prior and (self.prior_on or self._switch_requested or self._cap_reached()):
+            laplacian = laplacian_penalty(self.graph, programs)
+            return self.prior_strength(recon, laplacian) * laplacian, laplacian
+        if not self._reporting:
+            return None, None
+        with torch.no_grad():
+            return None, laplacian_penalty(self.graph, programs)
 
     # -- Lightning hooks -------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -122,15 +150,40 @@ class NMFStageModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, index = batch
+        self._batch_cells = x.shape[0]
+        self._logged = self._loggers_write()
+        start = self.global_step == 0 and not self._logged
+        # a step that may be the last (a convergence check, the step cap) is logged if training stops there
+        self._reporting = self._logged or start or self._may_stop()
         terms = self.loss_terms(x, index)
         # kept (detached, no sync) so a non-finite loss can be traced to its term
         self.last_terms = {name: value.detach() for name, value in terms.items()}
         self._close_window(self.last_terms["loss"])
-        self._batch_cells = x.shape[0]
-        self._logged = self._loggers_write()
         if self._logged:
             self._log_terms()
+        elif start:
+            self._write_start()
         return terms.total
+
+    def _may_stop(self) -> bool:
+        """Whether training may stop after this step: it closes a convergence window, or it is
+        the step cap's last."""
+        trainer = self.attached_trainer()
+        cap = trainer.max_steps if trainer is not None else -1
+        return self._window_steps + 1 >= self.window_length() or (cap is not None and 0 < cap <= self.global_step + 1)
+
+    def _write_start(self) -> None:
+        """Write step 0's terms through the loggers' own ``log_metrics``: Lightning writes only
+        every ``log_every_n_steps`` steps, and a curve that starts there hides the start. One
+        host read of a few scalars, on this step only."""
+        trainer = self.attached_trainer()
+        if trainer is None or not trainer.loggers:
+            return
+        values = {f"train/{name}": float(value) for name, value in self.last_terms.items()}
+        if self.graph is not None:
+            values["train/alpha"] = float(self.alpha)
+        for logger in trainer.loggers:  # Lightning's loggers write on rank 0 only
+            logger.log_metrics(values, step=0)
 
     def window_length(self) -> int:
         """Steps per convergence window: whole epochs of at least ``window`` steps (in full-batch
@@ -227,8 +280,9 @@ def _forget_prior_start(module, incompatible_keys) -> None:
 class Stage1Module(NMFStageModule):
     """Neural NMF of the control cells: ``X_ctrl ~ W_base H``.
 
-    Loss: ``mean((X - W H)^2) + alpha * tr(W^T L W) / (n_genes K)``, the second term only
-    with a gene graph, switched on late (see :class:`NMFStageModule`).
+    Loss: ``mean((X - W H)^2) + alpha * laplacian``, the second term only with a gene graph,
+    switched on late (see :class:`NMFStageModule`); ``laplacian`` is the mean over programs
+    of the normalised Rayleigh quotient (:func:`deltanmf.core.laplacian_penalty`).
 
     Parameters
     ----------
@@ -260,14 +314,12 @@ class Stage1Module(NMFStageModule):
     def loss_terms(self, x: torch.Tensor, index: torch.Tensor) -> LossTerms:
         programs = self.model.programs()
         recon = reconstruction_loss(x, programs, self.model.usage(index))
-        if self.graph is None:
-            return LossTerms(total=recon, recon=recon)
-        laplacian = laplacian_penalty(self.graph, programs)
         # In minibatch mode the batch's mean reconstruction is an unbiased estimate of
         # the full one, so the prior keeps its full weight and every batch's loss
         # estimates the full objective (weighting both terms by the batch's share of
         # cells would sum to it exactly over an epoch; Adam ignores that constant).
-        total = recon + self.prior_strength(recon, laplacian) * laplacian
+        prior, laplacian = self.prior_term(recon, programs)
+        total = recon if prior is None else recon + prior
         return LossTerms(total=total, recon=recon, laplacian=laplacian)
 
 
@@ -276,11 +328,11 @@ class Stage2Module(NMFStageModule):
 
     ``X_case ~ [W_base, W_case] H``; W_base is a buffer (never a parameter, so it stays
     bit-for-bit what stage 1 produced); only W_case and H are trained. Loss:
-    ``mean((X - [W_base, W_case] H)^2) + alpha * tr(W_case^T L W_case) / (n_genes K_case)
-    + gamma * mean((B^T C)^2)`` with B, C the column-L2-normalised baseline and case
-    programs. ``gamma`` is set at the first step so the orthogonality term equals
-    ``rel_gamma`` times the reconstruction loss; the Laplacian switches on late, as in
-    stage 1. The start comes from :func:`deltanmf.core.stage2`.
+    ``mean((X - [W_base, W_case] H)^2) + alpha * laplacian(W_case) + gamma * mean((B^T C)^2)``
+    with B, C the column-L2-normalised baseline and case programs. ``gamma`` is set at the
+    first step so the orthogonality term equals ``rel_gamma`` times the reconstruction loss;
+    the Laplacian switches on late, as in stage 1. The start comes from
+    :func:`deltanmf.core.stage2`.
 
     Parameters
     ----------
@@ -326,8 +378,7 @@ class Stage2Module(NMFStageModule):
                     self.gamma.copy_(adaptive_strength(self.rel_gamma, recon, ortho))
                 self._gamma_ready = True
             total = total + self.gamma * ortho
-        laplacian = None
-        if self.graph is not None:
-            laplacian = laplacian_penalty(self.graph, case)
-            total = total + self.prior_strength(recon, laplacian) * laplacian
+        prior, laplacian = self.prior_term(recon, case)
+        if prior is not None:
+            total = total + prior
         return LossTerms(total=total, recon=recon, laplacian=laplacian, ortho=ortho)
