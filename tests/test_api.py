@@ -38,6 +38,7 @@ def test_errors_name_this_apis_keywords(message, expected):
     assert for_python(message) == expected
 
 
+@pytest.mark.smoke
 def test_a_wrong_layer_is_refused_in_python_terms():
     adata = _small()
     with pytest.raises(InputError, match=r"^layer='counts' not found; the other matrices of this AnnData: "
@@ -45,6 +46,7 @@ def test_a_wrong_layer_is_refused_in_python_terms():
         deltanmf.fit_onestage(adata, K=3, layer="counts", overrides=FAST)
 
 
+@pytest.mark.smoke
 def test_summary_logged_unless_quiet_and_tables_labelled(caplog):
     adata = _small()
     with caplog.at_level("INFO", logger="deltanmf"):
@@ -70,6 +72,7 @@ def test_keywords_left_out_take_the_configurations_defaults():
     assert f"condition_key: {defaults.data.condition_key}" in result.results.uns["deltanmf"]["config"]
 
 
+@pytest.mark.smoke
 def test_importing_deltanmf_loads_nothing_heavy():
     code = ("import sys, deltanmf, deltanmf.settings, deltanmf.workflow.config; "
             "heavy = [m for m in ('torch', 'lightning', 'matplotlib', 'anndata') if m in sys.modules]; "

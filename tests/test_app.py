@@ -34,6 +34,7 @@ def test_config_composes_with_overrides(make_cfg):
     assert settings.data.path is None and settings.data.simulation["n_programs"] == 5
 
 
+@pytest.mark.smoke
 def test_onestage_demo_run_writes_every_output(make_cfg):
     cfg, run_dir = make_cfg("stage=onestage")
     metrics = run(cfg, run_dir).metrics
@@ -96,6 +97,7 @@ def test_tensorboard_has_the_loss_terms(make_cfg):
         assert len(acc.Scalars("train/loss")) >= 2
 
 
+@pytest.mark.smoke
 def test_twostage_demo_run_writes_every_output(make_cfg):
     cfg, run_dir = make_cfg()
     metrics = run(cfg, run_dir).metrics
@@ -168,6 +170,7 @@ BAD_INPUT = [
 ]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("args, message", BAD_INPUT)
 def test_bad_input_exits_with_one_clear_message(make_cfg, capsys, args, message):
     """In process, as train.py runs it: exit code 2, the message on one line, nothing written."""

@@ -60,6 +60,7 @@ SETTINGS = [
 ]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("settings", SETTINGS)
 def test_streamed_preparation_equals_prepare(sim_file, settings):
     adata, path = sim_file
@@ -251,6 +252,7 @@ def _message(fn, *args, **kwargs) -> str:
     return str(err.value)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("bad", ["nan", "negative", "empty_cell", "layer", "condition"])
 def test_errors_are_those_of_prepare(tmp_path, bad):
     adata = _sim(seed=4, shuffle=True)

@@ -599,6 +599,7 @@ def test_group_usage_table_layout_and_counts(group_data):
     assert table.groupby(["group", "program"]).size().eq(1).all()
 
 
+@pytest.mark.smoke
 def test_group_usage_table_statistics_match_references(group_data):
     usage, groups, is_control = group_data
     table = group_usage_table(usage, groups, is_control, NAMES, K)

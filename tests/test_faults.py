@@ -161,6 +161,7 @@ def test_a_damaged_checkpoint_is_named_with_the_fix(make_cfg, monkeypatch):
         run(cfg, run_dir)
 
 
+@pytest.mark.smoke
 def test_damaged_result_and_cache_files(make_cfg, tmp_path, cache_dir):
     """stage1_from a damaged results.h5ad: one line naming it; a damaged cached demo: simulated again."""
     damaged = tmp_path / "results.h5ad"

@@ -225,6 +225,7 @@ def test_relu_ignores_beta():
 # --------------------------------------------------------------------------------------
 # 2. Reconstruction loss
 # --------------------------------------------------------------------------------------
+@pytest.mark.smoke
 def test_reconstruction_and_squared_error_match_numpy():
     rng = np.random.default_rng(2)
     x, w, u = rng.random((13, 17)), rng.random((17, 3)), rng.random((13, 3))
@@ -263,6 +264,7 @@ def test_gene_graph_trace_matches_numpy(layout):
     assert graph.n_genes == n
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_the_penalty_depends_on_the_programs_shape_not_their_scale(layout):
     """W -> W diag(c), H -> diag(1/c) H leaves W H and the penalty unchanged (any c > 0 per program),
@@ -378,6 +380,7 @@ def test_adaptive_strength_zero_penalty_gives_zero():
 # --------------------------------------------------------------------------------------
 # 5. NNLS
 # --------------------------------------------------------------------------------------
+@pytest.mark.smoke
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_nnls_usage_matches_scipy(seed):
     w, x = _nnls_problem(seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 
 import deltanmf
@@ -67,6 +68,7 @@ def _with_housekeeping(n_genes: int = 15, seed: int = 0):
     return sim, adata
 
 
+@pytest.mark.smoke
 def test_ubiquitous_genes_lead_by_weight_but_markers_lead_by_specificity():
     """The failure the score fixes: steadily expressed genes fill the top of every program by
     weight (in the fitted units, the old ranking, and in expression units); by specificity the

@@ -54,6 +54,7 @@ def design():
     return ctrl, ctrl_s, case, case_s
 
 
+@pytest.mark.smoke
 def test_usage_shift_at_the_sample_level_matches_welch_per_column(design):
     ctrl, ctrl_s, case, case_s = design
     table = usage_shift_table(ctrl, case, NAMES, K, control_samples=ctrl_s, case_samples=case_s)
@@ -102,6 +103,7 @@ def test_few_samples_add_an_exact_permutation_p_value(design):
     assert (table["test"] == "welch_t").all()
 
 
+@pytest.mark.smoke
 def test_permutation_pvalues_match_scipy_exact_and_are_seeded():
     rng = np.random.default_rng(1)
     case, control = rng.normal(size=(3, 5)) + [0, 1, 2, -2, 0], rng.normal(size=(6, 5))

@@ -53,6 +53,7 @@ def _check_png(path: Path) -> None:
 
 
 # -- the rules ----------------------------------------------------------------------------------
+@pytest.mark.smoke
 def test_k_rule_on_the_measured_curve_picks_the_planted_k(tmp_path):
     for K, (stability, error) in MEASURED.items():
         _write_run(tmp_path / f"K={K}", K, stability, error)
@@ -94,6 +95,7 @@ def test_a_suggestion_at_the_edge_of_the_sweep_says_to_extend_it():
     assert k == 6 and "extend" not in reason
 
 
+@pytest.mark.smoke
 def test_k_case_rule_uses_the_gain_over_the_null(tmp_path):
     # measured on the quick demo (3 planted case programs): gain and null per K_case
     gain = {1: 0.0751, 2: 0.1400, 3: 0.2020, 4: 0.2038, 5: 0.2046, 6: 0.2065}

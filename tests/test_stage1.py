@@ -38,6 +38,7 @@ def _recovery(fit, prepared, truth):
     return matched_cosine(fit.programs * prepared.gene_scale[:, None], truth.programs)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("batch_size", [None, 64], ids=["full-batch", "minibatch"])
 def test_stage1_recovers_planted_programs(make_cfg, dataset, batch_size):
     prepared, truth = dataset

@@ -98,6 +98,7 @@ def test_group_table_places_each_case_program_in_its_group(twostage):
     assert rec["case_min"] >= 0.9
 
 
+@pytest.mark.smoke
 def test_control_versus_control_calls_nothing():
     adata = _simulate(n_control=600, n_case=0 + 1, n_case_programs=0, n_shifted=0)
     adata = adata[adata.obs["condition"] == "control"].copy()
@@ -108,6 +109,7 @@ def test_control_versus_control_calls_nothing():
     assert not result.case_programs["emergent"].any(), result.case_programs
 
 
+@pytest.mark.smoke
 def test_baseline_is_a_frozen_buffer_and_stays_bit_identical():
     adata = _simulate()
     x = adata.X[(adata.obs["condition"] == "case").to_numpy()].toarray()
@@ -185,6 +187,7 @@ def test_minibatch_two_stage_recovers_the_truth():
     assert result.metrics["stage2"]["steps"] > 0
 
 
+@pytest.mark.smoke
 def test_case_program_refinement_lowers_the_loss_and_finds_the_planted_programs():
     """Stage 2's init refines the residual consensus by alternating NNLS on the case cells:
     every round lowers the reconstruction error, and the refined programs sit much closer
