@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import false_discovery_control, mannwhitneyu
+from scipy.stats import mannwhitneyu
 
-from deltanmf.tl.casecontrol import group_usage_table
+from deltanmf.tl.casecontrol import bh_qvalues, group_usage_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,15 +67,6 @@ def _old_mean(x):
     return np.divide(np.nansum(x, axis=0), count, out=np.full(x.shape[1], np.nan), where=count > 0)
 
 
-def _old_bh(p):
-    p = np.asarray(p, dtype=float)
-    q = np.full_like(p, np.nan)
-    ok = np.isfinite(p)
-    if ok.any():
-        q[ok] = false_discovery_control(p[ok], method="bh")
-    return q
-
-
 def old_group_usage_table(usage, groups, is_control, names, n_baseline, q_threshold=0.05, min_log2fc=0.25,
                           emergence_log2fc=1.0):
     groups = np.asarray(groups).astype(str)
@@ -95,7 +86,7 @@ def old_group_usage_table(usage, groups, is_control, names, n_baseline, q_thresh
     if table.empty:
         return table
     table["log2_fold_change"] = np.log2((table["share"] + 1e-3) / (table["control_share"] + 1e-3))
-    table["q_value"] = _old_bh(table["p_value"])
+    table["q_value"] = bh_qvalues(table["p_value"])  # unchanged since 71b59d5
     fc = table["log2_fold_change"]
     strong = np.where(table["program_kind"] == "case", fc >= emergence_log2fc, fc.abs() >= min_log2fc)
     table["called"] = (table["q_value"] < q_threshold) & strong

@@ -401,6 +401,22 @@ def test_gene_ids_used_for_remove_and_resource():
 # --------------------------------------------------------------------------------------
 # prepare: normalisation
 # --------------------------------------------------------------------------------------
+def test_a_large_sparse_block_is_passed_over_in_bounded_pieces(monkeypatch):
+    """The passes make several float64/int64 arrays per stored value: a sparse block is cut into
+    pieces of whole rows holding at most about PASS_STORED values, with the same prepared matrix."""
+    blocks_module = importlib.import_module("deltanmf.data.blocks")
+    adata = make_adata(seed=4, sparse=True)
+    settings = data("condition", "ctrl", normalize="total", scale_genes=True, min_cells=0)
+    whole = prepare(adata, settings, use_case=True)
+    monkeypatch.setattr(importlib.import_module("deltanmf.core.matrix"), "PASS_STORED", 37)
+    pieces = list(blocks_module.Blocks(adata, settings, np.arange(adata.n_obs)))
+    assert len(pieces) > 1 and max(block.nnz for _, block in pieces) <= 37 + adata.n_vars
+    np.testing.assert_array_equal(np.concatenate([where for where, _ in pieces]), np.arange(adata.n_obs))
+    cut = prepare(adata, settings, use_case=True)
+    np.testing.assert_allclose(cut.gene_scale, whole.gene_scale, rtol=1e-12)
+    np.testing.assert_allclose(dense(cut.X), dense(whole.X), rtol=1e-6)
+
+
 @pytest.mark.parametrize("normalize, scale_genes", [("none", True), ("total", False), ("total", True)])
 def test_prepared_sparse_matrix_is_canonical_and_shared_not_copied(normalize, scale_genes):
     """The training code takes a canonical CSR matrix as it is and copies any other: the

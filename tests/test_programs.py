@@ -2,6 +2,8 @@
 ubiquitous genes not)."""
 from __future__ import annotations
 
+import importlib
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -31,7 +33,10 @@ def _ols(x: np.ndarray, usage: np.ndarray) -> np.ndarray:
     return np.linalg.lstsq(shares, z, rcond=None)[0].T
 
 
-def test_specificity_is_the_regression_of_z_scores_on_usage_shares(tmp_path):
+@pytest.mark.parametrize("pass_stored", [None, 53])  # 53: the sparse matrix passed over in pieces of rows
+def test_specificity_is_the_regression_of_z_scores_on_usage_shares(tmp_path, monkeypatch, pass_stored):
+    if pass_stored is not None:
+        monkeypatch.setattr(importlib.import_module("deltanmf.core.matrix"), "PASS_STORED", pass_stored)
     rng = np.random.default_rng(0)
     usage = rng.gamma(0.5, 1.0, size=(300, 4))
     programs = rng.gamma(0.3, 1.0, size=(40, 4))

@@ -33,6 +33,25 @@ def scan_rows(n_genes: int) -> int:
     return max(1, SCAN_VALUES // max(1, int(n_genes)))
 
 
+# Stored values per piece of a pass over a sparse block: a pass makes a few float64 and int64
+# arrays as long as a piece's stored values (8 MiB each at this size), so they stay small
+# however dense the block that was read.
+PASS_STORED = 1 << 20
+
+
+def row_pieces(block, limit: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges ``(lo, hi)`` cutting ``block`` into pieces of whole rows: one piece for a dense
+    block or a sparse one of at most ``limit`` (:data:`PASS_STORED`) stored values, else pieces
+    of at most ``limit`` stored values plus one row each."""
+    limit = PASS_STORED if limit is None else limit
+    if not sp.issparse(block) or block.nnz <= limit:
+        return [(0, block.shape[0])]
+    indptr = sp.csr_matrix(block).indptr
+    ends = np.searchsorted(indptr, np.arange(limit, block.nnz, limit), side="right") - 1
+    cuts = np.unique(np.concatenate([[0], ends, [block.shape[0]]]))
+    return [(int(lo), int(hi)) for lo, hi in zip(cuts[:-1], cuts[1:])]
+
+
 def is_row_source(data) -> bool:
     """True for the row-source duck type: ``.shape`` (cells, genes) and
     ``read_rows(sorted int64 index) -> scipy.sparse.csr_matrix``."""

@@ -17,7 +17,7 @@ over the cells in use, controls and cases pooled:
    the ``n_top_genes`` genes with the largest are kept.
 
 The statistics come from two passes over the matrix by blocks (the preparation's
-:class:`~deltanmf.data.prepare._Blocks`): the moments in the value-check pass, the clipped
+:class:`~deltanmf.data.blocks.Blocks`): the moments in the value-check pass, the clipped
 variance in a pass of its own (:class:`ClippedVariance`).
 """
 from __future__ import annotations

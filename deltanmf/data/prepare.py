@@ -9,18 +9,19 @@ reference programs; keep the ``n_top_genes`` most variable of those left
 gene to unit variance with ONE scale computed over all cells in use (controls and cases
 pooled) and applied to both.
 
-The matrix is read in blocks of cells (:class:`_Blocks`): the whole matrix when it is in
-memory and fits a block, rows of a file otherwise. Two passes over the blocks give the
-value checks, each gene's detections (and, for ``n_top_genes``, its mean and variance), each
-cell's total and the pooled per-gene variance (float64); ``n_top_genes`` adds one pass
-between them, for the clipped standardised variance. The result's ``X`` is the processed matrix itself (numpy, or float32 CSR for
-sparse input) for an in-memory AnnData, and an :class:`~deltanmf.data.backed.H5adRows`
-(rows processed as they are read) for a file, equal row for row.
+The matrix is read in blocks of cells (:class:`~deltanmf.data.blocks.Blocks`), in memory
+and from a file alike. Two passes over the blocks give the value checks, each gene's
+detections (and, for ``n_top_genes``, its mean and variance), each cell's total and the
+pooled per-gene variance (float64); ``n_top_genes`` adds one pass between them, for the
+clipped standardised variance. The result's ``X`` is the processed matrix itself (numpy, or
+float32 CSR for sparse input) for an in-memory AnnData, and an
+:class:`~deltanmf.data.backed.H5adRows` (rows processed as they are read) for a file, equal
+row for row.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import anndata as ad
@@ -28,10 +29,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..core.matrix import scan_rows
 from ..errors import InputError
 from ..settings import DataSettings, show
 from .backed import H5adFile, H5adRows, scale_rows
+from .blocks import Blocks, Moments, as_float32, matrix_genes, other_matrices, stored_entries
 from .cells import cells_in_use, every_cell
 from .genes import gene_mask, highly_variable, select_genes
 
@@ -120,149 +121,6 @@ class PreparedData:
         return self.X[index]
 
 
-# -- the matrix, by blocks of cells ------------------------------------------------------------
-def matrix_genes(source, data: DataSettings) -> pd.DataFrame:
-    """The ``.var`` of the matrix a run factorises: ``.raw.var`` with ``data.use_raw``, else ``.var``."""
-    if not data.use_raw:
-        return source.var
-    raw = source.raw_var if isinstance(source, H5adFile) else (source.raw.var if source.raw is not None else None)
-    if raw is None:
-        raise InputError(f"data.use_raw=true but the AnnData has no .raw; {_other_matrices(source, data)}")
-    return raw
-
-
-def _other_matrices(source, data: DataSettings) -> str:
-    """The matrices of ``source`` besides the one in use, as the settings that choose them."""
-    if isinstance(source, H5adFile):
-        x_present, layers, has_raw = source.x_key is not None, list(source.layers), source.raw_var is not None
-    else:
-        x_present, layers, has_raw = source.X is not None, list(source.layers), source.raw is not None
-    options = [f"data.layer={name}" for name in layers if name != data.layer or data.use_raw]
-    if has_raw and not data.use_raw:
-        options.append("data.use_raw=true (.raw)")
-    if x_present and (data.layer is not None or data.use_raw):
-        options.append("data.layer=null (.X)")
-    return (f"the other matrices of this AnnData: {', '.join(options)}" if options else
-            "this AnnData has no other matrix (no layers, no .raw)")
-
-
-def _check_choice(source, data: DataSettings) -> None:
-    """The matrix ``data.layer`` / ``data.use_raw`` name exists."""
-    if isinstance(source, H5adFile):
-        x_present, layers = source.x_key is not None, source.layers
-    else:
-        x_present, layers = source.X is not None, source.layers
-    if data.layer is not None and data.layer not in layers:
-        raise InputError(f"data.layer={data.layer} not found; {_other_matrices(source, data)}")
-    if data.layer is None and not data.use_raw and not x_present:
-        raise InputError(f"the AnnData has no .X; {_other_matrices(source, data)}")
-
-
-class _Blocks:
-    """The raw matrix of the cells in use, read as ``(positions, block)`` pairs in file order:
-    ``positions`` index ``cells``, ``block`` holds those cells' rows (float32, CSR or dense).
-
-    An in-memory matrix is served in blocks of at most
-    :data:`~deltanmf.core.matrix.SCAN_VALUES` values too, so no float64 or boolean copy of a
-    large dense matrix is ever made whole; a file is read with
-    :meth:`~deltanmf.data.backed.H5Matrix.block`.
-    """
-
-    def __init__(self, source, data: DataSettings, cells: np.ndarray, pass_cells: int | None = None):
-        self.cells = cells
-        _check_choice(source, data)
-        self.n_genes = len(matrix_genes(source, data))
-        if isinstance(source, H5adFile):
-            self.file = source.matrix(data.layer, raw=data.use_raw)
-            self.memory = None
-            self.dtype = self.file.dtype
-        else:
-            self.file = None
-            self.memory = source.raw.X if data.use_raw else source.X if data.layer is None else source.layers[data.layer]
-            self.dtype = self.memory.dtype
-        # a dense block in memory gets float64 and boolean copies: a quarter of the values
-        dense = self.memory is not None and not sp.issparse(self.memory)
-        self.size = pass_cells or max(1, scan_rows(self.n_genes) // (4 if dense else 1))
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, sp.csr_matrix | np.ndarray]]:
-        if self.file is None:
-            for start in range(0, len(self.cells), self.size):
-                where = np.arange(start, min(start + self.size, len(self.cells)))
-                yield where, _canonical(self.memory[self.cells[where]])
-            return
-        # a file is read in its own order, in runs of rows (cells not in use are read and dropped)
-        position = np.full(self.file.shape[0], -1, dtype=np.int64)
-        position[self.cells] = np.arange(len(self.cells))
-        first, last = int(self.cells.min()), int(self.cells.max()) + 1
-        for start in range(first, last, self.size):
-            where = position[start:min(start + self.size, last)]
-            used = where >= 0
-            if used.any():
-                block = self.file.block(start, start + len(where))
-                yield where[used], _canonical(block if used.all() else block[np.flatnonzero(used)])
-
-
-def _canonical(x):
-    """A raw block as CSR with summed duplicates (other writers may store a gene twice in a row:
-    summed, as scipy does), or a C-contiguous array; its own dtype, except float16 (which scipy
-    cannot hold) as float32."""
-    if sp.issparse(x):
-        x = sp.csr_matrix(x)
-        if not x.has_canonical_format:
-            x = x.copy()
-            x.sum_duplicates()
-        return x
-    x = np.asarray(x)
-    return np.ascontiguousarray(x, dtype=np.float32 if x.dtype == np.float16 else None)
-
-
-def _float32(x):
-    """A raw block in the precision the model trains in."""
-    if sp.issparse(x):
-        return sp.csr_matrix(x, dtype=np.float32)
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def _stored(block: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(values, rows, columns)`` of a sparse block's stored entries."""
-    return block.data, np.repeat(np.arange(block.shape[0]), np.diff(block.indptr)), block.indices
-
-
-class _Moments:
-    """Per-gene mean and sum of squared deviations over blocks of cells, combined in
-    float64 by Chan et al.'s pairwise update (no E[x^2] - E[x]^2 cancellation)."""
-
-    def __init__(self, n_genes: int):
-        self.n, self.mean, self.m2 = 0, np.zeros(n_genes), np.zeros(n_genes)
-
-    def add(self, values: np.ndarray, columns: np.ndarray, n_cells: int) -> None:
-        n_genes = len(self.mean)
-        mean = np.bincount(columns, weights=values, minlength=n_genes) / n_cells
-        stored = np.bincount(columns, minlength=n_genes)
-        m2 = np.bincount(columns, weights=(values - mean[columns]) ** 2, minlength=n_genes) \
-            + (n_cells - stored) * mean**2
-        self._combine(mean, m2, n_cells)
-
-    def add_dense(self, values: np.ndarray) -> None:
-        """A dense block (cells x genes, float64)."""
-        mean = values.mean(axis=0)
-        self._combine(mean, ((values - mean) ** 2).sum(axis=0), values.shape[0])
-
-    def _combine(self, mean: np.ndarray, m2: np.ndarray, n_cells: int) -> None:
-        total = self.n + n_cells
-        delta = mean - self.mean
-        self.m2 += m2 + delta**2 * (self.n * n_cells / total)
-        self.mean += delta * (n_cells / total)
-        self.n = total
-
-    def std(self, scale: float = 1.0) -> np.ndarray:
-        """Per-gene standard deviation (ddof=0) of the values times ``scale``; a deviation
-        below float32 resolution relative to the gene's mean is 0: the rounding noise of a
-        constant gene, which dividing by would blow up."""
-        mean, sd = self.mean * scale, np.sqrt(self.m2 / max(self.n, 1)) * scale
-        return np.where(sd > 1e-6 * np.abs(mean), sd, 0.0)
-
-
 _PROBLEMS = {
     "NaN or infinite": "finite, non-negative expression",
     "too large for float32 (above 3.4e38)": "values float32 can hold: rescale the data (e.g. divide it by a "
@@ -271,8 +129,8 @@ _PROBLEMS = {
 }
 
 
-def _check_values(blocks: _Blocks, what: str, cell_names, gene_names, elsewhere: str,
-                  moments: _Moments | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _check_values(blocks: Blocks, what: str, cell_names, gene_names, elsewhere: str,
+                  moments: Moments | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pass 1: refuse NaN, infinite, negative values and values float32 cannot hold (naming the
     first of each), count each gene's detections (> 0 in float32) over the cells in use and
     (``moments``) add up the values' moments. Returns the detections and each gene's largest value."""
@@ -322,7 +180,7 @@ def _check_values(blocks: _Blocks, what: str, cell_names, gene_names, elsewhere:
     return detected, largest
 
 
-def _totals_and_moments(blocks: _Blocks, keep_index: np.ndarray, normalize: bool, moments: _Moments | None
+def _totals_and_moments(blocks: Blocks, keep_index: np.ndarray, normalize: bool, moments: Moments | None
                         ) -> np.ndarray:
     """Pass 2: each cell's total over the kept genes, and (``moments``) the per-gene moments
     of the kept values, divided by the cell's total when normalising (they scale exactly by the
@@ -331,7 +189,7 @@ def _totals_and_moments(blocks: _Blocks, keep_index: np.ndarray, normalize: bool
     column[keep_index] = np.arange(len(keep_index))
     totals = np.zeros(len(blocks.cells))
     for where, block in blocks:
-        block = _float32(block)
+        block = as_float32(block)
         if not sp.issparse(block):
             values = block[:, keep_index].astype(np.float64)
             row_total = values.sum(axis=1)
@@ -341,7 +199,7 @@ def _totals_and_moments(blocks: _Blocks, keep_index: np.ndarray, normalize: bool
                     values *= np.divide(1.0, row_total, out=np.zeros_like(row_total), where=row_total > 0)[:, None]
                 moments.add_dense(values)
             continue
-        values, rows, columns = _stored(block)
+        values, rows, columns = stored_entries(block)
         col = column[columns]
         kept = col >= 0
         row, values = rows[kept], values[kept].astype(np.float64)
@@ -354,14 +212,14 @@ def _totals_and_moments(blocks: _Blocks, keep_index: np.ndarray, normalize: bool
     return totals
 
 
-def _in_memory(blocks: _Blocks, keep_index: np.ndarray, cell_scale: np.ndarray, gene_scale: np.ndarray):
+def _in_memory(blocks: Blocks, keep_index: np.ndarray, cell_scale: np.ndarray, gene_scale: np.ndarray):
     """The processed matrix of an in-memory input: kept genes, scaled by cell and gene in
     float32 (the operations :class:`~deltanmf.data.backed.H5adRows` applies to file rows)."""
     cell_factor = cell_scale.astype(np.float32)
     gene_factor = (1.0 / gene_scale).astype(np.float32)
     parts = []
     for where, block in blocks:
-        block = _float32(block)[:, keep_index]
+        block = as_float32(block)[:, keep_index]
         if sp.issparse(block):
             parts.append(scale_rows(sp.csr_matrix(block), cell_factor[where], gene_factor))
         else:
@@ -438,7 +296,7 @@ def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool
         is_control, cells, cell_counts = every_cell(source.obs, var_table.index)
     else:
         is_control, cells, cell_counts = cells_in_use(source.obs, var_table.index, data, use_case)
-    blocks = _Blocks(source, data, cells, pass_cells)
+    blocks = Blocks(source, data, cells, pass_cells)
     what = ".raw.X (data.use_raw=true)" if data.use_raw else f"data.layer={show(data.layer)}" if data.layer else ".X"
     if blocks.dtype != np.float32:
         log.info("%s is %s; the model trains in float32 (values are converted as they are read)", what,
@@ -446,8 +304,8 @@ def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool
     cell_names = source.obs_names[cells]
     select = genes is None  # a finished fit's genes are kept as they are
     mask = gene_mask(var_table, data.gene_mask_key) if select and data.gene_mask_key else None
-    raw = _Moments(len(var_table)) if select and data.n_top_genes else None
-    detected, largest = _check_values(blocks, what, cell_names, var_table.index, _other_matrices(source, data), raw)
+    raw = Moments(len(var_table)) if select and data.n_top_genes else None
+    detected, largest = _check_values(blocks, what, cell_names, var_table.index, other_matrices(source, data), raw)
     keep_index, counts, kept_ids = select_genes(detected, var_table.index, gene_ids, genes, data.min_cells,
                                                 data.remove_genes, resource_genes, mask, reference_genes)
     variances = None
@@ -460,7 +318,7 @@ def prepare(source: ad.AnnData | H5adFile, data: DataSettings, *, use_case: bool
                  len(keep_index), left)
 
     normalize = data.normalize != "none"
-    moments = _Moments(len(keep_index)) if gene_scale is None and data.scale_genes else None
+    moments = Moments(len(keep_index)) if gene_scale is None and data.scale_genes else None
     totals = _totals_and_moments(blocks, keep_index, normalize, moments)
     empty = totals <= 0
     if empty.any():

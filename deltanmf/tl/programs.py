@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..core.matrix import scan_rows
+from ..core.matrix import row_pieces, scan_rows
 
 TOP_GENES = 50  # genes per program in top_genes.csv
 
@@ -35,11 +35,14 @@ def _row_blocks(x):
     """``(rows, block)`` pairs covering the cells of ``x`` (numpy, scipy CSR, or a row source
     with ``blocks()`` such as :class:`~deltanmf.data.backed.H5adRows`)."""
     if hasattr(x, "blocks"):
-        yield from x.blocks()
-        return
-    step = scan_rows(x.shape[1])
-    for start in range(0, x.shape[0], step):
-        yield np.arange(start, min(start + step, x.shape[0])), x[start:start + step]
+        blocks = x.blocks()
+    else:
+        step = scan_rows(x.shape[1])
+        blocks = ((np.arange(start, min(start + step, x.shape[0])), x[start:start + step])
+                  for start in range(0, x.shape[0], step))
+    for rows, block in blocks:  # the pass makes float64 copies: pieces of bounded stored values
+        for lo, hi in row_pieces(block):
+            yield rows[lo:hi], block[lo:hi]
 
 
 def specificity(x, usage: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from ..core import CellMatrix, fit_error, refit_usage
 from ..data import Baseline, PreparedData, load_input, load_stage1, prepare
-from ..data.prepare import matrix_genes
+from ..data.blocks import matrix_genes
 from ..data.programs import is_run, results_file
 from ..data.reference import ReferencePrograms, coverage, in_run_units, read_programs
 from ..errors import InputError
