@@ -1,8 +1,10 @@
 """DeltaNMF command line: ``python train.py [group=option ...] [key=value ...]`` (see README)."""
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from deltanmf.workflow.main import main
+from deltanmf.workflow.main import check_command_line, main
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -11,4 +13,5 @@ def train(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:])
     train()

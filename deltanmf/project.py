@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data", help="the .h5ad of the cells to project onto (cells x genes)")
     parser.add_argument("out", help="the .h5ad to write: DATA with .obsm['X_deltanmf'] added")
     parser.add_argument("--layer", help="layer of DATA to use (default: the run's layer if DATA has it, else .X)")
+    parser.add_argument("--use-raw", action=argparse.BooleanOptionalAction, default=None,
+                        help="use DATA's .raw (default: when the run read .raw and DATA has one)")
     parser.add_argument("--gene-id-column", help="a .var column of DATA with the programs' gene IDs")
     parser.add_argument("--varm-key", help="for an .h5ad SOURCE that is not a run: the .varm key of its programs")
     parser.add_argument("--units", default="auto", choices=("auto", "expression", "scaled"),
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         from .tl.project import project
 
         adata = read_h5ad(args.data)
-        usage = project(adata, args.source, layer=args.layer, gene_id_column=args.gene_id_column,
+        usage = project(adata, args.source, layer=args.layer, use_raw=args.use_raw, gene_id_column=args.gene_id_column,
                         varm_key=args.varm_key, units=args.units, normalize=args.normalize,
                         min_coverage=args.min_coverage, batch_size=args.batch_size, device=args.device)
         atomic_write(out, adata.write_h5ad)

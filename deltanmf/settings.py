@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, ClassVar
 
 from .errors import InputError, real_number, whole_number
@@ -204,6 +205,17 @@ class ModelSettings(Settings):
 NORMALIZE = ("none", "total", "median")
 
 
+def existing_file(path: str | Path) -> Path:
+    """``data.path`` as a Path (``~`` expanded), or an error naming it and, for a relative
+    path, the directory it was looked for in."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        where = "" if path.is_absolute() else f" (looked for {path.absolute()})"
+        raise InputError(f"data.path: file not found: {path}{where}. Give the path to an .h5ad file "
+                         "(data.path=...).")
+    return path
+
+
 @dataclass(frozen=True)
 class DataSettings(Settings):
     """``data``: the input and its preparation (``conf/data/h5ad.yaml``, ``conf/data/demo.yaml``)."""
@@ -251,8 +263,10 @@ class DataSettings(Settings):
         if self.source == "demo" and self.path is not None:
             raise InputError(f"data.path={self.path} was given with the demo's data settings; add data=h5ad "
                              "to read your own file (python train.py data=h5ad data.path=...)")
-        if self.source == "file" and self.path is None:
+        if self.source == "file" and self.path in (None, "???"):  # ???: conf/data/h5ad.yaml's "required"
             raise InputError("data.path is not set: give your file with data.path=my.h5ad (or use data=demo)")
+        if self.source == "file":
+            existing_file(self.path)  # before anything heavy is imported
         if self.source == "anndata" and (self.path is not None or self.backed):
             raise InputError("data.source=anndata is the Python API's AnnData in memory: it takes no data.path "
                              "and no data.backed=true")

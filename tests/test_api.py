@@ -32,6 +32,8 @@ def _small(**kw):
     ("data.control='NTC': no cell has this value", "control='NTC': no cell has this value"),
     ("K=5000 must be smaller than both", "K=5000 must be smaller than both"),
     ("choose another directory (hydra.run.dir=...) or replace", "choose another directory (out_dir=...) or replace"),
+    ("data.sample_key='donor' is not a column of .obs (...; data.sample_key=null tests cells as replicates)",
+     "sample_key='donor' is not a column of .obs (...; sample_key=None tests cells as replicates)"),
     ("model.lr=0 must be a number > 0", "model.lr=0 must be a number > 0"),  # no keyword: as in overrides=[...]
 ])
 def test_errors_name_this_apis_keywords(message, expected):

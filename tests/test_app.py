@@ -262,13 +262,36 @@ def test_same_seed_same_programs_other_seed_other_start(make_cfg):
     assert not np.array_equal(programs[0], programs[2])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("Kk=5", "Key 'Kk' is not in struct"),                           # a misspelt key
-    ("model.stop.tolerance=0.1", "Key 'tolerance' is not in struct"),
-    ("stage=threestage", "Could not find 'stage/threestage'"),       # an unknown option of a group
+@pytest.mark.parametrize("args, message", [
+    (["k=20"], "unknown setting k (did you mean K?)"),   # Hydra would hint +k=20, which runs with K=10
+    (["Kk=5"], "unknown setting Kk (did you mean K?)"),
+    (["-m", "K=8,10", "model.stop.tolerance=0.1"], "unknown setting model.stop.tolerance (did you mean tol?)"),
+    (["data=h5ad", "data.bath_size=64"], "unknown setting data.bath_size (did you mean batch_size?)"),
 ])
-def test_unknown_config_keys_and_options_are_named(tmp_path, override, message):
+def test_unknown_keys_are_refused_before_hydra_composes(capsys, args, message):
+    from deltanmf.workflow.main import check_command_line
+
+    with pytest.raises(SystemExit) as exit_info:
+        check_command_line(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"deltanmf: error: {message}")
+
+
+def test_known_keys_group_choices_and_hydras_own_pass_the_key_check():
+    from deltanmf.workflow.main import check_command_line
+
+    check_command_line(["-m", "K=8,10", "stage=onestage", "data=h5ad", "data.path=x.h5ad", "resource=demo",
+                        "experiment=quick", "hydra/launcher=joblib", "hydra.run.dir=out", "+extra=1",
+                        "trainer.max_steps=5", "model.consensus.tol=0.01", "data.simulation.n_genes=300"])
+
+
+@pytest.mark.parametrize("override, message, code", [
+    ("k=20", "deltanmf: error: unknown setting k (did you mean K?)", 2),   # train.py checks keys first
+    ("stage=threestage", "Could not find 'stage/threestage'", 1),          # an unknown option of a group: Hydra's
+])
+def test_unknown_config_keys_and_options_are_named(tmp_path, override, message, code):
     proc = _train(override, f"hydra.run.dir={tmp_path / 'out'}")
-    assert proc.returncode != 0
-    assert message in proc.stderr
+    assert proc.returncode == code
+    assert message in proc.stderr and "+k=20" not in proc.stderr
     assert not (tmp_path / "out" / "results" / "results.h5ad").exists()

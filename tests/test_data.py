@@ -131,6 +131,18 @@ def test_split_conditions_masks():
     assert counts["other"] == 0
 
 
+def test_labels_near_the_control_value_are_refused_with_the_fix():
+    obs = pd.DataFrame({"condition": ["control", "case", "control ", "case"]})
+    with pytest.raises(InputError, match=r"holds 'control ' beside data.control='control'.*"
+                                         r"\.replace\(\{'control ': 'control'\}\)"):
+        split_conditions(obs, "condition", "control")
+    # the setting's spelling is not in the data: name the one that is
+    obs = pd.DataFrame({"condition": ["control", "case"]})
+    with pytest.raises(InputError, match=r"data.control='Control': no cell has this value, but .* holds "
+                                         r"'control', .*: give data.control='control'$"):
+        split_conditions(obs, "condition", "Control")
+
+
 @pytest.mark.parametrize("missing", [np.nan, None, "", "  "])
 @pytest.mark.parametrize("categorical", [False, True])
 def test_cells_without_a_condition_are_left_out_and_counted_never_cases(missing, categorical):

@@ -77,6 +77,42 @@ def test_new_data_with_other_id_versions_and_missing_genes(fitted):
         deltanmf.project(new, out, min_coverage=0.9)
 
 
+def test_a_run_fitted_on_raw_projects_from_raw(fitted, tmp_path):
+    """A run that read .raw.X: new cells are read from their .raw too (by default), not from a
+    log-normalised .X, and give the run's usage; two matrices named at once are refused."""
+    sim = fitted[0][:, :120].copy()
+
+    def with_raw(a):
+        a = a.copy()
+        a.raw = a  # counts in .raw, log-normalised values in .X, as after scanpy's usual steps
+        a.X = np.log1p(np.asarray(a.X.todense() if hasattr(a.X, "todense") else a.X))
+        return a
+
+    out = tmp_path / "raw_run"
+    result = deltanmf.fit_twostage(with_raw(sim), K=3, K_case=1, use_raw=True, out_dir=out,
+                                   overrides=[*FAST, "data.normalize=median", "data.min_cells=5"]).results
+    new = with_raw(sim)
+    usage = deltanmf.project(new, out)
+    np.testing.assert_allclose(usage.loc[result.obs_names].to_numpy(), result.obsm["X_deltanmf_refit"],
+                               rtol=1e-5, atol=1e-5)
+    from_x = deltanmf.project(new, out, use_raw=False)  # what the run would have given before
+    assert not np.allclose(from_x.to_numpy(), usage.to_numpy(), rtol=0.1)
+    new.layers["counts"] = new.raw.X.copy()
+    with pytest.raises(InputError, match="layer='counts' and use_raw=True name two matrices"):
+        deltanmf.project(new, out, layer="counts", use_raw=True)
+    with pytest.raises(InputError, match="use_raw=True but adata has no .raw"):
+        deltanmf.project(sim.copy(), out, use_raw=True)
+
+
+def test_gene_ids_equal_once_versions_are_stripped_are_refused(fitted):
+    sim, _, out = fitted
+    new = sim[:50].copy()
+    new.var_names = [f"{g}.{i % 2}" if i < 2 else g for i, g in enumerate(sim.var_names[:1].tolist() * 2
+                                                                           + sim.var_names[2:].tolist())]
+    with pytest.raises(InputError, match=r"gene ID \(from \.var, versions stripped\) names occur more than once"):
+        deltanmf.project(new, out)
+
+
 def test_deltanmf_project_is_the_function_also_once_the_module_is_imported(fitted):
     sim, _, out = fitted
     from deltanmf.tl.project import project

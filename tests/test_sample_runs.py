@@ -98,7 +98,7 @@ def _refused(adata, tmp_path, match, *overrides, **kwargs):
 
 def test_bad_sample_designs_are_refused_before_training(tmp_path):
     adata = _screen()
-    _refused(adata, tmp_path, r"data.sample_key='donor' is not a column of .obs.*data.sample_key=null",
+    _refused(adata, tmp_path, r"^sample_key='donor' is not a column of .obs.*sample_key=None tests cells",
              sample_key="donor")
     changed = adata.copy()
     changed.obs["mixed"] = np.where(np.arange(changed.n_obs) % 2, "d1", "d2")
@@ -168,8 +168,8 @@ def test_donors_demo_calls_the_planted_shifts_across_samples_where_cells_call_do
                                f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / unit}",
                                "trainer.enable_progress_bar=false"], capture_output=True, text=True, timeout=3000)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        recovery[unit] = json.loads((tmp_path / unit / "metrics.json").read_text())["recovery"]
-        shift = pd.read_csv(tmp_path / unit / "usage_shift.csv")
+        recovery[unit] = json.loads((tmp_path / unit / "results" / "metrics.json").read_text())["recovery"]
+        shift = pd.read_csv(tmp_path / unit / "results" / "usage_shift.csv")
         assert (shift["test_unit"] == unit).all()
     assert recovery["sample"]["shifts_called_correctly"] == recovery["sample"]["shifts_planted"] == 3
     assert recovery["sample"]["shifts_false"] == 0

@@ -29,11 +29,17 @@ def _near_misses(text: np.ndarray, wanted: str, key: str, setting: str) -> None:
     file must not silently split a condition (``"control "`` would become a case)."""
     folded = str(wanted).strip().casefold()
     near = sorted({t for t in np.unique(text) if t != str(wanted) and t.strip().casefold() == folded})
+    if near and str(wanted) not in text:  # the setting's spelling is not in the data at all
+        raise InputError(f"{setting}={str(wanted)!r}: no cell has this value, but .obs[{key!r}] holds "
+                         f"{', '.join(repr(t) for t in near)}, which differs only by spaces or capitals: "
+                         f"give {setting}={near[0]!r}")
     if near:
+        merge = ", ".join(f"{t!r}: {str(wanted)!r}" for t in near)
         raise InputError(f".obs[{key!r}] holds {', '.join(repr(t) for t in near)} beside {setting}={str(wanted)!r}: "
                          "labels that differ only by spaces or capitals would be treated as different "
                          f"conditions. Make them one label first (e.g. adata.obs[{key!r}] = "
-                         f"adata.obs[{key!r}].astype(str).str.strip()), or give the exact spelling in {setting}")
+                         f"adata.obs[{key!r}].astype(str).replace({{{merge}}})), or give the exact spelling "
+                         f"in {setting}")
 
 
 def split_conditions(obs: pd.DataFrame, condition_key: str, control, case=None,

@@ -7,22 +7,11 @@ from pathlib import Path
 import anndata as ad
 
 from ..errors import InputError
-from ..settings import DataSettings
+from ..settings import DataSettings, existing_file
 from .backed import H5adFile
 from .demo import demo_path
 
 log = logging.getLogger(__name__)
-
-
-def existing_file(path: str | Path) -> Path:
-    """``data.path`` as a Path (``~`` expanded), or an error naming it and, for a relative
-    path, the directory it was looked for in."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        where = "" if path.is_absolute() else f" (looked for {path.absolute()})"
-        raise InputError(f"data.path: file not found: {path}{where}. Give the path to an .h5ad file "
-                         "(data.path=...).")
-    return path
 
 
 def _read(path: str | Path, reader):

@@ -38,8 +38,8 @@ __all__ = ["PSEUDO", "SampleOptions", "baseline_share", "bh_qvalues", "case_cont
            "group_usage_table", "novelty", "total_share", "usage_shift_table"]
 
 CELL_WARNING = ("statistics at the cell level: p-values treat cells as independent replicates and overstate the "
-                "evidence when cells come from few samples (donors, guides); set data.sample_key to the .obs column "
-                "of the replicate unit to test across samples")
+                "evidence when cells come from few samples (donors, guides); set data.sample_key (the Python API's "
+                "sample_key=) to the .obs column of the replicate unit to test across samples")
 
 
 def bh_qvalues(p: np.ndarray) -> np.ndarray:

@@ -3,7 +3,7 @@ from a file, in any dataset (``deltanmf.project``; ``python -m deltanmf.project`
 
 The new cells are prepared as the run prepared its own: the run's genes (matched by ID,
 Ensembl versions stripped; genes the new data lacks are left out of the programs), its
-layer, its normalisation (the same target total) and its gene scale, so the programs apply
+matrix (its layer, or ``.raw`` when it read ``.raw``), its normalisation (the same target total) and its gene scale, so the programs apply
 in the units they were fitted in. The usage is then each cell's non-negative least squares
 fit (:func:`deltanmf.core.refit_usage`, batched, on a GPU when there is one), the solver the
 pipeline uses for ``X_deltanmf_refit``: projecting a run onto its own cells reproduces that
@@ -22,8 +22,9 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-from omegaconf import OmegaConf
+import yaml
 
+from ..data.genes import check_unique
 from ..data.prepare import prepare
 from ..data.programs import fitted_programs, gene_scale, is_run, read_run, results_file
 from ..data.reference import ReferencePrograms, coverage, in_run_units, read_programs
@@ -45,6 +46,7 @@ class _Source:
     kinds: list[str] | None
     scale: np.ndarray | None  # per gene of reference.genes; None: computed on the new cells
     layer: str | None
+    use_raw: bool  # the run read .raw.X
     normalize: str
     target: float | None
     gene_id_column: str | None
@@ -54,7 +56,7 @@ class _Source:
 def _run_source(path, what: str) -> _Source:
     result = read_run(path, what)
     info = result.uns["deltanmf"]
-    config = OmegaConf.to_container(OmegaConf.create(str(info.get("config", "{}"))))
+    config = yaml.safe_load(str(info.get("config", "{}"))) or {}  # the run's resolved configuration
     data = config.get("data", {})
     id_column = data.get("gene_id_column")
     ids = result.var[id_column] if id_column and id_column in result.var else result.var_names
@@ -71,25 +73,27 @@ def _run_source(path, what: str) -> _Source:
                                  "run", str(results_file(path)))
     iterations = config.get("model", {}).get("consensus", {}).get("nnls_iterations", FILE_NNLS_ITERATIONS)
     return _Source(programs, list(np.asarray(info["program_kind"]).astype(str)), gene_scale(result),
-                   data.get("layer"), normalize, None if target is None else float(target), id_column,
-                   int(iterations))
+                   data.get("layer"), bool(data.get("use_raw", False)), normalize,
+                   None if target is None else float(target), id_column, int(iterations))
 
 
-def _preparation(layer: str | None, normalize: str, target: float | None, scale_genes: bool) -> DataSettings:
+def _preparation(layer: str | None, use_raw: bool, normalize: str, target: float | None,
+                 scale_genes: bool) -> DataSettings:
     """The data settings of the cells to project: every cell (:func:`prepare` with
     ``all_cells``) and the programs' genes, so the condition and gene filters do not apply."""
     if normalize not in NORMALIZE:
         raise InputError(f"normalize={normalize!r} must be one of {', '.join(NORMALIZE)}")
     if normalize == "median" and target is not None:
         normalize = "total"  # the run's median, a fixed target for the new cells
-    return DataSettings(source="anndata", path=None, layer=layer, use_raw=False, condition_key="condition",
+    return DataSettings(source="anndata", path=None, layer=layer, use_raw=use_raw, condition_key="condition",
                         control="control", case=None, allow_unlabelled=True, group_key=None, sample_key=None,
                         symbol_key=None, gene_id_column=None, min_cells=0, remove_genes=(), gene_mask_key=None, n_top_genes=None, normalize=normalize,
                         target_sum=target, scale_genes=scale_genes, batch_size=None, backed=False, num_workers=0,
                         transposed_copy="auto", cache_dir=None, simulation=None)
 
 
-def project(adata: ad.AnnData, source: str | Path, *, layer: str | None = None, gene_id_column: str | None = None,
+def project(adata: ad.AnnData, source: str | Path, *, layer: str | None = None, use_raw: bool | None = None,
+            gene_id_column: str | None = None,
             varm_key: str | None = None, units: str = "auto", normalize: str | None = None,
             target_sum: float | None = None, min_coverage: float = 0.5, batch_size: int = BATCH_CELLS,
             device=None, nnls_iterations: int | None = None, key_added: str = "X_deltanmf") -> pd.DataFrame:
@@ -106,8 +110,11 @@ def project(adata: ad.AnnData, source: str | Path, *, layer: str | None = None, 
         programs ``.csv``/``.tsv``, or an ``.h5ad`` with ``varm_key``).
     layer
         Layer of ``adata`` to use; None: the run's ``data.layer`` if ``adata`` has it, else ``.X``.
+    use_raw
+        Use ``adata.raw`` (its matrix and genes); None: when the run read ``.raw`` and ``adata``
+        has one.
     gene_id_column
-        ``.var`` column of ``adata`` holding the gene IDs the programs use; None: ``.var_names``.
+        ``.var`` (or ``.raw.var``) column of ``adata`` holding the gene IDs the programs use; None: ``.var_names``.
     varm_key, units
         For a programs file: the ``.varm`` key of an ``.h5ad``, and the programs' units
         (``auto``, ``expression`` or ``scaled``; see :mod:`deltanmf.data.reference`).
@@ -147,23 +154,36 @@ def project(adata: ad.AnnData, source: str | Path, *, layer: str | None = None, 
         found = _run_source(source, what)
     else:  # a programs file, or the .varm of an .h5ad (a run's results too)
         programs = read_programs(results_file(source), varm_key, units, what=what)
-        found = _Source(programs, None, None, None, "none", None, None, FILE_NNLS_ITERATIONS)
+        found = _Source(programs, None, None, None, False, "none", None, None, FILE_NNLS_ITERATIONS)
     reference = found.reference
+    if layer is None and use_raw is None:  # as the run read its cells, where adata allows
+        use_raw = found.use_raw and adata.raw is not None
+        if found.use_raw and not use_raw:
+            log.warning("%s was fitted on .raw.X but adata has no .raw: .X is used (give layer= or use_raw=)", what)
+        elif not use_raw and found.layer is not None and found.layer in adata.layers:
+            layer = found.layer
+    use_raw = bool(use_raw)
+    if use_raw and layer is not None:
+        raise InputError(f"layer={layer!r} and use_raw=True name two matrices; give one of them")
+    if use_raw and adata.raw is None:
+        raise InputError("use_raw=True but adata has no .raw; give layer=<a layer with counts> or use_raw=False for .X")
+    var = adata.raw.var if use_raw else adata.var
+    var_where = ".raw.var" if use_raw else ".var"
     id_column = gene_id_column
-    if id_column is not None and id_column not in adata.var:
-        raise InputError(f"gene_id_column={id_column!r} is not a column of .var; columns: {list(adata.var.columns)}")
-    data_ids = [strip_version(str(g)) for g in (adata.var[id_column] if id_column else adata.var_names)]
-    fix = "gene_id_column=<a .var column with the programs' convention>"
+    if id_column is not None and id_column not in var:
+        raise InputError(f"gene_id_column={id_column!r} is not a column of {var_where}; columns: {list(var.columns)}")
+    data_ids = [strip_version(str(g)) for g in (var[id_column] if id_column else var.index)]
+    check_unique(pd.Index(data_ids), f"gene ID (from {var_where}, versions stripped)",
+                 f"give gene_id_column=<a {var_where} column with one ID per gene>")
+    fix = f"gene_id_column=<a {var_where} column with the programs' convention>"
     report = coverage(reference, data_ids, min_coverage, what=what, fix=fix, setting="min_coverage")
-    if layer is None and found.layer is not None and found.layer in adata.layers:
-        layer = found.layer
 
     # the programs' genes the data has, in the programs' order, named as the data names them
     where = {g: i for i, g in enumerate(data_ids)}
     rows = np.array([i for i, g in enumerate(reference.genes) if g in where], dtype=np.int64)
-    genes = [str(adata.var_names[where[reference.genes[i]]]) for i in rows]
+    genes = [str(var.index[where[reference.genes[i]]]) for i in rows]
     scale = None if found.scale is None else found.scale[rows]
-    settings = _preparation(layer, normalize or found.normalize, target_sum or found.target, scale is None)
+    settings = _preparation(layer, use_raw, normalize or found.normalize, target_sum or found.target, scale is None)
     prepared = prepare(adata, settings, use_case=False, genes=genes, gene_scale=scale, all_cells=True)
     subset = ReferencePrograms(reference.programs[rows], reference.names, [reference.genes[i] for i in rows],
                                reference.units, reference.layout, reference.source)

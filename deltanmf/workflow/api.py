@@ -27,10 +27,13 @@ from ..data.programs import PROGRAMS_KEY, SCALED_KEY, SPECIFICITY_KEY
 from ..errors import InputError
 from .config import compose, load_settings
 
+log = logging.getLogger(__name__)
+
 # configuration keys this API takes as keywords
 KEYWORDS = {"K": "K", "K_case": "K_case", "seed": "seed", "stage1_from": "stage1_from", "data.layer": "layer",
             "data.use_raw": "use_raw", "data.condition_key": "condition_key", "data.control": "control",
-            "data.case": "case", "data.group_key": "group_key", "data.batch_size": "batch_size",
+            "data.case": "case", "data.group_key": "group_key", "data.sample_key": "sample_key",
+            "data.normalize": "normalize", "data.batch_size": "batch_size",
             "hydra.run.dir": "out_dir"}
 _SETTING = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in sorted(KEYWORDS, key=len, reverse=True))
                       + r")=('[^']*'|\"[^\"]*\"|\.\.\.|[^\s,;():'\"]*[^\s,;():'\".])")
@@ -122,6 +125,11 @@ def _logging(verbose: bool):
             logger.removeHandler(handler)
 
 
+def _no_scratch_path(record: logging.LogRecord) -> bool:
+    """Drop the line naming the run directory when it is a scratch folder about to go."""
+    return not str(record.msg).startswith("results written to")
+
+
 def _write_back(adata: ad.AnnData, result: ad.AnnData) -> None:
     """Scanpy style: results go into the user's AnnData; cells or genes not fitted get NaN (genes
     of ``.raw`` that ``.var`` lacks, with ``use_raw=True``, are not written back)."""
@@ -177,7 +185,15 @@ def _fit(adata: ad.AnnData, stage: str, settings: dict, out_dir, overrides: Sequ
         quiet_lightning()
         with _logging(verbose), tempfile.TemporaryDirectory(prefix="deltanmf-") as scratch:
             run_dir = Path(out_dir) if out_dir is not None else Path(scratch)
-            out = run(run_settings, run_dir, adata=adata, given=given)
+            if out_dir is None:  # the files go with the scratch folder: do not send the user there
+                run_log = logging.getLogger("deltanmf.workflow.run")
+                run_log.addFilter(_no_scratch_path)
+            try:
+                out = run(run_settings, run_dir, adata=adata, given=given)
+            finally:
+                logging.getLogger("deltanmf.workflow.run").removeFilter(_no_scratch_path)
+            if out_dir is None:
+                log.info("results returned and written into adata (out_dir=<folder> also keeps the files)")
     except InputError as err:
         raise InputError(for_python(str(err))) from None
     result = out.results
@@ -198,7 +214,8 @@ def _fit(adata: ad.AnnData, stage: str, settings: dict, out_dir, overrides: Sequ
 
 
 def fit_onestage(adata: ad.AnnData, K: int | None = None, *, condition_key: str | None = None, control=None,
-                 layer: str | None = None, use_raw: bool | None = None, batch_size: int | None = None,
+                 layer: str | None = None, use_raw: bool | None = None, normalize: str | None = None,
+                 batch_size: int | None = None,
                  seed: int | None = None, out_dir: str | Path | None = None, overrides: Sequence[str] = (),
                  verbose: bool = True) -> DeltaNMFResult:
     """Fit baseline programs on the control cells (stage 1 only).
@@ -215,6 +232,9 @@ def fit_onestage(adata: ad.AnnData, K: int | None = None, *, condition_key: str 
         Layer to factorise instead of ``.X``.
     use_raw
         Factorise ``.raw.X`` (e.g. the counts scanpy keeps there) instead of ``.X``.
+    normalize
+        Cell normalisation before fitting: ``none`` (the values as given), ``total`` (every cell
+        to 10,000) or ``median`` (to the median total); None: the configuration's (``none``).
     batch_size
         Cells per minibatch; None for full batch.
     seed
@@ -238,14 +258,15 @@ def fit_onestage(adata: ad.AnnData, K: int | None = None, *, condition_key: str 
     ``.var["deltanmf_gene_scale"]`` (divisor of unit-variance scaling) and ``.uns["deltanmf"]`` (program names and kinds, configuration, gene counts, losses).
     """
     settings = {"K": K, "seed": seed, "data.condition_key": condition_key, "data.control": control,
-                "data.layer": layer, "data.use_raw": use_raw, "data.batch_size": batch_size}
+                "data.layer": layer, "data.use_raw": use_raw, "data.normalize": normalize,
+                "data.batch_size": batch_size}
     return _fit(adata, "onestage", settings, out_dir, overrides, verbose)
 
 
 def fit_twostage(adata: ad.AnnData, K: int | None = None, K_case: int | None = None, *,
                  condition_key: str | None = None, control=None, case=None, group_key: str | None = None,
                  sample_key: str | None = None, layer: str | None = None, use_raw: bool | None = None,
-                 batch_size: int | None = None,
+                 normalize: str | None = None, batch_size: int | None = None,
                  stage1_from: str | Path | None = None, seed: int | None = None, out_dir: str | Path | None = None,
                  overrides: Sequence[str] = (), verbose: bool = True) -> DeltaNMFResult:
     """Fit baseline programs on controls, then case-specific programs on cases (baseline frozen).
@@ -264,7 +285,7 @@ def fit_twostage(adata: ad.AnnData, K: int | None = None, K_case: int | None = N
     sample_key
         ``.obs`` column of the replicate unit (donor, sample, guide): the tables then test
         across samples (``docs/statistics.md``); None tests cells, with a warning.
-    layer, use_raw, batch_size, seed, out_dir, overrides, verbose
+    layer, use_raw, normalize, batch_size, seed, out_dir, overrides, verbose
         As for :func:`fit_onestage`.
     stage1_from
         A finished run directory (or its ``results.h5ad``) whose baseline is reused, or a
@@ -288,5 +309,5 @@ def fit_twostage(adata: ad.AnnData, K: int | None = None, K_case: int | None = N
     settings = {"K": K, "K_case": K_case, "seed": seed, "stage1_from": stage1_from,
                 "data.condition_key": condition_key, "data.control": control, "data.case": case,
                 "data.group_key": group_key, "data.sample_key": sample_key, "data.layer": layer,
-                "data.use_raw": use_raw, "data.batch_size": batch_size}
+                "data.use_raw": use_raw, "data.normalize": normalize, "data.batch_size": batch_size}
     return _fit(adata, "twostage", settings, out_dir, overrides, verbose)

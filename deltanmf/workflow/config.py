@@ -31,6 +31,9 @@ def conf_dir() -> Path:
 def _close(name: str, names) -> str:
     by_lower = {n.lower(): n for n in names}
     matches = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)
+    # and abbreviations either way (tolerance for tol, n_top for n_top_genes)
+    matches += [n for n in by_lower if n not in matches and min(len(n), len(name)) >= 3
+                and (n.startswith(name.lower()) or name.lower().startswith(n))][:3 - len(matches)]
     return f" (did you mean {', '.join(by_lower[m] for m in matches)}?)" if matches else ""
 
 
@@ -55,6 +58,43 @@ def _build(cls: type[Settings], values, path: str) -> Settings:
         key = f"{path}.{f.name}" if path else f.name
         kwargs[f.name] = _build(nested, values[f.name], key) if nested else values[f.name]
     return cls(**kwargs)
+
+
+def check_override_keys(overrides) -> None:
+    """Refuse an override ``key=value`` whose key is no setting, with its close matches.
+
+    Hydra would stop such a command with a hint to add the key (``+k=20``), which then runs
+    silently with the default; here the command stops at once with what was meant. Keys are
+    checked against the typed settings; group choices (``data=h5ad``), Hydra's own keys,
+    additions (``+``), deletions (``~``) and the arguments of Lightning or resource objects
+    (``trainer.*``, ``logger.*``, ``resource.*``) are left to Hydra and to their checks.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+
+    items = [o for o in overrides if not o.startswith("-")]  # -m, --multirun, --cfg job, ...
+    try:
+        parsed = OverridesParser.create().parse_overrides(items)
+    except HydraException:
+        return  # a syntax error: Hydra names it
+    groups = {p.name for p in conf_dir().iterdir() if p.is_dir() and not p.name.startswith("_")}
+    for override in parsed:
+        key = override.key_or_group
+        if (override.type != OverrideType.CHANGE or override.package or "/" in key or key in groups
+                or key.split(".")[0] == _HYDRA):
+            continue
+        cls, path = RunSettings, ""
+        for part in key.split("."):
+            found = {f.name: f for f in fields(cls)}
+            if part not in found:
+                full = f"{path}.{part}" if path else part
+                raise InputError(f"unknown setting {full}{_close(part, found)}; the settings of "
+                                 f"{path or 'the configuration'} are: {', '.join(found)}")
+            cls = found[part].metadata.get("group")
+            if cls is None:  # a value, or a mapping handed to Lightning or a resource
+                break
+            path = f"{path}.{part}" if path else part
 
 
 def _strip_target(values: dict | None) -> dict | None:
@@ -84,6 +124,7 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
+    check_override_keys(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir())):

@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import InputError, NonFiniteLossError, TrainingInterrupted
-from .config import load_settings
+from .config import check_override_keys, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,26 @@ class Terminated(BaseException):
     """SIGTERM outside training (training stops by Lightning's own handling)."""
 
 
+def _last_words(level: int, message: str, prefix: str = "") -> None:
+    """``deltanmf: message`` on stderr, once, and the same line in the run's log file (not
+    again on the console, where Hydra's handler would repeat it)."""
+    print(f"deltanmf: {prefix}{message}", file=sys.stderr)
+    record = log.makeRecord(log.name, level, __file__, 0, "%s", (message,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Refuse an unknown key among the command's overrides before Hydra composes anything
+    (Hydra would answer with its ``+key`` hint): one line and exit code 2."""
+    try:
+        check_override_keys(argv)
+    except InputError as err:
+        print(f"deltanmf: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _terminate(signum, frame) -> None:
     from ..train import trainer
 
@@ -83,20 +103,17 @@ def main(cfg: DictConfig) -> float:
         given = frozenset(item.split("=", 1)[0].lstrip("+~") for item in HydraConfig.get().overrides.task)
         result = run(settings, run_dir, on_checked=lambda: write_record(run_dir, cfg), given=given)
     except (InputError, NonFiniteLossError) as err:
-        log.error("%s", err)
-        print(f"deltanmf: error: {err}", file=sys.stderr)
+        _last_words(logging.ERROR, str(err), prefix="error: ")
         raise SystemExit(2 if isinstance(err, InputError) else 3) from None
     except TrainingInterrupted as err:
-        log.warning("%s", err)
-        print(f"deltanmf: {err}", file=sys.stderr)
+        _last_words(logging.WARNING, str(err))
         raise SystemExit(128 + err.signum) from None  # the shell's convention for death by signal
     except (KeyboardInterrupt, Terminated) as err:  # outside training (reading, initialising, writing)
         from .resume import what_is_kept
 
         signum = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
         message = f"interrupted ({signum.name}) outside training; {what_is_kept(run_dir)}"
-        log.warning("%s", message)
-        print(f"deltanmf: {message}", file=sys.stderr)
+        _last_words(logging.WARNING, message)
         raise SystemExit(128 + signum) from None
     last = result.metrics.get("stage2", result.metrics["stage1"])
     return float(last.get("relative_error", float("nan")))
