@@ -433,7 +433,7 @@ def case_data():
 def test_case_program_table_statistics_match_references(case_data):
     ctrl, case, programs, genes, symbols = case_data
     thr = 0.1
-    table = case_program_table(ctrl, case, NAMES, K, programs, genes, symbols, share_threshold=thr)
+    table = case_program_table(ctrl, case, NAMES, K, programs, programs, symbols, share_threshold=thr)
     assert list(table.columns) == ["program", "case_fraction_using", "control_fraction_using", "case_mean_share",
                                    "control_mean_share", "mean_share_when_used", "log2_fold_change", "ci_low",
                                    "ci_high", "p_value", "q_value", "permutation_p_value", "emergent",
@@ -460,27 +460,27 @@ def test_case_program_table_statistics_match_references(case_data):
 
 
 def test_case_program_table_cosine_and_top_genes(case_data):
+    """The cosine comes from the programs; the top genes from the scores given (the pipeline's
+    specificity), not from the programs' weights."""
     ctrl, case, programs, genes, symbols = case_data
     base, cp = programs[:, :K], programs[:, K:]
     cos = np.array([[base[:, i] @ cp[:, j] / (np.linalg.norm(base[:, i]) * np.linalg.norm(cp[:, j]))
                      for j in range(C)] for i in range(K)])
+    scores = np.random.default_rng(7).normal(size=programs.shape)
     for n_top in (10, 3):
-        table = case_program_table(ctrl, case, NAMES, K, programs, genes, symbols, n_top=n_top)
+        table = case_program_table(ctrl, case, NAMES, K, programs, scores, symbols, n_top=n_top)
         assert list(table["closest_baseline"]) == [NAMES[i] for i in cos.argmax(axis=0)] == ["base2", "base4"]
         np.testing.assert_allclose(table["cosine_to_closest_baseline"], cos.max(axis=0), rtol=1e-12)
         for j in range(C):
-            weights = cp[:, j]
-            top = sorted(range(G), key=lambda g: -weights[g])[:n_top]
+            top = sorted(range(G), key=lambda g: -scores[g, K + j])[:n_top]
             assert table.loc[j, "top_genes"] == ";".join(symbols[top])
             assert len(table.loc[j, "top_genes"].split(";")) == n_top
-    # without symbols the gene ids are used
-    table = case_program_table(ctrl, case, NAMES, K, programs, genes, None)
-    top = np.argsort(-cp[:, 0])[:10]
-    assert table.loc[0, "top_genes"] == ";".join(genes[top])
-    assert table.loc[0, "top_genes"].startswith("ENSG")
-    # a pandas Index of gene ids (as the pipeline passes) works too
-    table = case_program_table(ctrl, case, NAMES, K, programs, pd.Index(genes), None)
-    assert table.loc[0, "top_genes"] == ";".join(genes[top])
+    top = np.argsort(-scores[:, K])[:10]
+    assert top.tolist() != np.argsort(-cp[:, 0])[:10].tolist()  # the weights would rank otherwise
+    # gene ids as labels, also as a pandas Index (as the pipeline passes them)
+    for labels in (genes, pd.Index(genes)):
+        table = case_program_table(ctrl, case, NAMES, K, programs, scores, labels)
+        assert table.loc[0, "top_genes"] == ";".join(genes[top])
 
 
 def test_case_program_table_share_threshold_and_when_used():
@@ -493,12 +493,12 @@ def test_case_program_table_share_threshold_and_when_used():
     ctrl = np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [4.5, 4.5, 1.0]])
     programs = np.eye(3)
     names = ["b0", "b1", "c0"]
-    table = case_program_table(ctrl, case, names, 2, programs, ["g0", "g1", "g2"], share_threshold=0.1)
+    table = case_program_table(ctrl, case, names, 2, programs, programs, ["g0", "g1", "g2"], share_threshold=0.1)
     assert table.loc[0, "case_fraction_using"] == pytest.approx(2 / 4)
     assert table.loc[0, "control_fraction_using"] == pytest.approx(1 / 3)
     assert table.loc[0, "mean_share_when_used"] == pytest.approx((0.1 + 0.5) / 2)
     assert table.loc[0, "case_mean_share"] == pytest.approx((0 + 0.05 + 0.1 + 0.5) / 4)
-    table = case_program_table(ctrl, case, names, 2, programs, ["g0", "g1", "g2"], share_threshold=0.6)
+    table = case_program_table(ctrl, case, names, 2, programs, programs, ["g0", "g1", "g2"], share_threshold=0.6)
     assert table.loc[0, "case_fraction_using"] == 0.0
     assert table.loc[0, "mean_share_when_used"] == 0.0  # nobody uses it: 0, not NaN
     assert table.loc[0, "top_genes"].split(";")[0] == "g2"
@@ -506,15 +506,15 @@ def test_case_program_table_share_threshold_and_when_used():
 
 def test_case_program_emergent_thresholds(case_data):
     ctrl, case, programs, genes, symbols = case_data
-    table = case_program_table(ctrl, case, NAMES, K, programs, genes, symbols)
+    table = case_program_table(ctrl, case, NAMES, K, programs, programs, symbols)
     lfc0, q0 = float(table.loc[0, "log2_fold_change"]), float(table.loc[0, "q_value"])
     assert lfc0 >= 1.0 and q0 < 0.05
-    assert case_program_table(ctrl, case, NAMES, K, programs, genes, min_log2fc=lfc0).loc[0, "emergent"]
-    assert not case_program_table(ctrl, case, NAMES, K, programs, genes,
+    assert case_program_table(ctrl, case, NAMES, K, programs, programs, genes, min_log2fc=lfc0).loc[0, "emergent"]
+    assert not case_program_table(ctrl, case, NAMES, K, programs, programs, genes,
                                   min_log2fc=lfc0 * (1 + 1e-9)).loc[0, "emergent"]
-    assert not case_program_table(ctrl, case, NAMES, K, programs, genes, q_threshold=q0).loc[0, "emergent"]
+    assert not case_program_table(ctrl, case, NAMES, K, programs, programs, genes, q_threshold=q0).loc[0, "emergent"]
     # emergent is one-sided: a case program that *drops* in cases is never emergent
-    flipped = case_program_table(case, ctrl, NAMES, K, programs, genes, min_log2fc=-10.0)
+    flipped = case_program_table(case, ctrl, NAMES, K, programs, programs, genes, min_log2fc=-10.0)
     assert flipped.loc[0, "p_value"] > 0.5
     assert not flipped["emergent"].any()
 
@@ -532,7 +532,7 @@ def test_case_program_used_equally_is_not_emergent():
 
     ctrl, case = cells(), cells()
     programs = rng.gamma(0.5, 1.0, size=(G, K + C))
-    table = case_program_table(ctrl, case, NAMES, K, programs, np.arange(G))
+    table = case_program_table(ctrl, case, NAMES, K, programs, programs, np.arange(G))
     assert not table["emergent"].any()
     assert abs(table.loc[0, "log2_fold_change"]) < 0.3
     # case1 is zero everywhere: NaN p-value, not emergent, q computed over the finite p only
@@ -543,7 +543,7 @@ def test_case_program_used_equally_is_not_emergent():
 def test_case_program_table_without_case_programs():
     rng = np.random.default_rng(14)
     ctrl, case = rng.gamma(1, 1, (20, K)), rng.gamma(1, 1, (20, K))
-    table = case_program_table(ctrl, case, NAMES[:K], K, rng.gamma(1, 1, (G, K)), np.arange(G))
+    table = case_program_table(ctrl, case, NAMES[:K], K, *[rng.gamma(1, 1, (G, K))] * 2, np.arange(G))
     assert len(table) == 0
     assert "emergent" in table.columns
 

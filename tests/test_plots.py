@@ -70,7 +70,7 @@ def fit():
     programs = rng.gamma(0.5, 1.0, size=(G, K + C))
     genes = np.array([f"gene{i}" for i in range(G)])
     shift = usage_shift_table(ctrl, case, NAMES, K)
-    cases = case_program_table(ctrl, case, NAMES, K, programs, genes)
+    cases = case_program_table(ctrl, case, NAMES, K, programs, programs, genes)
     return ctrl, case, programs, genes, shift, cases
 
 
@@ -134,7 +134,7 @@ def test_usage_share_plot_nothing_called(tmp_path):
     rng = np.random.default_rng(21)
     ctrl, case = _usage(rng, 50, np.full(K, 2.0)), _usage(rng, 50, np.full(K, 2.0))
     shift = usage_shift_table(ctrl, case, NAMES, K)
-    cases = case_program_table(ctrl, case, NAMES, K, rng.gamma(1, 1, (G, K + C)), np.arange(G))
+    cases = case_program_table(ctrl, case, NAMES, K, *[rng.gamma(1, 1, (G, K + C))] * 2, np.arange(G))
     assert (shift["shift"] == "none").all() and not cases["emergent"].any()
     save_png(pl.usage_share_plot(shift, cases), tmp_path / "quiet.png")
 
@@ -145,7 +145,7 @@ def test_usage_share_plot_shows_the_sample_level_intervals(tmp_path, fit):
     labels = lambda n, prefix: np.array([f"{prefix}{i % 6}" for i in range(n)])  # noqa: E731
     samples = dict(control_samples=labels(len(ctrl), "c"), case_samples=labels(len(case), "x"))
     shift = usage_shift_table(ctrl, case, NAMES, K, **samples)
-    cases = case_program_table(ctrl, case, NAMES, K, programs, genes, **samples)
+    cases = case_program_table(ctrl, case, NAMES, K, programs, programs, genes, **samples)
     fig = pl.usage_share_plot(shift, cases)
     save_png(fig, tmp_path / "usage_share_samples.png")
     axes = plot_axes(fig)
@@ -232,7 +232,7 @@ _NO_PYPLOT = textwrap.dedent("""
     ctrl, case = rng.gamma(1, 1, (40, 4)), rng.gamma(1, 1, (40, 4))
     programs = rng.gamma(1, 1, (20, 4))
     shift = usage_shift_table(ctrl, case, names, 3)
-    cases = case_program_table(ctrl, case, names, 3, programs, np.arange(20))
+    cases = case_program_table(ctrl, case, names, 3, programs, programs, np.arange(20))
     groups = np.array(["ctrl"] * 40 + ["A"] * 20 + ["B"] * 20)
     table = group_usage_table(np.vstack([ctrl, case]), groups, groups == "ctrl", names, 3)
     ks = pd.DataFrame({"K": [3, 4, 5], "K_case": [None] * 3, "stage": ["onestage"] * 3,

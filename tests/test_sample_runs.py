@@ -65,7 +65,7 @@ def test_cell_level_tables_warn_once_naming_sample_key(caplog):
     prepared = _prepared()
     programs = np.random.default_rng(1).gamma(1.0, 1.0, (30, 4)).astype(np.float32)
     names = ["baseline_1", "baseline_2", "baseline_3", "case_1"]
-    args = dict(group_key=None, symbol_key=None, batch_size=None, nnls_iterations=20, device="cpu")
+    args = dict(scores=programs, group_key=None, symbol_key=None, batch_size=None, nnls_iterations=20, device="cpu")
     with caplog.at_level(logging.INFO):
         tables, _ = case_control_tables(prepared, programs, names, 3, DEFAULTS.report, **args)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -190,7 +190,7 @@ def test_case_programs_at_the_sample_level_are_one_sided(design):
     case = case.copy()
     case[:, K] *= 30  # case0 much more used in every case sample
     programs = np.random.default_rng(4).gamma(1, 1, (20, K + C))
-    table = case_program_table(ctrl, case, NAMES, K, programs, np.arange(20), control_samples=ctrl_s,
+    table = case_program_table(ctrl, case, NAMES, K, programs, programs, np.arange(20), control_samples=ctrl_s,
                                case_samples=case_s)
     keep = ctrl_s != "c6"
     y_ctrl, _ = ref_sample_log_shares(ctrl[keep], ctrl_s[keep], [K], "total")
@@ -200,7 +200,7 @@ def test_case_programs_at_the_sample_level_are_one_sided(design):
     both = stats.ttest_ind(y_case[:, 0], y_ctrl[:, 0], equal_var=False).confidence_interval(0.95)
     assert (table.loc[0, "ci_low"], table.loc[0, "ci_high"]) == pytest.approx((both.low, both.high), rel=1e-10)
     assert table.loc[0, "emergent"] and table.loc[0, "test_unit"] == "sample"
-    flipped = case_program_table(case, ctrl, NAMES, K, programs, np.arange(20), control_samples=case_s,
+    flipped = case_program_table(case, ctrl, NAMES, K, programs, programs, np.arange(20), control_samples=case_s,
                                  case_samples=ctrl_s)
     assert flipped.loc[0, "p_value"] > 0.99 and not flipped.loc[0, "emergent"]
 

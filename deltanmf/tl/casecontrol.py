@@ -26,6 +26,7 @@ from scipy.stats import false_discovery_control
 from ..core.metrics import cosine_matrix
 from ..settings import ReportSettings
 from .celltests import mannwhitney_groups
+from .programs import top_gene_labels
 from .samples import sample_options
 from .sampletests import (AUTO_PERMUTATIONS, Relabellings, SampleOptions, compare_units, covariate_matrix,
                           resamples, units_of)
@@ -145,7 +146,7 @@ def usage_shift_table(control_usage: np.ndarray, case_usage: np.ndarray, names: 
 
 
 def case_program_table(control_usage: np.ndarray, case_usage: np.ndarray, names: list[str], n_baseline: int,
-                       programs: np.ndarray, genes, symbols=None, share_threshold: float = 0.1,
+                       programs: np.ndarray, scores: np.ndarray, labels, share_threshold: float = 0.1,
                        q_threshold: float = 0.05, min_log2fc: float = 1.0, n_top: int = 10, *,
                        control_samples=None, case_samples=None, options: SampleOptions | None = None) -> pd.DataFrame:
     """Per case program: how many case cells use it, how strongly, and is it case-specific?
@@ -153,7 +154,11 @@ def case_program_table(control_usage: np.ndarray, case_usage: np.ndarray, names:
     ``control_usage`` must be the control cells' usage of **all** programs (baseline and
     case, e.g. NNLS on the final programs): a case program that the controls use just as
     much is not case-specific. A cell *uses* a program when its total share is at least
-    ``share_threshold``. Samples and ``options`` as for :func:`usage_shift_table`.
+    ``share_threshold``. ``programs`` (genes x programs) give the cosine to the closest
+    baseline program; ``scores`` (genes x programs, the specificity of
+    :func:`~deltanmf.tl.programs.specificity`) rank each program's ``n_top`` genes, named by
+    ``labels`` (symbols or IDs, one per gene). Samples and ``options`` as for
+    :func:`usage_shift_table`.
 
     Columns: ``program``, ``case_fraction_using``, ``control_fraction_using`` (of cells),
     ``case_mean_share``, ``control_mean_share`` (mean total share, over samples or
@@ -196,9 +201,7 @@ def case_program_table(control_usage: np.ndarray, case_usage: np.ndarray, names:
     cos = cosine_matrix(programs[:, :n_baseline], programs[:, n_baseline:])
     table["closest_baseline"] = [names[i] for i in cos.argmax(axis=0)] if n_baseline else ""
     table["cosine_to_closest_baseline"] = cos.max(axis=0) if n_baseline else np.nan
-    labels = np.asarray(symbols if symbols is not None else genes).astype(str)
-    table["top_genes"] = [";".join(labels[np.argsort(-programs[:, n_baseline + j], kind="stable")[:n_top]])
-                          for j in range(len(case_names))]
+    table["top_genes"] = top_gene_labels(np.asarray(scores)[:, n_baseline:], labels, n_top)
     _unit_columns(table, "cell" if control_samples is None else "sample",
                   _test_name(None if control_samples is None else options), *counts)
     return table
@@ -298,13 +301,14 @@ def _log_left_out(what: str, dropped: dict, min_cells: int) -> None:
 
 
 def case_control_tables(prepared, programs: np.ndarray, names: list[str], n_baseline: int, report: ReportSettings, *,
-                        group_key: str | None, symbol_key: str | None, batch_size: int | None, nnls_iterations: int,
+                        scores: np.ndarray, group_key: str | None, symbol_key: str | None, batch_size: int | None, nnls_iterations: int,
                         device, sample_key: str | None = None, seed: int = 0
                         ) -> tuple[dict[str, pd.DataFrame], np.ndarray]:
     """``usage_shift``, ``case_programs`` and (with ``group_key``) ``group_usage``, from usage
     refitted by NNLS on all programs for every cell of ``prepared`` (a
     :class:`~deltanmf.data.PreparedData`), on ``device``, so that controls and cases are
-    measured the same way. With ``sample_key`` the tables test at the sample level
+    measured the same way; ``scores`` rank the case programs' top genes
+    (:func:`case_program_table`). With ``sample_key`` the tables test at the sample level
     (``report.covariates``, ``report.permutations``, ``report.min_cells_per_sample``;
     ``seed`` seeds the relabellings); without, at the cell level, with one warning.
     Returns the tables and that usage (cells x programs)."""
@@ -316,7 +320,7 @@ def case_control_tables(prepared, programs: np.ndarray, names: list[str], n_base
     refit = refit_usage(matrix, torch.from_numpy(programs), nnls_iterations).cpu().numpy()
     is_control = prepared.is_control
     ctrl, case = refit[is_control], refit[~is_control]
-    symbols = prepared.var[symbol_key].to_numpy() if symbol_key and symbol_key in prepared.var else None
+    labels = prepared.var[symbol_key].to_numpy() if symbol_key and symbol_key in prepared.var else prepared.var.index
     samples, options, by_sample = None, None, {}
     if sample_key:
         samples, options = sample_options(prepared.obs, sample_key, report.covariates, report.permutations,
@@ -331,7 +335,7 @@ def case_control_tables(prepared, programs: np.ndarray, names: list[str], n_base
     tables = {
         "usage_shift": usage_shift_table(ctrl, case, names, n_baseline, report.q_threshold, report.min_log2fc,
                                          **by_sample),
-        "case_programs": case_program_table(ctrl, case, names, n_baseline, programs, prepared.var.index, symbols,
+        "case_programs": case_program_table(ctrl, case, names, n_baseline, programs, scores, labels,
                                             report.share_threshold, report.q_threshold, report.emergence_log2fc,
                                             **by_sample),
     }

@@ -34,7 +34,7 @@ from ..resources import strip_version
 from ..settings import RunSettings
 from ..tl import casecontrol
 from ..tl.fit import StageFit, fit_null, fit_replicates
-from ..tl.programs import expression_programs, specificity, top_gene_labels
+from ..tl.programs import expression_programs, specificity
 from ..tl.recovery import recovery
 from ..tl.samples import check_samples
 from ..train import TrainingPlan, check_trainer
@@ -264,19 +264,17 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, give
         programs, names = stage2.programs, stage2.names
         control_usage = np.hstack([stage1.usage, np.zeros((stage1.usage.shape[0], settings.K_case), np.float32)])
         usage = np.vstack([control_usage, stage2.usage])
+        scores = specificity(prepared.X, usage)
         tables, refit = casecontrol.case_control_tables(
-            prepared, programs, names, n_base, settings.report, group_key=settings.data.group_key,
+            prepared, programs, names, n_base, settings.report, scores=scores, group_key=settings.data.group_key,
             symbol_key=settings.data.symbol_key, batch_size=settings.data.batch_size,
             nnls_iterations=model.consensus.nnls_iterations, device=torch.device(stage2.stats["device"]),
             sample_key=settings.data.sample_key, seed=settings.seed)
     else:
         programs, names, usage = stage1.programs, stage1.names, stage1.usage
+        scores = specificity(prepared.X, usage)
 
     expression = expression_programs(programs, prepared.gene_scale)
-    scores = specificity(prepared.X, usage)
-    if "case_programs" in tables:  # ranked as top_genes.csv ranks them, not by weight
-        symbols = prepared.var[settings.data.symbol_key] if settings.data.symbol_key else prepared.var.index
-        tables["case_programs"]["top_genes"] = top_gene_labels(scores[:, n_base:], symbols)
     found = recovery(prepared, expression, n_base, tables.get("usage_shift"), tables.get("case_programs"))
     if found is not None:
         metrics["recovery"] = found
