@@ -84,23 +84,30 @@ def test_the_prior_makes_the_programs_smoother_in_the_graphs_sense(make_cfg, dat
 
 
 def test_on_scarce_data_an_informative_graph_raises_recovery_and_a_shuffled_one_does_not(make_cfg):
-    """40 cells of 150 counts: the prior (rel_alpha 0.3) raises recovery of the planted programs
-    with the simulated embeddings' graph (+0.008 to +0.012 over seeds 0-4) and leaves it with the
-    same graph on shuffled genes (-0.001 to 0): the gain comes from the graph's information."""
-    adata = simulate_case_control(n_genes=600, n_programs=6, n_case_programs=1, n_control=40, n_case=20,
-                                  markers_per_program=40, library_size=150, embedding_noise=0.3, seed=0)
-    prepared = prepare(adata, data(), use_case=False)
-    truth = simulation_truth(prepared.source)
-    informative, shuffled = _graphs(truth)
-    fits = {name: _fit_stage1(make_cfg, prepared.control, "K=6", "logger=none", f"model.stage1.rel_alpha={alpha}",
-                              graph=graph)[0]
-            for name, graph, alpha in (("none", informative, 0), ("informative", informative, 0.3),
-                                       ("shuffled", shuffled, 0.3))}
-    recovery = {name: float(_recovery(fit, prepared, truth).mean()) for name, fit in fits.items()}
-    smooth = {name: _smoothness(informative, fit.programs) for name, fit in fits.items()}
-    assert recovery["informative"] > recovery["none"] + 0.004, recovery
-    assert abs(recovery["shuffled"] - recovery["none"]) < 0.003, recovery
-    assert smooth["informative"] < smooth["none"] - 0.02, smooth
+    """40 cells of 150 counts, seeds 0-4 (benchmarks/prior_strength.py's design): the prior
+    (rel_alpha 0.3) raises recovery of the planted programs on every seed with the simulated
+    embeddings' graph (+0.008 on average in the benchmark) and leaves it, on average, with the
+    same graph on shuffled genes (0.0000): the gain comes from the graph's information."""
+    gain, shuffled_change = [], []
+    for seed in range(5):
+        adata = simulate_case_control(n_genes=600, n_programs=6, n_case_programs=1, n_control=40, n_case=20,
+                                      markers_per_program=40, library_size=150, embedding_noise=0.3, seed=seed)
+        prepared = prepare(adata, data(), use_case=False)
+        truth = simulation_truth(prepared.source)
+        informative, shuffled = _graphs(truth)
+        fits = {name: _fit_stage1(make_cfg, prepared.control, "K=6", "logger=none",
+                                  f"model.stage1.rel_alpha={alpha}", graph=graph)[0]
+                for name, graph, alpha in (("none", informative, 0), ("informative", informative, 0.3),
+                                           ("shuffled", shuffled, 0.3))}
+        recovery = {name: float(_recovery(fit, prepared, truth).mean()) for name, fit in fits.items()}
+        smooth = {name: _smoothness(informative, fit.programs) for name, fit in fits.items()}
+        assert recovery["informative"] > recovery["none"], (seed, recovery)
+        assert smooth["informative"] < smooth["none"] - 0.02, (seed, smooth)
+        gain.append(recovery["informative"] - recovery["none"])
+        shuffled_change.append(recovery["shuffled"] - recovery["none"])
+    # half the benchmark's mean gain; a shuffled graph within a quarter of it
+    assert np.mean(gain) > 0.004, gain
+    assert abs(np.mean(shuffled_change)) < 0.002, shuffled_change
 
 
 def test_prior_switches_on_before_the_step_cap(make_cfg, dataset):
