@@ -130,8 +130,11 @@ def test_permutation_pvalues_match_scipy_exact_and_are_seeded():
 
 
 def test_freedman_lane_matches_every_permutation_by_hand():
-    """With a covariate: the OLS case coefficient of y* = fitted + permuted residuals of
-    y ~ 1 + z, over all 7! permutations, against the p-values of permutation_pvalues."""
+    """With a covariate: the t statistic of the OLS case coefficient (statsmodels) of
+    y* = fitted + permuted residuals of y ~ 1 + z, over all 7! permutations, against the
+    p-values of permutation_pvalues."""
+    import statsmodels.api as sm
+
     rng = np.random.default_rng(2)
     n = 7
     z = rng.normal(size=(n, 1))
@@ -141,13 +144,17 @@ def test_freedman_lane_matches_every_permutation_by_hand():
     fitted = reduced @ np.linalg.lstsq(reduced, y, rcond=None)[0]
     resid = y - fitted
     full = np.column_stack([np.ones(n), is_case, z])
-    coef = lambda yy: np.linalg.lstsq(full, yy, rcond=None)[0][1]  # noqa: E731
+    coef = lambda yy: np.array([sm.OLS(yy[:, j], full).fit().tvalues[1] for j in range(yy.shape[1])])  # noqa: E731
     observed = coef(y)
     null = np.array([coef(fitted + resid[list(p)]) for p in itertools.permutations(range(n))])
     tol = 1e-9 * np.abs(observed)
     ref = np.minimum(2 * np.minimum((null <= observed + tol).mean(0), (null >= observed - tol).mean(0)), 1)
     mine = permutation_pvalues(y, is_case, z, "two-sided", Relabellings(AUTO_PERMUTATIONS, 0))
     np.testing.assert_allclose(mine, ref, rtol=1e-12)
+    # the raw coefficient, which the studentised statistic replaces, ranks the relabellings otherwise
+    raw = lambda yy: np.linalg.lstsq(full, yy, rcond=None)[0][1]  # noqa: E731
+    null_raw = np.array([raw(fitted + resid[list(p)]) for p in itertools.permutations(range(n))])
+    assert not np.array_equal(np.argsort(null_raw[:, 0]), np.argsort(null[:, 0]))
 
 
 def test_ols_with_covariates_matches_least_squares_by_hand():

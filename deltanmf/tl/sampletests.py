@@ -130,15 +130,17 @@ def permutation_pvalues(y: np.ndarray, is_case: np.ndarray, z: np.ndarray, alter
                         relabel: Relabellings) -> np.ndarray:
     """Permutation p-values of the case effect on each column of ``y`` (units x programs).
 
-    The statistic is the effect's least-squares estimate: with no covariates, the
-    difference of the case and control means; with covariates ``z``, the ``case``
-    coefficient of ``y ~ 1 + case + z``. By the Frisch-Waugh-Lovell theorem that
-    coefficient is ``c @ y``, ``c`` being the condition's residual on ``[1, z]`` over its
-    squared norm, and ``c @ y = c @ r`` for the residuals ``r`` of ``y ~ 1 + z``. Freedman
-    and Lane's null permutes ``r``; ``c @ r[perm]`` is ``c[perm^-1] @ r``, so the
-    relabellings rearrange ``c``. Without covariates ``c`` takes two values (1/n_case and
-    -1/n_control) and only the split of the units matters: the splits are enumerated or
-    drawn. p-values follow ``scipy.stats.permutation_test``: an exact enumeration counts
+    Without covariates the statistic is the difference of the case and control means, and
+    only the split of the units matters: the splits are enumerated or drawn. With
+    covariates ``z`` it is the ``t`` statistic of the ``case`` coefficient of
+    ``y ~ 1 + case + z`` under Freedman and Lane's null, which permutes the residuals ``r``
+    of the reduced model ``y ~ 1 + z`` (studentised, as Anderson & Robinson 2001 and
+    Winkler et al. 2014 recommend: the raw coefficient's null is not pivotal when the
+    covariates are unbalanced). By the Frisch-Waugh-Lovell theorem the coefficient of
+    ``fitted + r*`` is ``x @ r* / |x|^2``, ``x`` being the condition's residual on
+    ``[1, z]``, and its residual sum of squares ``|r*|^2 - |Q^T r*|^2 - (x @ r*)^2 / |x|^2``
+    (``Q`` an orthonormal basis of ``[1, z]``); ``r* = r[perm^-1]`` turns both into
+    products of rearranged ``x`` and ``Q`` with ``r``. p-values follow ``scipy.stats.permutation_test``: an exact enumeration counts
     the observed labelling among the relabellings; Monte Carlo adds one to the count and
     to the number of relabellings; two-sided p is twice the smaller tail, at most 1;
     values within a relative ``100 * eps`` of the observed one count as ties.
@@ -148,17 +150,28 @@ def permutation_pvalues(y: np.ndarray, is_case: np.ndarray, z: np.ndarray, alter
     base = np.column_stack([np.ones(len(y)), z])
     x_res = sm.OLS(is_case.astype(np.float64), base).fit().resid
     residual = sm.OLS(y, base).fit().resid.reshape(y.shape)
-    c = x_res / (x_res @ x_res)
-    observed = c @ residual
+    norm2, total = x_res @ x_res, (residual ** 2).sum(axis=0)
+    basis = np.linalg.qr(base)[0]
+
+    def t_values(x: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """Up to a constant factor, the case coefficient's t statistic for the rearranged
+        ``x`` (relabellings x units) and ``q`` (relabellings x units x basis)."""
+        effect = x @ residual
+        projected = np.einsum("bnq,nj->bqj", q, residual)
+        rss = total - (projected ** 2).sum(axis=1) - effect ** 2 / norm2
+        return effect / np.sqrt(np.maximum(rss, np.finfo(np.float64).tiny))
+
+    observed = t_values(x_res[None], basis[None])[0] if z.shape[1] else None
     less, greater = np.zeros(y.shape[1]), np.zeros(y.shape[1])
-    gamma = np.abs(observed) * np.finfo(np.float64).eps * 100
 
     def count(null: np.ndarray) -> None:
         less[:] += (null <= observed + gamma).sum(axis=0)
         greater[:] += (null >= observed - gamma).sum(axis=0)
 
     if z.shape[1] == 0:
-        # label the smaller side: null = a * sum(r[chosen]) + b * sum(r[others]), and sum(r) = 0
+        # the mean difference is c @ r with c = x / |x|^2, which takes two values (1/n_case and
+        # -1/n_control); label the smaller side: null = a * sum(r[chosen]) + b * sum(r[others])
+        c = x_res / norm2
         side = is_case if is_case.sum() <= (~is_case).sum() else ~is_case
         a, b = c[side][0], c[~side][0]
         observed = (a - b) * residual[side].sum(axis=0)  # as the null's values are computed
@@ -168,10 +181,12 @@ def permutation_pvalues(y: np.ndarray, is_case: np.ndarray, z: np.ndarray, alter
         for start in range(0, len(chosen), block):
             count((a - b) * residual[chosen[start:start + block]].sum(axis=1))
     else:
+        gamma = np.abs(observed) * np.finfo(np.float64).eps * 100
         orders, exact = relabel.permutations(len(y))
-        block = max(1, _BLOCK_VALUES // len(y))
+        block = max(1, _BLOCK_VALUES // (len(y) * basis.shape[1] * y.shape[1]))
         for start in range(0, len(orders), block):
-            count(c[orders[start:start + block]] @ residual)
+            order = orders[start:start + block]
+            count(t_values(x_res[order], basis[order]))
     n = len(chosen) if z.shape[1] == 0 else len(orders)
     adjust = 0 if exact else 1
     less, greater = (less + adjust) / (n + adjust), (greater + adjust) / (n + adjust)
