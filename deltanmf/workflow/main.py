@@ -24,17 +24,29 @@ RECORD = ".hydra"  # Hydra's record of a run (config.yaml, hydra.yaml, overrides
 
 
 def _no_advertising(record: logging.LogRecord) -> bool:
-    """Drop Lightning's suggestion to install its cloud logger, printed once per Trainer."""
-    return "litlogger" not in str(record.msg)
+    """Drop Lightning's suggestion to install its cloud logger, printed once per Trainer, and
+    its note that a checkpoint it reads back (our own) is loaded with ``weights_only=False``."""
+    message = str(record.msg)
+    return "litlogger" not in message and "`weights_only` was not set" not in message
 
 
 def quiet_lightning() -> None:
-    """What Lightning prints that a user can do nothing about: its logger advertisement, and a
-    warning about a torch API it calls itself."""
+    """What Lightning prints that a user can do nothing about: its logger advertisement, a note
+    on loading our own checkpoints, a warning about a torch API it calls itself, and a second
+    copy of each of its lines (its own console handler, beside the logging already configured
+    by Hydra or the user: the lines still reach that, and the run's log file)."""
     import warnings
 
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    import lightning  # adds a console handler to the "lightning" logger on import
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch.trainer.connectors.checkpoint_connector"):
         logging.getLogger(name).addFilter(_no_advertising)
+    if logging.getLogger().handlers:
+        own = logging.getLogger(lightning.__name__)
+        for handler in list(own.handlers):
+            if type(handler) is logging.StreamHandler:
+                own.removeHandler(handler)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
