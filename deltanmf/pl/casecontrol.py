@@ -40,7 +40,7 @@ def usage_share_plot(shift: pd.DataFrame, case_programs: pd.DataFrame) -> Figure
     ax1.legend(fontsize=8)
     x = np.arange(len(case_programs))
     ax2.bar(x - 0.2, case_programs["control_mean_share"], 0.4, label="control", color="tab:gray")
-    ax2.bar(x + 0.2, case_programs["case_mean_share"], 0.4, label="case", color="tab:red")
+    ax2.bar(x + 0.2, case_programs["case_mean_share"], 0.4, label="case", color="tab:orange")
     for i, e in enumerate(case_programs["emergent"]):
         if e:
             ax2.text(i, case_programs["case_mean_share"].iloc[i] * 1.02, "*", ha="center", fontsize=13)
@@ -48,7 +48,7 @@ def usage_share_plot(shift: pd.DataFrame, case_programs: pd.DataFrame) -> Figure
                         1e-3) * 1.15)
     ax2.set_xticks(x, case_programs["program"], rotation=60, ha="right", fontsize=8)
     ax2.set_ylabel("mean share of total usage")
-    ax2.set_title("Case programs (*: emergent)", fontsize=10)
+    ax2.set_title(f"Case programs (*: emergent)\n{_unit(case_programs)}", fontsize=9)  # colours: ax1's legend
     if forest:
         _forest(axes[2], shift)
     fig.tight_layout()

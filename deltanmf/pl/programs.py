@@ -7,7 +7,7 @@ from matplotlib.ticker import MaxNLocator
 
 
 def top_genes_plot(scores: np.ndarray, names: list[str], labels, n_top: int = 10,
-                   xlabel: str = "z-score in a cell of this program only",
+                   xlabel: str = "specificity: the gene's z-score\nin a cell using only this program",
                    title: str = "Top genes per program, by specificity") -> Figure:
     """One small bar chart per program: the ``n_top`` genes with the highest ``scores``
     (genes x programs; the specificity score in ``top_genes.png``)."""
