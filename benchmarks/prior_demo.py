@@ -60,7 +60,7 @@ def main() -> None:
             genes = source.var_names.get_indexer(result.var_names)
             graph = GeneGraph(torch.from_numpy(
                 similarity_from_embeddings(np.asarray(source.varm["sim_embedding"])[genes])))
-            programs = np.asarray(result.varm["deltanmf_programs"])
+            programs = np.asarray(result.varm["deltanmf_programs_scaled"])  # as fitted: what the prior shapes
             kind = np.asarray(result.uns["deltanmf"]["program_kind"])
             scale = result.var["deltanmf_gene_scale"].to_numpy()[:, None]
             planted = (smoothness(graph, np.asarray(source.varm["sim_programs"])[genes] / scale),

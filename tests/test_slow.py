@@ -54,7 +54,7 @@ def test_prior_on_the_default_demo(tmp_path):
         genes = source.var_names.get_indexer(result.var_names)
         graph = GeneGraph(torch.from_numpy(similarity_from_embeddings(np.asarray(source.varm["sim_embedding"])[genes])))
         kind = np.asarray(result.uns["deltanmf"]["program_kind"])
-        programs = torch.as_tensor(np.asarray(result.varm["deltanmf_programs"]))
+        programs = torch.as_tensor(np.asarray(result.varm["deltanmf_programs_scaled"]))  # as fitted
         smooth[name] = {k: float(graph.rayleigh(programs[:, kind == k]).mean()) for k in ("baseline", "case")}
     assert smooth["demo"]["baseline"] == pytest.approx(metrics["stage1"]["loss"]["laplacian"], rel=1e-5)
     for kind in ("baseline", "case"):
