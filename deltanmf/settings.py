@@ -52,14 +52,18 @@ def group(cls: type) -> Any:
     return field(metadata={"group": cls})
 
 
-def show(value) -> str:
-    """A value as it is written on the command line (``null``, ``true``, ``[a,b]``)."""
+def show(value, *, quoted: bool = False) -> str:
+    """A value as it is written on the command line (``null``, ``true``, ``[a,b]``); ``quoted``:
+    strings and paths in single quotes, as a Hydra override's value must be when built from
+    arbitrary text."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(show(v) for v in value) + "]"
+        return "[" + ",".join(show(v, quoted=quoted) for v in value) + "]"
+    if quoted and isinstance(value, (str, Path)):
+        return "'" + str(value).replace("'", "\\'") + "'"
     return str(value)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from ..data.programs import PROGRAMS_KEY, SCALED_KEY, SPECIFICITY_KEY
 from ..errors import InputError
+from ..settings import show
 from .config import compose, load_settings
 
 log = logging.getLogger(__name__)
@@ -73,19 +74,6 @@ class DeltaNMFResult:
     group_usage: pd.DataFrame | None
     metrics: dict
     out_dir: Path | None
-
-
-def _value(v) -> str:
-    """A Python value as a Hydra override's value."""
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(_value(x) for x in v) + "]"
-    if isinstance(v, (str, Path)):
-        return "'" + str(v).replace("'", "\\'") + "'"
-    return str(v)
 
 
 def _python(value: str) -> str:
@@ -172,7 +160,7 @@ def _fit(adata: ad.AnnData, stage: str, settings: dict, out_dir, overrides: Sequ
                          "adata.var_names_make_unique() first")
     items = [f"stage={stage}", "data=h5ad", "data.path=null", "data.source=anndata"]
     given = {key for key, value in settings.items() if value is not None}
-    items += [f"{key}={_value(value)}" for key, value in settings.items() if value is not None]
+    items += [f"{key}={show(value, quoted=True)}" for key, value in settings.items() if value is not None]
     if out_dir is None:
         items.append("logger=none")  # nothing is kept: no TensorBoard files in a folder about to go
     # a K given must agree with stage1_from's programs (deltanmf.workflow.run)
@@ -185,13 +173,13 @@ def _fit(adata: ad.AnnData, stage: str, settings: dict, out_dir, overrides: Sequ
         quiet_lightning()
         with _logging(verbose), tempfile.TemporaryDirectory(prefix="deltanmf-") as scratch:
             run_dir = Path(out_dir) if out_dir is not None else Path(scratch)
+            run_log = logging.getLogger("deltanmf.workflow.run")
             if out_dir is None:  # the files go with the scratch folder: do not send the user there
-                run_log = logging.getLogger("deltanmf.workflow.run")
                 run_log.addFilter(_no_scratch_path)
             try:
                 out = run(run_settings, run_dir, adata=adata, given=given)
             finally:
-                logging.getLogger("deltanmf.workflow.run").removeFilter(_no_scratch_path)
+                run_log.removeFilter(_no_scratch_path)
             if out_dir is None:
                 log.info("results returned and written into adata (out_dir=<folder> also keeps the files)")
     except InputError as err:
