@@ -294,6 +294,9 @@ class ReportSettings(Settings):
     permutations: int = rule("int", low=0, hint="relabellings for every sample-level permutation p-value; "
                                                 "0: only with fewer than 6 samples in a condition")
     min_cells_per_sample: int = rule("int", low=1, hint="samples with fewer cells are left out of the tests, e.g. 10")
+    moderate: bool = rule("bool", hint="true: each group's variance moderated across groups (empirical Bayes)")
+    negative_controls: int = rule("int", low=0, hint="random sets of control units tested as targets in a "
+                                                     "screen design, e.g. 200; 0 = no check")
 
 
 @dataclass(frozen=True)

@@ -67,13 +67,13 @@ def test_cell_level_tables_warn_once_naming_sample_key(caplog):
     names = ["baseline_1", "baseline_2", "baseline_3", "case_1"]
     args = dict(scores=programs, group_key=None, symbol_key=None, batch_size=None, nnls_iterations=20, device="cpu")
     with caplog.at_level(logging.INFO):
-        tables, _ = case_control_tables(prepared, programs, names, 3, DEFAULTS.report, **args)
+        tables, _, _ = case_control_tables(prepared, programs, names, 3, DEFAULTS.report, **args)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [CELL_WARNING] and "data.sample_key" in warnings[0]
     assert all((t["test_unit"] == "cell").all() for t in tables.values())
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        tables, _ = case_control_tables(prepared, programs, names, 3, DEFAULTS.report, sample_key="donor", **args)
+        tables, _, _ = case_control_tables(prepared, programs, names, 3, DEFAULTS.report, sample_key="donor", **args)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
     assert len(left_out) == 2 and "c3 (3 cells)" in left_out[0] and "x3 (3 cells)" in left_out[1]

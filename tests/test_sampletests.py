@@ -212,7 +212,12 @@ def test_case_programs_at_the_sample_level_are_one_sided(design):
     assert flipped.loc[0, "p_value"] > 0.99 and not flipped.loc[0, "emergent"]
 
 
-def test_group_usage_at_the_sample_level_compares_each_groups_samples_with_all_controls(design):
+def test_group_usage_at_the_sample_level_is_one_weighted_model_over_all_units(design):
+    """Without moderation, each group's test is the statsmodels WLS coefficient of its
+    indicator in one model over every unit (controls the reference), weights 1 / (tau^2 +
+    sigma^2 / n_cells) as the record reports them."""
+    import statsmodels.api as sm
+
     ctrl, ctrl_s, case, case_s = design
     rng = np.random.default_rng(5)
     # two target genes, each with its own guides (x0-x3: A, x4-x7: B); B's guides also hold a few cells of A
@@ -221,24 +226,37 @@ def test_group_usage_at_the_sample_level_compares_each_groups_samples_with_all_c
     usage = np.vstack([ctrl, case])
     is_control = np.r_[np.ones(len(ctrl), bool), np.zeros(len(case), bool)]
     labels = np.r_[ctrl_s, case_s]
+    record = {}
     table = group_usage_table(usage, np.r_[np.full(len(ctrl), "NTC", object), groups], is_control, NAMES, K,
-                              samples=labels)
+                              samples=labels, options=SampleOptions(moderate=False, negative_controls=0),
+                              record=record)
     keep = ctrl_s != "c6"
     y_ctrl, _ = ref_sample_log_shares(ctrl[keep], ctrl_s[keep], slice(0, K), "baseline")
-    for g in ("A", "B"):
+    n_ctrl = pd.Series(ctrl_s[keep]).value_counts().sort_index().to_numpy()
+    blocks, sizes, member = [y_ctrl], [n_ctrl], [np.full(len(y_ctrl), -1)]
+    for i, g in enumerate(("A", "B")):
         cells = groups == g
         units = pd.Series(case_s[cells]).value_counts()
         kept = units[units >= 10].index
         in_unit = cells & np.isin(case_s, kept)
         y_g, _ = ref_sample_log_shares(case[in_unit], case_s[in_unit], slice(0, K), "baseline")
+        n_g = pd.Series(case_s[in_unit]).value_counts().sort_index().to_numpy()
+        blocks.append(y_g), sizes.append(n_g), member.append(np.full(len(y_g), i))
         rows = table[(table["group"] == g) & (table["program_kind"] == "baseline")]
-        ref = stats.ttest_ind(y_g, y_ctrl, axis=0, equal_var=False).pvalue
-        np.testing.assert_allclose(rows["p_value"], ref, rtol=1e-10)
         assert (rows["n_case_samples"] == len(kept)).all() and (rows["n_control_samples"] == 6).all()
         assert (rows["n_cells"] == cells.sum()).all()
-        # fewer than 6 units: an exact permutation p-value beside it
-        assert rows["permutation_p_value"].notna().all()
-    assert set(table["test_unit"]) == {"sample"} and set(table["test"]) == {"welch_t"}
+        assert rows["permutation_p_value"].isna().all()  # the group tests report none
+    y, n, member = np.vstack(blocks), np.concatenate(sizes), np.concatenate(member)
+    design_matrix = np.column_stack([np.ones(len(y)), member == 0, member == 1]).astype(float)
+    for j, name in enumerate(NAMES[:K]):
+        fit = record["programs"][name]
+        wls = sm.WLS(y[:, j], design_matrix, weights=1 / (fit["tau2"] + fit["sigma2"] / n)).fit()
+        rows = table[table["program"] == name].set_index("group")
+        for i, g in enumerate(("A", "B")):
+            assert rows.loc[g, "log2_fold_change"] == pytest.approx(wls.params[i + 1], rel=1e-9)
+            assert rows.loc[g, "p_value"] == pytest.approx(wls.pvalues[i + 1], rel=1e-7)
+            assert rows.loc[g, "ci_low"] == pytest.approx(wls.conf_int()[i + 1, 0], rel=1e-9)
+    assert set(table["test_unit"]) == {"sample"} and set(table["test"]) == {"pooled_t"}
     np.testing.assert_allclose(table["q_value"], stats.false_discovery_control(table["p_value"]), rtol=1e-12)
 
 

@@ -3,11 +3,11 @@
 :func:`save_figure` writes one to a PNG file."""
 from pathlib import Path
 
-from .casecontrol import group_usage_plot, usage_share_plot
+from .casecontrol import group_usage_plot, negative_control_plot, usage_share_plot
 from .programs import similarity_plot, top_genes_plot
 from .select_k import k_selection_plot
 
-__all__ = ["group_usage_plot", "k_selection_plot", "save_figure", "similarity_plot", "top_genes_plot",
+__all__ = ["group_usage_plot", "k_selection_plot", "negative_control_plot", "save_figure", "similarity_plot", "top_genes_plot",
            "usage_share_plot"]
 
 

@@ -98,3 +98,35 @@ def group_usage_plot(table: pd.DataFrame) -> Figure:
     fig.colorbar(image, ax=ax, label="log2 FC (saturates beyond the scale)", extend="both")
     fig.tight_layout()
     return fig
+
+
+def negative_control_plot(table: pd.DataFrame, check: dict) -> Figure:
+    """QQ plot of the negative-control check's p-values (``negative_controls.png``): each
+    program kind's observed ``-log10 p`` against the uniform's expected, with the pointwise
+    95% band of uniform order statistics. Points above the band at the right mean the group
+    tests call more than chance on these data."""
+    from scipy.stats import beta
+
+    fig = Figure(figsize=(4.6, 4.2))
+    ax = fig.subplots()
+    top = 1.0
+    for kind, color in (("baseline", "tab:blue"), ("case", "tab:orange")):
+        p = np.sort(table.loc[table["program_kind"] == kind, "p_value"].to_numpy(dtype=float))
+        p = p[np.isfinite(p)]
+        if not len(p):
+            continue
+        rank = np.arange(1, len(p) + 1)
+        expected = -np.log10(rank / (len(p) + 1))
+        ax.scatter(expected, -np.log10(np.maximum(p, 1e-300)), s=6, color=color, label=f"{kind} programs ({len(p)})")
+        low, high = beta.ppf([[0.025], [0.975]], rank, len(p) - rank + 1)
+        ax.fill_between(expected, -np.log10(high), -np.log10(low), color=color, alpha=0.12, linewidth=0)
+        top = max(top, expected.max(), float(-np.log10(max(p[0], 1e-300))))
+    ax.plot([0, top], [0, top], color="black", linewidth=0.8)
+    ax.set_xlabel("expected -log10 p (uniform)")
+    ax.set_ylabel("observed -log10 p")
+    below = check.get("fraction_below", {})
+    detail = (f"{check.get('sets', '?')} sets of {check.get('units_per_set', '?')} control units; "
+              f"p < 0.01: {below.get('0.01', float('nan')):.3f}") if below else ""
+    ax.set_title("Negative controls tested as targets\n" + detail, fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    return fig

@@ -18,6 +18,7 @@ q-values are Benjamini-Hochberg over the finite p-values of one table.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,7 @@ from .programs import top_gene_labels
 from .samples import sample_options
 from .sampletests import (AUTO_PERMUTATIONS, Relabellings, SampleOptions, compare_units, covariate_matrix,
                           resamples, units_of)
+from .screentests import screen_tests, simes
 from .shares import (PSEUDO, baseline_share, column_means, defined_baseline_share, log2_ratio, log2_share,
                      novelty, total_share, unit_means)
 
@@ -208,30 +210,39 @@ def case_program_table(control_usage: np.ndarray, case_usage: np.ndarray, names:
 
 
 GROUP_COLUMNS = ["group", "program", "program_kind", "n_cells", "share", "control_share", "log2_fold_change",
-                 "ci_low", "ci_high", "p_value", "q_value", "permutation_p_value", "called", "test_unit", "test",
-                 "n_control_samples", "n_case_samples"]
+                 "ci_low", "ci_high", "p_value", "q_value", "permutation_p_value", "called", "group_p_value",
+                 "group_q_value", "test_unit", "test", "n_control_samples", "n_case_samples"]
 
 
 def group_usage_table(usage: np.ndarray, groups, is_control: np.ndarray, names: list[str],
                       n_baseline: int, q_threshold: float = 0.05, min_log2fc: float = 0.25,
-                      emergence_log2fc: float = 1.0, *, samples=None,
-                      options: SampleOptions | None = None) -> pd.DataFrame:
+                      emergence_log2fc: float = 1.0, *, samples=None, options: SampleOptions | None = None,
+                      record: dict | None = None) -> pd.DataFrame:
     """Per perturbation group (among case cells) and program: share, shift against control, q-value.
 
     A long table, one row per group x program, so thousands of perturbations fit in one
     file. Baseline programs use the baseline share, case programs the total share
-    (``program_kind``). Each group is compared with all control cells or, with
-    ``samples`` (each cell's sample), its samples' cells in the group (e.g. the guides
-    of one target gene; one sample's cells of one group form one unit) with all control
-    samples, two-sided, as ``options`` say. q-values are BH over the whole table.
-    ``called`` marks ``q < q_threshold`` with ``|log2 FC| >= min_log2fc`` for baseline
-    programs, and with ``log2 FC >= emergence_log2fc`` for case programs (a case program
-    barely used in a group is not called there).
+    (``program_kind``). Each group is compared, two-sided, with
+
+    - all control cells (Mann-Whitney U across cells), or
+    - with ``samples`` (each cell's sample): the control samples, in one weighted linear
+      model per program over all units (one sample's cells of one group form a unit, e.g.
+      one guide of a target gene) with each group's variance moderated across groups
+      (:mod:`deltanmf.tl.screentests`; ``options.moderate``, ``options.covariates``).
+      ``record`` (a dict), when given, receives the model's estimates and the
+      negative-control check (``options.negative_controls``).
+
+    q-values are BH over the whole table. ``called`` marks ``q < q_threshold`` with ``|log2
+    FC| >= min_log2fc`` for baseline programs, and with ``log2 FC >= emergence_log2fc`` for
+    case programs (a case program barely used in a group is not called there); at the
+    sample level a group needs 2 units for a call. ``group_p_value`` combines a group's
+    programs (Simes) and ``group_q_value`` is BH over groups: which groups do anything.
 
     Columns: ``group``, ``program``, ``program_kind``, ``n_cells`` (the group's cells),
     ``share`` and ``control_share`` (mean share, over units or cells),
     ``log2_fold_change``, ``ci_low``, ``ci_high``, ``p_value``, ``q_value``,
-    ``permutation_p_value``, ``called``, ``test_unit``, ``test``, ``n_control_samples``,
+    ``permutation_p_value`` (NaN: the group tests report none), ``called``,
+    ``group_p_value``, ``group_q_value``, ``test_unit``, ``test``, ``n_control_samples``,
     ``n_case_samples`` (the group's units).
     """
     groups = np.asarray(groups).astype(str)
@@ -244,37 +255,22 @@ def group_usage_table(usage: np.ndarray, groups, is_control: np.ndarray, names: 
         return pd.DataFrame(columns=GROUP_COLUMNS)
     case, control = shares[~is_control], shares[is_control]
     n_cells = np.bincount(codes, minlength=n_groups)
+    enough = np.ones(n_groups, dtype=bool)
     if samples is None:
         share, control_share = unit_means(case, codes, n_groups), np.tile(column_means(control), (n_groups, 1))
         effect = log2_ratio(share, control_share)
-        ci_low = ci_high = permutation = np.full((n_groups, n_programs), np.nan)
+        ci_low = ci_high = np.full((n_groups, n_programs), np.nan)
         p = mannwhitney_groups(case, codes, n_groups, control, "two-sided")
         n_case_units, n_control_units = [None] * n_groups, None
     else:
         options = options or SampleOptions()
-        samples = np.asarray(samples).astype(str)
-        control_units = units_of(samples[is_control], options.min_cells)
-        control_means = unit_means(control, control_units.index, len(control_units.names))
-        pairs = pd.MultiIndex.from_arrays([codes, samples[~is_control]]).to_numpy()
-        units = units_of(pairs, options.min_cells)
-        means = unit_means(case, units.index, len(units.names))
-        unit_group = np.array([g for g, _ in units.names], dtype=np.int64)
-        relabel = _relabellings(options, salt=3)
-        share, effect, ci_low, ci_high, p, permutation = (np.full((n_groups, n_programs), np.nan) for _ in range(6))
-        n_case_units = np.bincount(unit_group, minlength=n_groups)
-        for g in range(n_groups):
-            members = np.flatnonzero(unit_group == g)
-            if len(members) == 0:
-                continue
-            case_z, control_z = _design(options, [units.names[i][1] for i in members], control_units.names)
-            use = relabel if resamples(options, len(members), len(control_units.names)) else None
-            found = compare_units(log2_share(means[members]), log2_share(control_means), case_z=case_z,
-                                  control_z=control_z, relabel=use)
-            share[g] = column_means(means[members])
-            effect[g], ci_low[g], ci_high[g] = found["effect"], found["ci_low"], found["ci_high"]
-            p[g], permutation[g] = found["p_value"], found["permutation_p_value"]
-        control_share = np.tile(column_means(control_means), (n_groups, 1))
-        n_control_units = len(control_units.names)
+        found, screen = screen_tests(shares, codes, n_groups, is_control, samples, options, names, kinds)
+        if record is not None:
+            record.update(screen)
+        share, control_share, effect = found["share"], found["control_share"], found["effect"]
+        ci_low, ci_high, p = found["ci_low"], found["ci_high"], found["p_value"]
+        n_case_units, n_control_units = found["n_units"], found["n_control_units"]
+        enough = n_case_units >= 2
     table = pd.DataFrame({
         "group": np.repeat(np.asarray(group_names, dtype=object), n_programs),
         "program": np.tile(np.asarray(names, dtype=object), n_groups),
@@ -284,11 +280,15 @@ def group_usage_table(usage: np.ndarray, groups, is_control: np.ndarray, names: 
         "ci_low": ci_low.ravel(), "ci_high": ci_high.ravel(), "p_value": p.ravel(),
     })
     table["q_value"] = bh_qvalues(table["p_value"])
-    table["permutation_p_value"] = permutation.ravel()
+    table["permutation_p_value"] = np.nan
     fc = table["log2_fold_change"]
     strong = np.where(table["program_kind"] == "case", fc >= emergence_log2fc, fc.abs() >= min_log2fc)
-    table["called"] = (table["q_value"] < q_threshold) & strong
-    _unit_columns(table, "cell" if samples is None else "sample", _test_name(None if samples is None else options),
+    table["called"] = (table["q_value"] < q_threshold) & strong & np.repeat(enough, n_programs)
+    combined = simes(p)
+    table["group_p_value"] = np.repeat(combined, n_programs)
+    table["group_q_value"] = np.repeat(bh_qvalues(combined), n_programs)
+    _unit_columns(table, "cell" if samples is None else "sample",
+                  "mann_whitney_u" if samples is None else screen["test"],
                   n_control_units, np.repeat(n_case_units, n_programs) if samples is not None else None)
     return table[GROUP_COLUMNS]
 
@@ -303,7 +303,7 @@ def _log_left_out(what: str, dropped: dict, min_cells: int) -> None:
 def case_control_tables(prepared, programs: np.ndarray, names: list[str], n_baseline: int, report: ReportSettings, *,
                         scores: np.ndarray, group_key: str | None, symbol_key: str | None, batch_size: int | None, nnls_iterations: int,
                         device, sample_key: str | None = None, seed: int = 0
-                        ) -> tuple[dict[str, pd.DataFrame], np.ndarray]:
+                        ) -> tuple[dict[str, pd.DataFrame], np.ndarray, dict]:
     """``usage_shift``, ``case_programs`` and (with ``group_key``) ``group_usage``, from usage
     refitted by NNLS on all programs for every cell of ``prepared`` (a
     :class:`~deltanmf.data.PreparedData`), on ``device``, so that controls and cases are
@@ -311,20 +311,26 @@ def case_control_tables(prepared, programs: np.ndarray, names: list[str], n_base
     (:func:`case_program_table`). With ``sample_key`` the tables test at the sample level
     (``report.covariates``, ``report.permutations``, ``report.min_cells_per_sample``;
     ``seed`` seeds the relabellings); without, at the cell level, with one warning.
-    Returns the tables and that usage (cells x programs)."""
+    Returns the tables, that usage (cells x programs) and a record of the group tests (with
+    ``group_key`` and ``sample_key``: the model's estimates and the negative-control check,
+    :func:`group_usage_table`; else empty); the check's p-values are the table
+    ``negative_controls`` (one row per set and program)."""
     import torch
 
     from ..core import CellMatrix, refit_usage
 
+    began = time.perf_counter()
     matrix = CellMatrix(prepared.X, batch_size=batch_size, device=device)
     refit = refit_usage(matrix, torch.from_numpy(programs), nnls_iterations).cpu().numpy()
+    refitted = time.perf_counter()
     is_control = prepared.is_control
     ctrl, case = refit[is_control], refit[~is_control]
     labels = prepared.var[symbol_key].to_numpy() if symbol_key and symbol_key in prepared.var else prepared.var.index
     samples, options, by_sample = None, None, {}
     if sample_key:
         samples, options = sample_options(prepared.obs, sample_key, report.covariates, report.permutations,
-                                          report.min_cells_per_sample, seed)
+                                          report.min_cells_per_sample, seed, report.moderate,
+                                          report.negative_controls)
         by_sample = {"control_samples": samples[is_control], "case_samples": samples[~is_control], "options": options}
         for side, mask in (("control", is_control), ("case", ~is_control)):
             units = units_of(samples[mask], options.min_cells)
@@ -339,14 +345,42 @@ def case_control_tables(prepared, programs: np.ndarray, names: list[str], n_base
                                             report.share_threshold, report.q_threshold, report.emergence_log2fc,
                                             **by_sample),
     }
+    record: dict = {}
     if group_key:
         groups = prepared.obs[group_key].to_numpy()
         tables["group_usage"] = group_usage_table(refit, groups, is_control, names, n_baseline, report.q_threshold,
                                                   report.min_log2fc, report.emergence_log2fc, samples=samples,
-                                                  options=options)
+                                                  options=options, record=record)
         if samples is not None:
             pairs = pd.MultiIndex.from_arrays([np.asarray(groups).astype(str)[~is_control],
                                                samples[~is_control]]).to_numpy()
             _log_left_out("group units (group, sample)", units_of(pairs, options.min_cells).dropped,
                           options.min_cells)
-    return tables, refit
+            _log_screen(record, report.q_threshold)
+            null_p = record.pop("negative_control_p")
+            if null_p is not None:
+                kinds = ["baseline"] * n_baseline + ["case"] * (len(names) - n_baseline)
+                tables["negative_controls"] = pd.DataFrame({
+                    "set": np.repeat(np.arange(len(null_p)), len(names)),
+                    "program": np.tile(np.asarray(names, dtype=object), len(null_p)),
+                    "program_kind": np.tile(np.asarray(kinds, dtype=object), len(null_p)),
+                    "p_value": null_p.ravel()})
+    record["timings"] = {"refit": refitted - began, "tables": time.perf_counter() - refitted}
+    return tables, refit, record
+
+
+def _log_screen(record: dict, q_threshold: float) -> None:
+    """The group tests' model and the negative-control check, in the log."""
+    check = record["negative_controls"]
+    if not check["ran"]:
+        log.info("negative-control check not run: %s", check["reason"])
+        return
+    below = check["fraction_below"]
+    log.info("negative-control check: %d sets of %d control units (%d cells each) tested as targets; p < 0.05: "
+             "%.3f, p < 0.01: %.4f, p < 0.001: %.4f (nominal: the level)", check["sets"], check["units_per_set"],
+             check["cells_per_unit"], below["0.05"], below["0.01"], below["0.001"])
+    if check["miscalibrated"]:
+        log.warning("negative-control check: %.4f of the control sets' p-values are below 0.01, above the %.4f "
+                    "that chance allows: the group tests are anti-conservative on these data, and q < %g "
+                    "overstates the evidence (docs/statistics.md, 'Screens')", below["0.01"],
+                    check["limit_below_0.01"], q_threshold)

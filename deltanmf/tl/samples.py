@@ -63,11 +63,12 @@ def sample_covariates(obs: pd.DataFrame, samples: np.ndarray, covariates) -> pd.
 
 
 def sample_options(obs: pd.DataFrame, sample_key: str, covariates, permutations: int, min_cells: int,
-                   seed: int) -> tuple[np.ndarray, SampleOptions]:
+                   seed: int, moderate: bool = True, negative_controls: int = 200) -> tuple[np.ndarray, SampleOptions]:
     """Each cell's sample and the options of the sample-level tests."""
     samples = sample_labels(obs, sample_key)
     return samples, SampleOptions(covariates=sample_covariates(obs, samples, covariates), permutations=permutations,
-                                  min_cells=min_cells, seed=seed)
+                                  min_cells=min_cells, seed=seed, moderate=moderate,
+                                  negative_controls=negative_controls)
 
 
 def check_samples(obs: pd.DataFrame, is_control: np.ndarray, sample_key: str, covariates=(), min_cells: int = 10,

@@ -52,13 +52,21 @@ class SampleOptions:
     min_cells
         Units with fewer cells are left out.
     seed
-        Seeds the Monte-Carlo relabellings.
+        Seeds the Monte-Carlo relabellings and the negative-control sets.
+    moderate
+        Many-group tests (``group_usage``): moderate each group's variance across groups
+        (:mod:`deltanmf.tl.screentests`); False: one pooled variance.
+    negative_controls
+        Many-group tests: random sets of control units tested as targets, a check of the
+        tests' calibration on the data (0: none).
     """
 
     covariates: pd.DataFrame | None = None
     permutations: int = 0
     min_cells: int = 10
     seed: int = 0
+    moderate: bool = True
+    negative_controls: int = 200
 
 
 def covariate_matrix(frame: pd.DataFrame) -> np.ndarray:

@@ -87,11 +87,13 @@ def _png(make_figure: Callable) -> Callable[[Path], None]:
 
 
 def output_files(result: ad.AnnData, tables: dict[str, pd.DataFrame], metrics: dict, n_baseline: int,
-                 symbol_key: str | None) -> dict[str, Callable[[Path], None]]:
+                 symbol_key: str | None, finish: Callable[[], None] | None = None
+                 ) -> dict[str, Callable[[Path], None]]:
     """A writer for every file of a run: results.h5ad, programs.csv (expression units),
     programs.spectra.tsv (the fitted programs, programs x genes, cNMF's and starCAT's layout),
     usage.csv, top_genes.csv (by specificity), metrics.json, the case-control tables and the
-    figures."""
+    figures; metrics.json is written last, after ``finish()`` (which may complete the metrics,
+    e.g. with the time spent writing the others)."""
     names = list(result.uns["deltanmf"]["program_names"])
     programs = np.asarray(result.varm[PROGRAMS_KEY])
     scaled = np.asarray(result.varm[SCALED_KEY])
@@ -101,6 +103,8 @@ def output_files(result: ad.AnnData, tables: dict[str, pd.DataFrame], metrics: d
     labels = symbols if symbols is not None else result.var_names
 
     def metrics_json(path: Path) -> None:
+        if finish is not None:
+            finish()
         path.write_text(json.dumps(jsonable(metrics), indent=2))
 
     files = {
@@ -110,7 +114,6 @@ def output_files(result: ad.AnnData, tables: dict[str, pd.DataFrame], metrics: d
         "programs.spectra.tsv": _csv(pd.DataFrame(scaled.T, index=names, columns=result.var_names), "", sep="\t"),
         "usage.csv": _csv(pd.DataFrame(usage, index=result.obs_names, columns=names), "cell"),
         "top_genes.csv": _csv(top_genes_table(scores, programs, names, result.var_names, symbols)),
-        "metrics.json": metrics_json,
     }
     files.update({f"{name}.csv": _csv(table) for name, table in tables.items()})
     files["top_genes.png"] = _png(lambda: pl.top_genes_plot(scores, names, labels))
@@ -122,4 +125,8 @@ def output_files(result: ad.AnnData, tables: dict[str, pd.DataFrame], metrics: d
                                                                           names[n_baseline:]))
     if tables.get("group_usage") is not None and len(tables["group_usage"]):
         files["group_usage.png"] = _png(lambda: pl.group_usage_plot(tables["group_usage"]))
+    if tables.get("negative_controls") is not None:
+        check = metrics.get("group_tests", {}).get("negative_controls", {})
+        files["negative_controls.png"] = _png(lambda: pl.negative_control_plot(tables["negative_controls"], check))
+    files["metrics.json"] = metrics_json
     return files

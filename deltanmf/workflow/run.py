@@ -205,8 +205,10 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, give
     if reference is not None:
         baseline = None
     resource = instantiate_input(settings.resource) if settings.resource is not None else None
+    clock = Clock()
     if adata is None:
         adata = load_input(settings.data)
+    clock.mark("read")
     resource_coverage, reference_report = None, None
     if reference is not None:  # before any pass over the matrix: a file of the wrong IDs stops here
         reference_report = coverage_of(reference, adata, settings)
@@ -221,6 +223,7 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, give
                        genes=None if baseline is None else baseline.genes,
                        gene_scale=None if baseline is None else baseline.gene_scale,
                        reference_genes=None if reference is None else reference.genes)
+    clock.mark("prepare")
     k = settings.K
     validate(settings, prepared, k)
     check_resumable(settings, plan.resume)
@@ -249,6 +252,7 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, give
                           {**baseline.stats, "from": baseline.source})
         log.info("stage 1: reusing %d baseline programs from %s", len(baseline.names), baseline.source)
     metrics["stage1"] = stage1.stats
+    clock.mark("stage1", stage1.stats)
 
     tables: dict[str, pd.DataFrame] = {}
     n_base = stage1.programs.shape[1]
@@ -256,23 +260,31 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, give
     if settings.twostage:
         stage2 = fit_replicates(prepared.case, k, model, plan, seed=settings.seed, graph=graph, baseline=stage1,
                                 k_case=settings.K_case)
+        clock.mark("stage2", stage2.stats)
         if model.null_fit:
             stage2.stats.update(fit_null(prepared.X, prepared.is_control, k, settings.K_case, model, plan,
                                          seed=settings.seed, graph=graph))
+            clock.mark("null_fit")
         metrics["stage2"] = stage2.stats
         metrics["K_case"] = settings.K_case
         programs, names = stage2.programs, stage2.names
         control_usage = np.hstack([stage1.usage, np.zeros((stage1.usage.shape[0], settings.K_case), np.float32)])
         usage = np.vstack([control_usage, stage2.usage])
         scores = specificity(prepared.X, usage)
-        tables, refit = casecontrol.case_control_tables(
+        clock.mark("specificity")
+        tables, refit, screen = casecontrol.case_control_tables(
             prepared, programs, names, n_base, settings.report, scores=scores, group_key=settings.data.group_key,
             symbol_key=settings.data.symbol_key, batch_size=settings.data.batch_size,
             nnls_iterations=model.consensus.nnls_iterations, device=torch.device(stage2.stats["device"]),
             sample_key=settings.data.sample_key, seed=settings.seed)
+        clock.times.update(screen.pop("timings"))
+        if screen:
+            metrics["group_tests"] = screen
+        clock.mark("tables_rest")
     else:
         programs, names, usage = stage1.programs, stage1.names, stage1.usage
         scores = specificity(prepared.X, usage)
+        clock.mark("specificity")
 
     expression = expression_programs(programs, prepared.gene_scale)
     found = recovery(prepared, expression, n_base, tables.get("usage_shift"), tables.get("case_programs"))
@@ -304,12 +316,15 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, give
     if settings.twostage:
         result.obs["deltanmf_novelty"] = casecontrol.novelty(usage, n_base)
         result.obsm["X_deltanmf_refit"] = refit.astype(np.float32)
+    clock.mark("results")
+    metrics["timings"] = clock.times
     metrics["wall_time_s"] = time.perf_counter() - start
 
     if not leader:  # DDP: the other processes trained alongside; the first one writes
         return RunResult(result, tables, metrics)
-    written = write_outputs(run_dir, output_files(result, tables, metrics, n_base, settings.data.symbol_key),
-                            progress)
+    files = output_files(result, tables, metrics, n_base, settings.data.symbol_key,
+                         finish=lambda: _finish_timings(clock, metrics, start))
+    written = write_outputs(run_dir, files, progress)
     log_hparams(settings, metrics, run_dir)
     if settings.twostage:
         shift = tables["usage_shift"]["shift"]
@@ -319,6 +334,33 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, give
                  len(tables["case_programs"]), settings.report.q_threshold, tables["usage_shift"]["test_unit"].iloc[0])
     log.info("results written to %s", written)
     return RunResult(result, tables, metrics)
+
+
+class Clock:
+    """Seconds per phase of a run (``metrics.json``'s ``timings``): each :meth:`mark` books the
+    time since the previous one; a stage's own record splits its time into start
+    (``init_time_s``) and training (``train_time_s``), the rest being its final passes."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str, stage_stats: dict | None = None) -> None:
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        if stage_stats is not None and "train_time_s" in stage_stats:
+            init, train = stage_stats.get("init_time_s", 0.0), stage_stats["train_time_s"]
+            self.times.update({f"{phase}_start": init, f"{phase}_training": train,
+                               f"{phase}_rest": max(elapsed - init - train, 0.0)})
+        else:
+            self.times[phase] = elapsed
+
+
+def _finish_timings(clock: Clock, metrics: dict, start: float) -> None:
+    """Book the writing of the other files, just before metrics.json itself is written."""
+    clock.mark("write")
+    metrics["timings"] = clock.times
+    metrics["wall_time_s"] = time.perf_counter() - start
 
 
 def coverage_of(reference: ReferencePrograms, adata, settings: RunSettings) -> dict:
