@@ -585,8 +585,8 @@ def test_group_usage_table_layout_and_counts(group_data):
     table = group_usage_table(usage, groups, is_control, NAMES, K)
     assert list(table.columns) == ["group", "program", "program_kind", "n_cells", "share", "control_share",
                                    "log2_fold_change", "ci_low", "ci_high", "p_value", "q_value",
-                                   "permutation_p_value", "called", "group_p_value", "group_q_value", "test_unit",
-                                   "test", "n_control_samples", "n_case_samples"]
+                                   "permutation_p_value", "group_p_value", "group_q_value", "stagewise_q_value",
+                                   "called", "test_unit", "test", "n_control_samples", "n_case_samples"]
     assert (table["test_unit"] == "cell").all() and (table["test"] == "mann_whitney_u").all()
     assert len(table) == 3 * (K + C)
     assert set(table["group"]) == {"A", "B", "C"}  # control cells never form a group

@@ -209,3 +209,17 @@ def test_group_usage_with_covariates_runs_the_same_model():
     p = table["p_value"].to_numpy()
     assert set(table["test"]) == {"moderated_t"}
     assert 0.03 < (p < 0.05).mean() < 0.07
+
+
+def test_stagewise_calls_by_hand():
+    """Groups selected by BH over their Simes p-values; within them BH at level q * R / G."""
+    from deltanmf.tl.casecontrol import bh_qvalues, stagewise_qvalues
+
+    p = np.array([[0.001, 0.02, 0.5], [0.2, 0.3, 0.9], [0.004, 0.009, 0.011], [0.6, 0.7, 0.8]])
+    group_q = bh_qvalues(simes(p))  # simes: 0.003, 0.45, 0.011, 0.8 -> BH over 4: 0.012, 0.6, 0.022, 0.8
+    np.testing.assert_allclose(simes(p), [0.003, 0.45, 0.011, 0.8])
+    np.testing.assert_allclose(group_q, [0.012, 0.6, 0.022, 0.8])
+    out = stagewise_qvalues(p, group_q, 0.05)
+    assert np.isnan(out[[1, 3]]).all()
+    np.testing.assert_allclose(out[0], np.minimum(bh_qvalues(p[0]) * 2, 1))  # G / R = 4 / 2
+    np.testing.assert_allclose(out[2], [0.022, 0.022, 0.022])

@@ -210,8 +210,8 @@ def case_program_table(control_usage: np.ndarray, case_usage: np.ndarray, names:
 
 
 GROUP_COLUMNS = ["group", "program", "program_kind", "n_cells", "share", "control_share", "log2_fold_change",
-                 "ci_low", "ci_high", "p_value", "q_value", "permutation_p_value", "called", "group_p_value",
-                 "group_q_value", "test_unit", "test", "n_control_samples", "n_case_samples"]
+                 "ci_low", "ci_high", "p_value", "q_value", "permutation_p_value", "group_p_value", "group_q_value",
+                 "stagewise_q_value", "called", "test_unit", "test", "n_control_samples", "n_case_samples"]
 
 
 def group_usage_table(usage: np.ndarray, groups, is_control: np.ndarray, names: list[str],
@@ -232,17 +232,22 @@ def group_usage_table(usage: np.ndarray, groups, is_control: np.ndarray, names: 
       ``record`` (a dict), when given, receives the model's estimates and the
       negative-control check (``options.negative_controls``).
 
-    q-values are BH over the whole table. ``called`` marks ``q < q_threshold`` with ``|log2
-    FC| >= min_log2fc`` for baseline programs, and with ``log2 FC >= emergence_log2fc`` for
-    case programs (a case program barely used in a group is not called there); at the
-    sample level a group needs 2 units for a call. ``group_p_value`` combines a group's
-    programs (Simes) and ``group_q_value`` is BH over groups: which groups do anything.
+    ``q_value`` is BH over the whole table (row level). Calls are stage-wise
+    (:func:`stagewise_qvalues`): ``group_p_value`` combines a group's programs (Simes),
+    ``group_q_value`` is BH over groups (which groups do anything), and within the groups
+    it selects, ``stagewise_q_value`` says which programs. ``called`` marks
+    ``stagewise_q_value < q_threshold`` with ``|log2 FC| >= min_log2fc`` for baseline
+    programs, and with ``log2 FC >= emergence_log2fc`` for case programs (a case program
+    barely used in a group is not called there); at the sample level a group needs 2 units
+    for a call. Row-level BH alone controls the share of false *rows*, and a screen's
+    question is which *targets*: false rows fall on as many null targets, while true
+    targets' calls cluster on few.
 
     Columns: ``group``, ``program``, ``program_kind``, ``n_cells`` (the group's cells),
     ``share`` and ``control_share`` (mean share, over units or cells),
     ``log2_fold_change``, ``ci_low``, ``ci_high``, ``p_value``, ``q_value``,
-    ``permutation_p_value`` (NaN: the group tests report none), ``called``,
-    ``group_p_value``, ``group_q_value``, ``test_unit``, ``test``, ``n_control_samples``,
+    ``permutation_p_value`` (NaN: the group tests report none), ``group_p_value``,
+    ``group_q_value``, ``stagewise_q_value``, ``called``, ``test_unit``, ``test``, ``n_control_samples``,
     ``n_case_samples`` (the group's units).
     """
     groups = np.asarray(groups).astype(str)
@@ -281,16 +286,40 @@ def group_usage_table(usage: np.ndarray, groups, is_control: np.ndarray, names: 
     })
     table["q_value"] = bh_qvalues(table["p_value"])
     table["permutation_p_value"] = np.nan
+    combined = simes(p)
+    group_q = bh_qvalues(combined)
+    table["group_p_value"] = np.repeat(combined, n_programs)
+    table["group_q_value"] = np.repeat(group_q, n_programs)
+    table["stagewise_q_value"] = stagewise_qvalues(p, group_q, q_threshold).ravel()
     fc = table["log2_fold_change"]
     strong = np.where(table["program_kind"] == "case", fc >= emergence_log2fc, fc.abs() >= min_log2fc)
-    table["called"] = (table["q_value"] < q_threshold) & strong & np.repeat(enough, n_programs)
-    combined = simes(p)
-    table["group_p_value"] = np.repeat(combined, n_programs)
-    table["group_q_value"] = np.repeat(bh_qvalues(combined), n_programs)
+    table["called"] = (table["stagewise_q_value"] < q_threshold) & strong & np.repeat(enough, n_programs)
     _unit_columns(table, "cell" if samples is None else "sample",
                   "mann_whitney_u" if samples is None else screen["test"],
                   n_control_units, np.repeat(n_case_units, n_programs) if samples is not None else None)
     return table[GROUP_COLUMNS]
+
+
+def stagewise_qvalues(p: np.ndarray, group_q: np.ndarray, level: float) -> np.ndarray:
+    """Within-group q-values of a stage-wise procedure (groups x programs; NaN outside the
+    selected groups).
+
+    Screening selects the groups with ``group_q < level`` (BH over the groups' Simes
+    p-values); confirmation applies BH within each selected group at level ``level * R / G``
+    (R selected of G groups), as Benjamini and Bogomolov (2014) and stageR (Van den Berge et
+    al. 2017) do. Reported on the ``level`` scale: the within-group BH q-value times ``G / R``,
+    so ``stagewise_q < level`` is the call. The share of false groups among those selected
+    is controlled at ``level``, and so is the average share of false programs within them.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    selected = np.flatnonzero(np.nan_to_num(group_q, nan=1.0) < level)
+    if not len(selected):
+        return out
+    inflate = len(p) / len(selected)
+    for g in selected:
+        out[g] = np.minimum(bh_qvalues(p[g]) * inflate, 1.0)
+    return out
 
 
 def _log_left_out(what: str, dropped: dict, min_cells: int) -> None:

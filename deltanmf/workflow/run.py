@@ -277,10 +277,9 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, give
             symbol_key=settings.data.symbol_key, batch_size=settings.data.batch_size,
             nnls_iterations=model.consensus.nnls_iterations, device=torch.device(stage2.stats["device"]),
             sample_key=settings.data.sample_key, seed=settings.seed)
-        clock.times.update(screen.pop("timings"))
+        clock.split(screen.pop("timings"))
         if screen:
             metrics["group_tests"] = screen
-        clock.mark("tables_rest")
     else:
         programs, names, usage = stage1.programs, stage1.names, stage1.usage
         scores = specificity(prepared.X, usage)
@@ -354,6 +353,15 @@ class Clock:
                                f"{phase}_rest": max(elapsed - init - train, 0.0)})
         else:
             self.times[phase] = elapsed
+
+    def split(self, parts: dict[str, float]) -> None:
+        """Book the time since the previous mark as ``parts`` measured inside it (the last
+        part takes what they leave)."""
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        self.times.update(parts)
+        last = list(parts)[-1]
+        self.times[last] += max(elapsed - sum(parts.values()), 0.0)
 
 
 def _finish_timings(clock: Clock, metrics: dict, start: float) -> None:
