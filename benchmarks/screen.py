@@ -545,8 +545,10 @@ _READ = ("import sys, time, json\n"
 def full_read(path: Path, log_path: Path) -> dict:
     """One whole ``anndata.read_h5ad`` of ``path`` in a child process (its memory is not ours).
 
-    The time is measured inside the child, around the read alone, without the interpreter's
-    start and the imports: the yardstick the fit's wall time is divided by.
+    Two times: the child's wall time (``wall_s``: the interpreter's start, ``import anndata``
+    and the read, what ``time python -c "import anndata; anndata.read_h5ad(FILE)"`` gives a
+    user, as the fit's wall time includes its own start), and the read call alone
+    (``read_s``). The fit's wall time is reported in both.
     """
     out = _run_child([sys.executable, "-c", _READ, str(path)], log_path)
     if out["exit_code"] != 0:
@@ -642,10 +644,12 @@ def _rows(r: dict) -> list[tuple[str, object, str]]:
     rows = [
         ("file: cells", f["cells"], ",d"), ("file: GB", f["bytes"] / 1e9, ".2f"),
         ("file: written in (s)", f.get("seconds"), ".1f"),
-        ("full read, anndata.read_h5ad (s)", r["read"]["read_s"], ".1f"),
+        ("full read: python -c 'import anndata; anndata.read_h5ad(FILE)' (s)", r["read"]["wall_s"], ".1f"),
+        ("full read: the read_h5ad call alone (s)", r["read"]["read_s"], ".1f"),
         ("full read, peak RSS (GB)", r["read"]["peak_rss_gb"], ".2f"),
         ("fit: wall time (s)", run["wall_s"], ".1f"),
-        ("fit: reads of the file", run["wall_s"] / r["read"]["read_s"], ".1f"),
+        ("fit: reads of the file (fresh-process read)", run["wall_s"] / r["read"]["wall_s"], ".1f"),
+        ("fit: reads of the file (the call alone)", run["wall_s"] / r["read"]["read_s"], ".1f"),
         ("fit: peak RSS (GB)", run["peak_rss_gb"], ".2f"),
     ]
     rows += [(f"time: {k} (s)", v, ".1f") for k, v in r.get("timings", {}).items()]

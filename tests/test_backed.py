@@ -154,6 +154,31 @@ def test_repeated_entries_on_disk_are_summed_as_in_memory(tmp_path):
     rows = got.X.to_memory()
     assert rows.has_canonical_format and rows.nnz == ref.X.nnz
     np.testing.assert_allclose(rows.toarray(), ref.X.toarray(), rtol=1e-5)
+    # a file found non-canonical is checked on every later read: the repeats are summed again
+    matrix = open_h5ad(path).matrix()
+    for start in range(0, matrix.shape[0], 64):
+        matrix.block(start, min(start + 64, matrix.shape[0]))
+    again = matrix.block(0, matrix.shape[0])
+    assert again.nnz == x.nnz
+    np.testing.assert_allclose(again.toarray(), x.toarray(), rtol=1e-6)
+
+
+def test_a_canonical_file_is_checked_once_then_trusted(tmp_path):
+    """After one pass in order over a canonical file, blocks come flagged canonical without
+    the O(nnz) check; a pass that skips rows proves nothing."""
+    adata = _sim(seed=5)
+    path = tmp_path / "canonical.h5ad"
+    adata.write_h5ad(path)
+    matrix = open_h5ad(path).matrix()
+    n = matrix.shape[0]
+    matrix.block(0, 50), matrix.block(100, n)  # rows 50-99 never seen
+    assert matrix._canonical_upto == 50
+    for start in range(0, n, 64):
+        matrix.block(start, min(start + 64, n))
+    assert matrix._canonical_upto == n
+    block = matrix.block(10, 90)
+    assert block._has_canonical_format  # set, not computed
+    np.testing.assert_array_equal(block.toarray(), adata.X[10:90].toarray())
 
 
 def test_dense_matrix_on_disk_is_streamed_and_csc_refused(tmp_path):

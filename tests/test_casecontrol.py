@@ -615,7 +615,9 @@ def test_group_usage_table_statistics_match_references(group_data):
         np.testing.assert_allclose(sub["control_share"], control.mean(axis=0), rtol=1e-12)
         np.testing.assert_allclose(sub["log2_fold_change"],
                                    ref_log2fc(members.mean(axis=0), control.mean(axis=0)), rtol=1e-12)
-        p = np.array([mannwhitneyu(members[:, j], control[:, j], alternative="two-sided").pvalue
+        # two-sided for baseline programs, one-sided (group above control) for case programs
+        p = np.array([mannwhitneyu(members[:, j], control[:, j],
+                                   alternative="two-sided" if j < K else "greater").pvalue
                       if np.ptp(np.concatenate([members[:, j], control[:, j]])) > 0 else np.nan
                       for j in range(K + C)])
         np.testing.assert_allclose(sub["p_value"], p, rtol=1e-10)
@@ -627,7 +629,15 @@ def test_group_usage_table_statistics_match_references(group_data):
     p_all = np.concatenate(p_all)
     np.testing.assert_allclose(table["p_value"], p_all, rtol=1e-10)
     np.testing.assert_allclose(table["q_value"], ref_bh(p_all), rtol=1e-10, equal_nan=True)
-    called = (table["q_value"] < 0.05) & (table["log2_fold_change"].abs() >= 0.25)
+    # calls are stage-wise: a group selected by BH over its Simes p-value, then BH within it
+    group_q = ref_bh(np.array([min(len(p) * np.sort(p)[i] / (i + 1) for i in range(len(p))) for p in
+                               (p_all.reshape(3, -1)[g][np.isfinite(p_all.reshape(3, -1)[g])] for g in range(3))]))
+    np.testing.assert_allclose(table.groupby("group", sort=False)["group_q_value"].first(), group_q, rtol=1e-10)
+    within = np.concatenate([ref_bh(p) * 3 / max((group_q < 0.05).sum(), 1) if q < 0.05 else np.full(len(p), np.nan)
+                             for p, q in zip(p_all.reshape(3, -1), group_q)])
+    strong = np.where(table["program_kind"] == "case", table["log2_fold_change"] >= 1.0,
+                      table["log2_fold_change"].abs() >= 0.25)
+    called = (np.minimum(within, 1) < 0.05) & strong
     assert table["called"].tolist() == called.tolist()
 
 

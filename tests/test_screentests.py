@@ -120,7 +120,8 @@ def test_screen_tests_are_calibrated_in_the_tail_over_thousands_of_null_targets(
     """2,000 null targets x 4 guides against 40 control guides (the issue's design, 300k
     cells): p-values of baseline and case rows near nominal at 0.05 and 0.01, and at most
     twice nominal below 1e-3 (24,000 baseline rows: 24 expected), with and without
-    moderation; the Welch test that this replaces was 24x nominal below 1e-4."""
+    moderation (case rows one-sided); the Welch test that this replaces was 24x nominal below
+    1e-4."""
     usage, groups, samples, is_control, names = null_screen
     for moderate in (True, False):
         table = group_usage_table(usage, groups, is_control, names, 12, samples=samples,
@@ -128,7 +129,8 @@ def test_screen_tests_are_calibrated_in_the_tail_over_thousands_of_null_targets(
         for kind in ("baseline", "case"):
             p = table.loc[table["program_kind"] == kind, "p_value"].to_numpy()
             assert np.isfinite(p).all()
-            assert 0.04 < (p < 0.05).mean() < 0.065, (moderate, kind)
+            # case rows are one-sided (above control); near the share floor their upper tail is light
+            assert (0.04 if kind == "baseline" else 0.02) < (p < 0.05).mean() < 0.065, (moderate, kind)
             assert (p < 0.01).mean() < 0.016, (moderate, kind)
         p = table.loc[table["program_kind"] == "baseline", "p_value"].to_numpy()
         assert (p < 1e-3).mean() <= 2e-3, moderate

@@ -92,6 +92,10 @@ class H5Matrix:
         self.dtype = _scipy_dtype(node["data"][:0]).dtype
         # n_cells + 1 offsets (8 MB per million cells): every read needs them
         self.indptr = node["indptr"][:].astype(np.int64)
+        # rows [0, _canonical_upto) were read in order and found canonical (sorted, unique
+        # genes per row): once a whole pass has covered the file, later reads skip the O(nnz)
+        # check (a pass over 300,000 cells spent seconds in it); None: a row was not canonical
+        self._canonical_upto: int | None = 0
 
     def _node(self):
         if self._file is None or self._pid != os.getpid():
@@ -120,10 +124,15 @@ class H5Matrix:
         a, b = self.indptr[start], self.indptr[stop]
         block = sp.csr_matrix((_scipy_dtype(data[a:b]), indices[a:b], self.indptr[start:stop + 1] - a),
                               shape=(stop - start, self.shape[1]))
-        if not block.has_canonical_format:
+        if self._canonical_upto == self.shape[0]:
+            block.has_canonical_format = True  # checked on an earlier pass over the whole file
+        elif not block.has_canonical_format:
             # other writers may leave a row's genes unsorted or store a gene twice: sorted and
             # summed, as scipy (the in-memory path) does, so both count and scale the same
+            self._canonical_upto = None
             block.sum_duplicates()
+        elif self._canonical_upto is not None and start <= self._canonical_upto < stop:
+            self._canonical_upto = stop  # the checked rows now reach further
         return block
 
     def rows(self, rows: np.ndarray) -> sp.csr_matrix:
@@ -142,8 +151,16 @@ class H5Matrix:
             for part in _capped(run, start, end):
                 first, last = int(rows[part[0]]), int(rows[part[-1]]) + 1
                 block = self.block(first, last)
-                pieces.append(block if len(part) == last - first else block[rows[part] - first])
-        return pieces[0] if len(pieces) == 1 else sp.vstack(pieces, format="csr")
+                pieces.append(block if len(part) == last - first else _canonical_like(block, block[rows[part] - first]))
+        return pieces[0] if len(pieces) == 1 else _canonical_like(pieces[0], sp.vstack(pieces, format="csr"))
+
+
+def _canonical_like(source: sp.csr_matrix, rows: sp.csr_matrix) -> sp.csr_matrix:
+    """``rows`` (whole rows of canonical blocks, selected or stacked) flagged canonical when
+    ``source``'s cached flag says so, so that no later step checks its values again."""
+    if source.has_canonical_format:
+        rows.has_canonical_format = True
+    return rows
 
 
 def _scipy_dtype(values: np.ndarray) -> np.ndarray:
@@ -331,7 +348,9 @@ def scale_rows(x: sp.csr_matrix, row_factor: np.ndarray, column_factor: np.ndarr
     values = x.data.astype(np.float32, copy=False) * np.repeat(row_factor, np.diff(x.indptr))
     values *= column_factor[x.indices]
     out = sp.csr_matrix((values, x.indices, x.indptr), shape=x.shape)
-    if not out.has_sorted_indices:
+    if x.has_canonical_format:  # the same rows and genes: canonical too (the flag is cached on x)
+        out.has_canonical_format = True
+    elif not out.has_sorted_indices:
         out.sort_indices()
     return out
 

@@ -222,7 +222,8 @@ def group_usage_table(usage: np.ndarray, groups, is_control: np.ndarray, names: 
 
     A long table, one row per group x program, so thousands of perturbations fit in one
     file. Baseline programs use the baseline share, case programs the total share
-    (``program_kind``). Each group is compared, two-sided, with
+    (``program_kind``). Each group is compared (two-sided for baseline programs; one-sided,
+    group above control, for case programs, as in ``case_programs``) with
 
     - all control cells (Mann-Whitney U across cells), or
     - with ``samples`` (each cell's sample): the control samples, in one weighted linear
@@ -266,6 +267,8 @@ def group_usage_table(usage: np.ndarray, groups, is_control: np.ndarray, names: 
         effect = log2_ratio(share, control_share)
         ci_low = ci_high = np.full((n_groups, n_programs), np.nan)
         p = mannwhitney_groups(case, codes, n_groups, control, "two-sided")
+        p[:, n_baseline:] = mannwhitney_groups(case[:, n_baseline:], codes, n_groups, control[:, n_baseline:],
+                                               "greater")
         n_case_units, n_control_units = [None] * n_groups, None
     else:
         options = options or SampleOptions()

@@ -118,7 +118,7 @@ class GroupFit:
     prior: FPrior
 
 
-def _contrast_one(y, n_cells, sigma2, group, n_groups, z, moderate, tau2, prior) -> tuple[dict, GroupFit]:
+def _contrast_one(y, n_cells, sigma2, group, n_groups, z, moderate, tau2, prior, greater) -> tuple[dict, GroupFit]:
     """:func:`group_contrasts` for one program over units with a defined ``y``."""
     codes = group + 1  # 0: the control units
     slots = n_groups + 1
@@ -167,7 +167,7 @@ def _contrast_one(y, n_cells, sigma2, group, n_groups, z, moderate, tau2, prior)
             dof = np.full(n_groups, pooled_df)
         se = np.sqrt(var)
         t = effect / se
-        p_value = 2 * t_distribution.sf(np.abs(t), dof)
+        p_value = t_distribution.sf(t, dof) if greater else 2 * t_distribution.sf(np.abs(t), dof)
         half = t_distribution.ppf(0.5 + CONFIDENCE / 2, dof) * se
     found = {"effect": effect, "se": se, "df": dof, "p_value": p_value, "ci_low": effect - half,
              "ci_high": effect + half}
@@ -178,8 +178,8 @@ def _contrast_one(y, n_cells, sigma2, group, n_groups, z, moderate, tau2, prior)
 
 
 def group_contrasts(y: np.ndarray, n_cells: np.ndarray, sigma2: np.ndarray, group: np.ndarray, n_groups: int,
-                    z: np.ndarray | None = None, moderate: bool = True,
-                    fits: list[GroupFit] | None = None) -> tuple[dict[str, np.ndarray], list[GroupFit]]:
+                    z: np.ndarray | None = None, moderate: bool = True, fits: list[GroupFit] | None = None,
+                    greater: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], list[GroupFit]]:
     """Each group's mean against the control units', per program, in one weighted model.
 
     Parameters
@@ -202,12 +202,15 @@ def group_contrasts(y: np.ndarray, n_cells: np.ndarray, sigma2: np.ndarray, grou
     fits
         Per program, ``tau^2`` and the prior to use instead of estimating them (the
         negative-control check reuses the screen's).
+    greater
+        Per program, True for a one-sided test (group above control); default two-sided.
 
     Returns
     -------
     (dict, list of GroupFit)
         Arrays over groups x programs: ``effect`` (group minus control mean of ``y``),
-        ``se``, ``df``, ``p_value`` (two-sided t), ``ci_low``, ``ci_high`` (95%); NaN where
+        ``se``, ``df``, ``p_value`` (t, as ``greater`` says), ``ci_low``, ``ci_high`` (95%,
+        two-sided); NaN where
         a group has no unit. And each program's ``tau^2`` and prior.
     """
     y = np.asarray(y, dtype=np.float64)
@@ -225,7 +228,8 @@ def group_contrasts(y: np.ndarray, n_cells: np.ndarray, sigma2: np.ndarray, grou
         zj = zj[:, np.ptp(zj, axis=0) > 0] if len(zj) else zj
         given = fits[j] if fits is not None else None
         found, fit = _contrast_one(y[ok, j], n_cells[ok], float(sigma2[j]), group[ok], n_groups, zj, moderate,
-                                   None if given is None else given.tau2, None if given is None else given.prior)
+                                   None if given is None else given.tau2, None if given is None else given.prior,
+                                   greater is not None and bool(greater[j]))
         for key in keys:
             out[key][:, j] = found[key]
         used.append(fit)
@@ -246,7 +250,8 @@ def simes(p: np.ndarray) -> np.ndarray:
 
 def negative_control_pvalues(shares: np.ndarray, unit: np.ndarray, n_units: int, fits: list[GroupFit],
                              sigma2: np.ndarray, n_sets: int, set_size: int, cells_per_unit: int, seed,
-                             z: np.ndarray | None = None, moderate: bool = True, pseudo: float = 1e-3) -> np.ndarray:
+                             z: np.ndarray | None = None, moderate: bool = True, pseudo: float = 1e-3,
+                             greater: np.ndarray | None = None) -> np.ndarray:
     """p-values of random sets of control units posing as targets (sets x programs).
 
     Each set draws ``set_size`` control units; each drawn unit keeps ``cells_per_unit`` of
@@ -274,7 +279,7 @@ def negative_control_pvalues(shares: np.ndarray, unit: np.ndarray, n_units: int,
         y = np.log2(np.vstack([full[rest], means]) + pseudo)
         n = np.r_[sizes[rest], [len(c) for c in thinned]]
         group = np.r_[np.full(len(rest), -1), np.zeros(set_size, dtype=np.int64)]
-        found, _ = group_contrasts(y, n, sigma2, group, 1, np.vstack([z[rest], z[chosen]]), moderate, fits)
+        found, _ = group_contrasts(y, n, sigma2, group, 1, np.vstack([z[rest], z[chosen]]), moderate, fits, greater)
         out[s] = found["p_value"][0]
     return out
 
@@ -325,7 +330,8 @@ def screen_tests(shares: np.ndarray, codes: np.ndarray, n_groups: int, is_contro
         if options.covariates is not None:
             labels = list(control_units.names) + [s for _, s in units.names]
             z = covariate_matrix(options.covariates.loc[labels])
-        found, fits = group_contrasts(y, n_cells, sigma2, group, n_groups, z, options.moderate)
+        found, fits = group_contrasts(y, n_cells, sigma2, group, n_groups, z, options.moderate,
+                                      greater=kinds == "case")
         share = np.vstack([column_means(g_mean[unit_group == g]) if (unit_group == g).any()
                            else np.full(shares.shape[1], np.nan) for g in range(n_groups)]) \
             if n_groups else np.zeros((0, shares.shape[1]))
@@ -357,7 +363,8 @@ def _negative_controls(control, control_units, n_units, unit_cells, fits, sigma2
     cells = int(np.median(unit_cells))
     z_control = None if z is None else z[:available]
     p = negative_control_pvalues(control, control_units.index, available, fits, sigma2, n_sets, set_size, cells,
-                                 np.random.SeedSequence([options.seed, 29]), z_control, options.moderate)
+                                 np.random.SeedSequence([options.seed, 29]), z_control, options.moderate,
+                                 greater=kinds == "case")
     summary = {"ran": True, "sets": n_sets, "units_per_set": set_size, "cells_per_unit": cells,
                "n_p_values": int(np.isfinite(p).sum())}
     for label, values in (("all", p), ("baseline", p[:, kinds == "baseline"]), ("case", p[:, kinds == "case"])):
