@@ -238,6 +238,10 @@ class DataSettings(Settings):
     group_key: str | None = rule("str", optional=True)
     sample_key: str | None = rule("str", optional=True,
                                   hint="the .obs column of the replicate unit (donor, sample, guide), or null")
+    pair_key: str | None = rule("str", optional=True,
+                                hint="the .obs column of the unit measured in both conditions (donor, patient), or null")
+    celltype_key: str | None = rule("str", optional=True,
+                                    hint="the .obs column of the cell type, for per-cell-type contrasts, or null")
     symbol_key: str | None = rule("str", optional=True)
     gene_id_column: str | None = rule("str", optional=True)
     min_cells: int = rule("int", low=0, hint="keep genes detected in at least this many cells")
@@ -294,7 +298,10 @@ class ReportSettings(Settings):
     permutations: int = rule("int", low=0, hint="relabellings for every sample-level permutation p-value; "
                                                 "0: only with fewer than 6 samples in a condition")
     min_cells_per_sample: int = rule("int", low=1, hint="samples with fewer cells are left out of the tests, e.g. 10")
-    moderate: bool = rule("bool", hint="true: each group's variance moderated across groups (empirical Bayes)")
+    moderate: bool = rule("bool", hint="true: variances moderated across programs (two-condition tables) and "
+                                       "groups (screens) by empirical Bayes")
+    annotate_key: str | None = rule("str", optional=True,
+                                    hint="an .obs column (e.g. the cell type): mean share of each program per value, or null")
     negative_controls: int = rule("int", low=0, hint="random sets of control units tested as targets in a "
                                                      "screen design, e.g. 200; 0 = no check")
 
@@ -361,10 +368,10 @@ class RunSettings(Settings):
         if self.stage1_varm_key and not self.stage1_from:
             raise InputError(f"stage1_varm_key={self.stage1_varm_key} names the programs of a stage1_from .h5ad, but "
                              "stage1_from is not set (stage1_from=<file>.h5ad)")
-        if self.report.covariates and not self.data.sample_key:
+        if self.report.covariates and not (self.data.sample_key or self.data.pair_key):
             raise InputError(f"report.covariates={show(list(self.report.covariates))} are properties of samples: "
                              "set data.sample_key to the .obs column of the replicate unit (donor, sample, "
-                             "guide), or report.covariates=[]")
+                             "guide), or data.pair_key for a paired design, or report.covariates=[]")
         if self.resume and self.ckpt_path:
             raise InputError("give resume=true (continue in this run directory) or ckpt_path=FILE (continue from "
                              "that checkpoint in a new directory), not both")

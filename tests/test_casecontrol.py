@@ -237,7 +237,8 @@ def test_usage_shift_calls_planted_up_and_down(planted_data):
     table = usage_shift_table(ctrl, case, NAMES, K)
     assert list(table.columns) == ["program", "control_share", "case_share", "log2_fold_change", "ci_low", "ci_high",
                                    "p_value", "q_value", "permutation_p_value", "shift", "control_total_share",
-                                   "case_total_share", "test_unit", "test", "n_control_samples", "n_case_samples"]
+                                   "case_total_share", "underpowered", "test_unit", "test", "n_control_samples",
+                                   "n_case_samples"]
     # without samples: the cell-level test, and it says so
     assert (table["test_unit"] == "cell").all() and (table["test"] == "mann_whitney_u").all()
     assert table[["ci_low", "ci_high", "permutation_p_value"]].isna().all().all()
@@ -437,8 +438,8 @@ def test_case_program_table_statistics_match_references(case_data):
     assert list(table.columns) == ["program", "case_fraction_using", "control_fraction_using", "case_mean_share",
                                    "control_mean_share", "mean_share_when_used", "log2_fold_change", "ci_low",
                                    "ci_high", "p_value", "q_value", "permutation_p_value", "emergent",
-                                   "closest_baseline", "cosine_to_closest_baseline", "top_genes", "test_unit", "test",
-                                   "n_control_samples", "n_case_samples"]
+                                   "closest_baseline", "cosine_to_closest_baseline", "top_genes", "underpowered",
+                                   "test_unit", "test", "n_control_samples", "n_case_samples"]
     assert (table["test_unit"] == "cell").all() and (table["test"] == "mann_whitney_u").all()
     assert list(table["program"]) == NAMES[K:]
     tc, tx = ref_share(ctrl, slice(None))[:, K:], ref_share(case, slice(None))[:, K:]

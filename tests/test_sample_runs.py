@@ -2,6 +2,7 @@
 results.h5ad, the cell-level warning, and bad designs refused before any training."""
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import deltanmf
 from deltanmf.data.prepare import PreparedData
 from deltanmf.errors import InputError
-from deltanmf.tl.casecontrol import CELL_WARNING, case_control_tables
+from deltanmf.tl.tables import CELL_WARNING, case_control_tables
 from helpers import DEFAULTS, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,10 @@ def test_donor_demo_run_tests_across_samples_and_stores_the_tables(make_cfg, cap
     with caplog.at_level(logging.INFO):
         result = run(cfg, run_dir)
     shift = pd.read_csv(run_dir / "results" / "usage_shift.csv")
-    assert (shift["test_unit"] == "sample").all() and (shift["test"] == "welch_t").all()
+    assert (shift["test_unit"] == "sample").all() and (shift["test"] == "moderated_welch_t").all()
+    assert not shift["underpowered"].any()  # 8 donors a side
+    assert set(json.loads((run_dir / "results" / "metrics.json").read_text())["moderation"]["usage_shift"]) == \
+        {"case", "control"}
     assert (shift["n_control_samples"] == 8).all() and (shift["n_case_samples"] == 8).all()
     assert (shift["ci_low"] <= shift["log2_fold_change"]).all() and (shift["log2_fold_change"] <= shift["ci_high"]).all()
     groups = pd.read_csv(run_dir / "results" / "group_usage.csv")
@@ -44,7 +48,7 @@ def test_donor_demo_run_tests_across_samples_and_stores_the_tables(make_cfg, cap
         pd.testing.assert_frame_equal(back, table, check_dtype=False, check_exact=False, rtol=1e-12)
         pd.testing.assert_frame_equal(back, result.tables[name].reset_index(drop=True), check_dtype=False)
     assert "data.sample_key" not in " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
-    assert any("8 samples of data.sample_key='sample'" in r.getMessage() for r in caplog.records)
+    assert any("8 samples (data.sample_key='sample')" in r.getMessage() for r in caplog.records)
 
 
 def _prepared(n_per_sample=(12, 12, 12, 3), seed=0):
@@ -142,7 +146,7 @@ def test_bad_covariates_are_refused_before_training(tmp_path):
     # a covariate that is a property of the donors and not the condition passes the checks
     result = deltanmf.fit_twostage(adata, K=3, K_case=1, sample_key="sample", group_key="perturbation",
                                    overrides=[*FAST, "report.covariates=[site]"])
-    assert (result.usage_shift["test"] == "ols").all()
+    assert (result.usage_shift["test"] == "moderated_ols").all()
     assert (result.group_usage["test_unit"] == "sample").all()
 
 

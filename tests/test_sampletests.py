@@ -57,7 +57,8 @@ def design():
 @pytest.mark.smoke
 def test_usage_shift_at_the_sample_level_matches_welch_per_column(design):
     ctrl, ctrl_s, case, case_s = design
-    table = usage_shift_table(ctrl, case, NAMES, K, control_samples=ctrl_s, case_samples=case_s)
+    table = usage_shift_table(ctrl, case, NAMES, K, control_samples=ctrl_s, case_samples=case_s,
+                              options=SampleOptions(moderate=False))
     keep = ctrl_s != "c6"  # 5 cells < min_cells=10: left out
     y_ctrl, f_ctrl = ref_sample_log_shares(ctrl[keep], ctrl_s[keep], slice(0, K), "baseline")
     y_case, f_case = ref_sample_log_shares(case, case_s, slice(0, K), "baseline")
@@ -91,7 +92,8 @@ def test_min_cells_per_sample_leaves_small_samples_out(design):
 def test_few_samples_add_an_exact_permutation_p_value(design):
     ctrl, ctrl_s, case, case_s = design
     few = np.isin(case_s, ["x0", "x1", "x2", "x3"])
-    table = usage_shift_table(ctrl, case[few], NAMES, K, control_samples=ctrl_s, case_samples=case_s[few])
+    table = usage_shift_table(ctrl, case[few], NAMES, K, control_samples=ctrl_s, case_samples=case_s[few],
+                              options=SampleOptions(moderate=False))
     keep = ctrl_s != "c6"
     y_ctrl, _ = ref_sample_log_shares(ctrl[keep], ctrl_s[keep], slice(0, K), "baseline")
     y_case, _ = ref_sample_log_shares(case[few], case_s[few], slice(0, K), "baseline")
@@ -187,7 +189,7 @@ def test_covariates_flow_through_the_table_and_name_the_test(design):
     covariates = pd.DataFrame({"sex": ["F", "M"] * (len(samples) // 2) + ["F"] * (len(samples) % 2)},
                               index=samples)
     table = usage_shift_table(ctrl, case, NAMES, K, control_samples=ctrl_s, case_samples=case_s,
-                              options=SampleOptions(covariates=covariates))
+                              options=SampleOptions(covariates=covariates, moderate=False))
     assert (table["test"] == "ols").all() and (table["test_unit"] == "sample").all()
     assert list(table["shift"]) == ["none", "up", "none", "down"]
 
@@ -198,7 +200,7 @@ def test_case_programs_at_the_sample_level_are_one_sided(design):
     case[:, K] *= 30  # case0 much more used in every case sample
     programs = np.random.default_rng(4).gamma(1, 1, (20, K + C))
     table = case_program_table(ctrl, case, NAMES, K, programs, programs, np.arange(20), control_samples=ctrl_s,
-                               case_samples=case_s)
+                               case_samples=case_s, options=SampleOptions(moderate=False))
     keep = ctrl_s != "c6"
     y_ctrl, _ = ref_sample_log_shares(ctrl[keep], ctrl_s[keep], [K], "total")
     y_case, _ = ref_sample_log_shares(case, case_s, [K], "total")

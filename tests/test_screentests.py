@@ -9,8 +9,8 @@ from scipy import special, stats
 
 from deltanmf.tl.casecontrol import group_usage_table
 from deltanmf.tl.sampletests import SampleOptions
-from deltanmf.tl.screentests import (FPrior, GroupFit, fit_f_prior, group_contrasts, negative_control_pvalues,
-                                     simes, trigamma_inverse)
+from deltanmf.tl.moderation import FPrior, fit_f_prior, trigamma_inverse
+from deltanmf.tl.screentests import GroupFit, group_contrasts, negative_control_pvalues, simes
 
 
 def test_trigamma_inverse_inverts_trigamma():

@@ -18,32 +18,24 @@ q-values are Benjamini-Hochberg over the finite p-values of one table.
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 import pandas as pd
 from scipy.stats import false_discovery_control
 
 from ..core.metrics import cosine_matrix
-from ..settings import ReportSettings
 from .celltests import mannwhitney_groups
 from .programs import top_gene_labels
-from .samples import sample_options
 from .sampletests import (AUTO_PERMUTATIONS, Relabellings, SampleOptions, compare_units, covariate_matrix,
-                          resamples, units_of)
+                          resamples, smallest_permutation_p, units_of)
 from .screentests import screen_tests, simes
 from .shares import (PSEUDO, baseline_share, column_means, defined_baseline_share, log2_ratio, log2_share,
                      novelty, total_share, unit_means)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PSEUDO", "SampleOptions", "baseline_share", "bh_qvalues", "case_control_tables", "case_program_table",
+__all__ = ["PSEUDO", "SampleOptions", "baseline_share", "bh_qvalues", "case_program_table",
            "group_usage_table", "novelty", "total_share", "usage_shift_table"]
-
-CELL_WARNING = ("statistics at the cell level: p-values treat cells as independent replicates and overstate the "
-                "evidence when cells come from few samples (donors, guides); set data.sample_key (the Python API's "
-                "sample_key=) to the .obs column of the replicate unit to test across samples")
-
 
 def bh_qvalues(p: np.ndarray) -> np.ndarray:
     """Benjamini-Hochberg q-values (:func:`scipy.stats.false_discovery_control`) of the
@@ -69,18 +61,51 @@ def _relabellings(options: SampleOptions, salt: int) -> Relabellings:
 
 
 def _sample_test(case_shares, control_shares, case_labels, control_labels, options, alternative, salt) -> dict:
-    """One sample-level comparison of every program: unit means, the test, and the counts."""
+    """One sample-level comparison of every program: unit means, the test, and the counts.
+    In a paired design, units whose pair lacks the other condition are left out first."""
     case_units, control_units = units_of(case_labels, options.min_cells), units_of(control_labels, options.min_cells)
+    blocks = {}
+    if options.pairs is not None:
+        case_units, control_units = complete_pairs(case_units, control_units, options.pairs)
+        blocks = {"case_blocks": options.pairs.loc[case_units.names].to_numpy(),
+                  "control_blocks": options.pairs.loc[control_units.names].to_numpy()}
     case_means = unit_means(case_shares, case_units.index, len(case_units.names))
     control_means = unit_means(control_shares, control_units.index, len(control_units.names))
     case_z, control_z = _design(options, case_units.names, control_units.names)
     relabel = _relabellings(options, salt) if resamples(options, len(case_units.names),
                                                          len(control_units.names)) else None
     found = compare_units(log2_share(case_means), log2_share(control_means), case_z=case_z, control_z=control_z,
-                          alternative=alternative, relabel=relabel)
+                          alternative=alternative, relabel=relabel, moderate=options.moderate, **blocks)
     found.update(case_units=case_units, control_units=control_units, case_means=case_means,
-                 control_means=control_means)
+                 control_means=control_means,
+                 smallest_p=smallest_permutation_p(alternative, n_case=len(case_units.names),
+                                                   n_control=len(control_units.names), **blocks))
     return found
+
+
+def complete_pairs(case_units, control_units, pairs: pd.Series):
+    """The units of pairs that have both conditions (a pair without one cannot contrast them);
+    the others move to ``dropped`` as ``"<unit> (pair <pair> incomplete)"``."""
+    case_pairs = set(pairs.loc[case_units.names]) if case_units.names else set()
+    control_pairs = set(pairs.loc[control_units.names]) if control_units.names else set()
+    both = case_pairs & control_pairs
+    return (_keep_units(case_units, [pairs[n] in both for n in case_units.names], pairs),
+            _keep_units(control_units, [pairs[n] in both for n in control_units.names], pairs))
+
+
+def _keep_units(units, keep, pairs):
+    from .sampletests import UnitShares
+
+    keep = np.asarray(keep, dtype=bool)
+    if keep.all():
+        return units
+    new = np.full(len(keep) + 1, -1)
+    new[:-1][keep] = np.arange(int(keep.sum()))
+    dropped = dict(units.dropped)
+    dropped.update({f"{n} (pair {pairs[n]} incomplete)": int(c)
+                    for n, c, k in zip(units.names, units.n_cells, keep) if not k})
+    return UnitShares(names=[n for n, k in zip(units.names, keep) if k], index=new[units.index],
+                      n_cells=units.n_cells[keep], dropped=dropped)
 
 
 def _unit_columns(table: pd.DataFrame, unit: str, test: str, n_control=None, n_case=None) -> None:
@@ -94,12 +119,21 @@ def _unit_columns(table: pd.DataFrame, unit: str, test: str, n_control=None, n_c
 def _test_name(options: SampleOptions | None) -> str:
     if options is None:
         return "mann_whitney_u"
-    return "ols" if options.covariates is not None else "welch_t"
+    name = "ols" if options.covariates is not None or options.pairs is not None else "welch_t"
+    return f"moderated_{name}" if options.moderate else name
+
+
+def _underpowered(found: dict, q_threshold: float) -> np.ndarray:
+    """Rows whose design cannot support a call: fewer than 3 residual degrees of freedom
+    before moderation, or no exact permutation p-value as small as ``q_threshold``."""
+    df = np.asarray(found["df_residual"], dtype=np.float64)
+    return ~(np.nan_to_num(df, nan=0.0) >= 3) | (found["smallest_p"] >= q_threshold)
 
 
 def usage_shift_table(control_usage: np.ndarray, case_usage: np.ndarray, names: list[str], n_baseline: int,
                       q_threshold: float = 0.05, min_log2fc: float = 0.25, *, control_samples=None,
-                      case_samples=None, options: SampleOptions | None = None) -> pd.DataFrame:
+                      case_samples=None, options: SampleOptions | None = None,
+                      record: dict | None = None) -> pd.DataFrame:
     """Per baseline program: does its usage share shift between control and case?
 
     With ``control_samples`` and ``case_samples`` (each cell's sample) the test is at the
@@ -142,15 +176,19 @@ def usage_shift_table(control_usage: np.ndarray, case_usage: np.ndarray, names: 
     called = (table["q_value"] < q_threshold) & (table["log2_fold_change"].abs() >= min_log2fc)
     table["shift"] = np.where(called, np.where(table["log2_fold_change"] > 0, "up", "down"), "none")
     table["control_total_share"], table["case_total_share"] = total_shares
+    table["underpowered"] = False if control_samples is None else _underpowered(found, q_threshold)
     _unit_columns(table, "cell" if control_samples is None else "sample",
                   _test_name(None if control_samples is None else options), *counts)
+    if record is not None and "prior" in found:
+        record["usage_shift"] = found["prior"]
     return table
 
 
 def case_program_table(control_usage: np.ndarray, case_usage: np.ndarray, names: list[str], n_baseline: int,
                        programs: np.ndarray, scores: np.ndarray, labels, share_threshold: float = 0.1,
                        q_threshold: float = 0.05, min_log2fc: float = 1.0, n_top: int = 10, *,
-                       control_samples=None, case_samples=None, options: SampleOptions | None = None) -> pd.DataFrame:
+                       control_samples=None, case_samples=None, options: SampleOptions | None = None,
+                       record: dict | None = None) -> pd.DataFrame:
     """Per case program: how many case cells use it, how strongly, and is it case-specific?
 
     ``control_usage`` must be the control cells' usage of **all** programs (baseline and
@@ -204,8 +242,11 @@ def case_program_table(control_usage: np.ndarray, case_usage: np.ndarray, names:
     table["closest_baseline"] = [names[i] for i in cos.argmax(axis=0)] if n_baseline else ""
     table["cosine_to_closest_baseline"] = cos.max(axis=0) if n_baseline else np.nan
     table["top_genes"] = top_gene_labels(np.asarray(scores)[:, n_baseline:], labels, n_top)
+    table["underpowered"] = False if control_samples is None else _underpowered(found, q_threshold)
     _unit_columns(table, "cell" if control_samples is None else "sample",
                   _test_name(None if control_samples is None else options), *counts)
+    if record is not None and "prior" in found:
+        record["case_programs"] = found["prior"]
     return table
 
 
@@ -323,96 +364,3 @@ def stagewise_qvalues(p: np.ndarray, group_q: np.ndarray, level: float) -> np.nd
     for g in selected:
         out[g] = np.minimum(bh_qvalues(p[g]) * inflate, 1.0)
     return out
-
-
-def _log_left_out(what: str, dropped: dict, min_cells: int) -> None:
-    if dropped:
-        listed = ", ".join(f"{k} ({n} cells)" for k, n in list(dropped.items())[:5])
-        log.info("%s left out of the sample-level tests (fewer than report.min_cells_per_sample=%d cells): %d: %s%s",
-                 what, min_cells, len(dropped), listed, " ..." if len(dropped) > 5 else "")
-
-
-def case_control_tables(prepared, programs: np.ndarray, names: list[str], n_baseline: int, report: ReportSettings, *,
-                        scores: np.ndarray, group_key: str | None, symbol_key: str | None, batch_size: int | None, nnls_iterations: int,
-                        device, sample_key: str | None = None, seed: int = 0
-                        ) -> tuple[dict[str, pd.DataFrame], np.ndarray, dict]:
-    """``usage_shift``, ``case_programs`` and (with ``group_key``) ``group_usage``, from usage
-    refitted by NNLS on all programs for every cell of ``prepared`` (a
-    :class:`~deltanmf.data.PreparedData`), on ``device``, so that controls and cases are
-    measured the same way; ``scores`` rank the case programs' top genes
-    (:func:`case_program_table`). With ``sample_key`` the tables test at the sample level
-    (``report.covariates``, ``report.permutations``, ``report.min_cells_per_sample``;
-    ``seed`` seeds the relabellings); without, at the cell level, with one warning.
-    Returns the tables, that usage (cells x programs) and a record of the group tests (with
-    ``group_key`` and ``sample_key``: the model's estimates and the negative-control check,
-    :func:`group_usage_table`; else empty); the check's p-values are the table
-    ``negative_controls`` (one row per set and program)."""
-    import torch
-
-    from ..core import CellMatrix, refit_usage
-
-    began = time.perf_counter()
-    matrix = CellMatrix(prepared.X, batch_size=batch_size, device=device)
-    refit = refit_usage(matrix, torch.from_numpy(programs), nnls_iterations).cpu().numpy()
-    refitted = time.perf_counter()
-    is_control = prepared.is_control
-    ctrl, case = refit[is_control], refit[~is_control]
-    labels = prepared.var[symbol_key].to_numpy() if symbol_key and symbol_key in prepared.var else prepared.var.index
-    samples, options, by_sample = None, None, {}
-    if sample_key:
-        samples, options = sample_options(prepared.obs, sample_key, report.covariates, report.permutations,
-                                          report.min_cells_per_sample, seed, report.moderate,
-                                          report.negative_controls)
-        by_sample = {"control_samples": samples[is_control], "case_samples": samples[~is_control], "options": options}
-        for side, mask in (("control", is_control), ("case", ~is_control)):
-            units = units_of(samples[mask], options.min_cells)
-            _log_left_out(f"{side} samples", units.dropped, options.min_cells)
-            log.info("%s: %d samples of data.sample_key=%r in the tests", side, len(units.names), sample_key)
-    else:
-        log.warning(CELL_WARNING)
-    tables = {
-        "usage_shift": usage_shift_table(ctrl, case, names, n_baseline, report.q_threshold, report.min_log2fc,
-                                         **by_sample),
-        "case_programs": case_program_table(ctrl, case, names, n_baseline, programs, scores, labels,
-                                            report.share_threshold, report.q_threshold, report.emergence_log2fc,
-                                            **by_sample),
-    }
-    record: dict = {}
-    if group_key:
-        groups = prepared.obs[group_key].to_numpy()
-        tables["group_usage"] = group_usage_table(refit, groups, is_control, names, n_baseline, report.q_threshold,
-                                                  report.min_log2fc, report.emergence_log2fc, samples=samples,
-                                                  options=options, record=record)
-        if samples is not None:
-            pairs = pd.MultiIndex.from_arrays([np.asarray(groups).astype(str)[~is_control],
-                                               samples[~is_control]]).to_numpy()
-            _log_left_out("group units (group, sample)", units_of(pairs, options.min_cells).dropped,
-                          options.min_cells)
-            _log_screen(record, report.q_threshold)
-            null_p = record.pop("negative_control_p")
-            if null_p is not None:
-                kinds = ["baseline"] * n_baseline + ["case"] * (len(names) - n_baseline)
-                tables["negative_controls"] = pd.DataFrame({
-                    "set": np.repeat(np.arange(len(null_p)), len(names)),
-                    "program": np.tile(np.asarray(names, dtype=object), len(null_p)),
-                    "program_kind": np.tile(np.asarray(kinds, dtype=object), len(null_p)),
-                    "p_value": null_p.ravel()})
-    record["timings"] = {"refit": refitted - began, "tables": time.perf_counter() - refitted}
-    return tables, refit, record
-
-
-def _log_screen(record: dict, q_threshold: float) -> None:
-    """The group tests' model and the negative-control check, in the log."""
-    check = record["negative_controls"]
-    if not check["ran"]:
-        log.info("negative-control check not run: %s", check["reason"])
-        return
-    below = check["fraction_below"]
-    log.info("negative-control check: %d sets of %d control units (%d cells each) tested as targets; p < 0.05: "
-             "%.3f, p < 0.01: %.4f, p < 0.001: %.4f (nominal: the level)", check["sets"], check["units_per_set"],
-             check["cells_per_unit"], below["0.05"], below["0.01"], below["0.001"])
-    if check["miscalibrated"]:
-        log.warning("negative-control check: %.4f of the control sets' p-values are below 0.01, above the %.4f "
-                    "that chance allows: the group tests are anti-conservative on these data, and q < %g "
-                    "overstates the evidence (docs/statistics.md, 'Screens')", below["0.01"],
-                    check["limit_below_0.01"], q_threshold)

@@ -3,15 +3,21 @@ before any training.
 
 A *sample* is the unit of replication: a donor, a sample, a guide in a Perturb-seq screen.
 Each sample belongs to one condition. Covariates (``report.covariates``) are properties of
-samples (sex, batch): constant within a sample.
+samples (sex, batch): constant within a sample. A *pair* (``data.pair_key``) is a unit
+measured in both conditions (a donor split into a control and a stimulated sample): a
+blocking factor of the tests; without a sample key the units are the pairs' halves.
 """
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import pandas as pd
 
 from ..errors import InputError
 from .sampletests import SampleOptions, condition_in_covariates, covariate_matrix, units_of
+
+log = logging.getLogger(__name__)
 
 
 def _count(n: int, noun: str) -> str:
@@ -62,17 +68,65 @@ def sample_covariates(obs: pd.DataFrame, samples: np.ndarray, covariates) -> pd.
     return frame[~frame.index.duplicated()].sort_index()
 
 
-def sample_options(obs: pd.DataFrame, sample_key: str, covariates, permutations: int, min_cells: int,
-                   seed: int, moderate: bool = True, negative_controls: int = 200) -> tuple[np.ndarray, SampleOptions]:
-    """Each cell's sample and the options of the sample-level tests."""
-    samples = sample_labels(obs, sample_key)
+def pair_labels(obs: pd.DataFrame, pair_key: str) -> np.ndarray:
+    """Each cell's pair (the unit measured in both conditions: donor, patient), as text."""
+    if pair_key not in obs.columns:
+        raise InputError(f"data.pair_key={pair_key!r} is not a column of .obs; columns: {list(obs.columns)} "
+                         "(give the column of the unit measured in both conditions: donor, patient, slice)")
+    column = obs[pair_key]
+    if column.isna().any():
+        raise InputError(f"data.pair_key={pair_key!r}: {int(column.isna().sum())} cells have no pair (NaN in "
+                         f".obs[{pair_key!r}]); give every cell its pair, or drop those cells")
+    return column.astype(str).to_numpy()
+
+
+def unit_labels(obs: pd.DataFrame, is_control: np.ndarray, sample_key: str | None,
+                pair_key: str | None) -> np.ndarray:
+    """Each cell's replicate unit: its sample, or with only a pair key, its pair in its
+    condition (``"<pair> | control"``, ``"<pair> | case"``)."""
+    if sample_key:
+        return sample_labels(obs, sample_key)
+    pairs = pair_labels(obs, pair_key)
+    return np.char.add(np.char.add(pairs.astype(str), " | "),
+                       np.where(np.asarray(is_control, dtype=bool), "control", "case"))
+
+
+def unit_pairs(obs: pd.DataFrame, samples: np.ndarray, pair_key: str, sample_key: str | None) -> pd.Series:
+    """Each unit's pair (index: the unit labels); refuses a sample spread over several pairs."""
+    frame = pd.DataFrame({"unit": samples, "pair": pair_labels(obs, pair_key)})
+    spread = frame.groupby("unit")["pair"].nunique()
+    if (spread > 1).any():
+        raise InputError(f"data.sample_key={sample_key!r} is not nested in data.pair_key={pair_key!r}: "
+                         f"{_count(int((spread > 1).sum()), 'sample')} hold cells of several pairs "
+                         f"({_examples(spread.index[spread > 1])}); each sample must come from one pair (donor)")
+    return frame.groupby("unit")["pair"].first()
+
+
+def sample_options(obs: pd.DataFrame, sample_key: str | None, covariates, permutations: int, min_cells: int,
+                   seed: int, moderate: bool = True, negative_controls: int = 200, pair_key: str | None = None,
+                   is_control: np.ndarray | None = None, quiet: bool = False) -> tuple[np.ndarray, SampleOptions]:
+    """Each cell's unit and the options of the sample-level tests. With ``pair_key``, the
+    units' pairs; covariates constant within every pair are absorbed by the pair term and
+    dropped (with a log line unless ``quiet``)."""
+    samples = unit_labels(obs, is_control, sample_key, pair_key)
+    pairs = None
+    covariates = list(covariates or ())
+    if pair_key:
+        pairs = unit_pairs(obs, samples, pair_key, sample_key)
+        cell_pairs = pair_labels(obs, pair_key)
+        absorbed = [c for c in covariates if c in obs.columns
+                    and (obs[c].astype(str).groupby(cell_pairs).nunique() <= 1).all()]
+        if absorbed and not quiet:
+            log.info("report.covariates %s are constant within every pair of data.pair_key=%r: the pair term "
+                     "absorbs them, so they leave the model", absorbed, pair_key)
+        covariates = [c for c in covariates if c not in absorbed]
     return samples, SampleOptions(covariates=sample_covariates(obs, samples, covariates), permutations=permutations,
                                   min_cells=min_cells, seed=seed, moderate=moderate,
-                                  negative_controls=negative_controls)
+                                  negative_controls=negative_controls, pairs=pairs)
 
 
-def check_samples(obs: pd.DataFrame, is_control: np.ndarray, sample_key: str, covariates=(), min_cells: int = 10,
-                  group_key: str | None = None) -> None:
+def check_samples(obs: pd.DataFrame, is_control: np.ndarray, sample_key: str | None, covariates=(),
+                  min_cells: int = 10, group_key: str | None = None, pair_key: str | None = None) -> None:
     """Refuse a design the sample-level tests cannot use, naming the column and the fix.
 
     Checks that ``sample_key`` is a column with a sample for every cell; that no sample
@@ -82,13 +136,17 @@ def check_samples(obs: pd.DataFrame, is_control: np.ndarray, sample_key: str, co
     ``group_key``, in each group's comparison with the control samples); and that the
     samples leave a residual degree of freedom to the linear model.
     """
-    samples, options = sample_options(obs, sample_key, covariates, 0, min_cells, 0)
     is_control = np.asarray(is_control, dtype=bool)
+    samples, options = sample_options(obs, sample_key, covariates, 0, min_cells, 0, pair_key=pair_key,
+                                      is_control=is_control, quiet=True)
+    sample_key = sample_key or pair_key
     both = np.intersect1d(samples[is_control], samples[~is_control])
     if len(both):
         raise InputError(f"data.sample_key={sample_key!r}: {_count(len(both), 'sample')} hold both control and case cells "
                          f"({_examples(both)}); each sample must belong to one condition: give the column of a "
-                         "replicate unit nested in the condition (e.g. one ID per donor and condition, or the guide)")
+                         "replicate unit nested in the condition (e.g. one ID per donor and condition, or the guide). "
+                         f"If each {sample_key} was measured in both conditions, the design is paired: "
+                         f"data.pair_key={sample_key} (with data.sample_key=null, or the column of its samples)")
     kept = {}
     for name, side in (("control", is_control), ("case", ~is_control)):
         units = units_of(samples[side], min_cells)
@@ -100,7 +158,9 @@ def check_samples(obs: pd.DataFrame, is_control: np.ndarray, sample_key: str, co
                              "a test across samples needs at least 2 per condition: add samples, lower "
                              "report.min_cells_per_sample, or set data.sample_key=null for the cell-level test")
         kept[name] = units.names
-    if options.covariates is None:
+    if pair_key:
+        _check_pairs(options.pairs, kept, pair_key, min_cells)
+    if options.covariates is None or pair_key:  # with pairs, a collinear covariate gives no test, not an error
         return
     names = list(options.covariates.columns)
     rows = kept["case"] + kept["control"]
@@ -131,3 +191,13 @@ def check_samples(obs: pd.DataFrame, is_control: np.ndarray, sample_key: str, co
         raise InputError(f"report.covariates={names} are collinear with membership of {_count(len(collinear), 'group')} of "
                          f"data.group_key={group_key!r} ({_examples(collinear)}): their samples cannot be told apart "
                          "from the control samples' covariates; drop that covariate from report.covariates")
+
+
+def _check_pairs(pairs: pd.Series, kept: dict, pair_key: str, min_cells: int) -> None:
+    """At least 2 pairs with both conditions among the kept units; incomplete pairs are left
+    out of the tests (and logged there)."""
+    complete = set(pairs.loc[kept["case"]]) & set(pairs.loc[kept["control"]])
+    if len(complete) < 2:
+        raise InputError(f"data.pair_key={pair_key!r}: {_count(len(complete), 'pair')} with both conditions among the "
+                         f"units of at least report.min_cells_per_sample={min_cells} cells; a paired test needs at "
+                         "least 2: check data.pair_key, or lower report.min_cells_per_sample")

@@ -27,6 +27,8 @@ import pandas as pd
 from scipy.stats import t as t_distribution
 from scipy.stats import ttest_ind
 
+from .moderation import FPrior, fit_f_prior
+
 CONFIDENCE = 0.95
 # Below this many units in a condition, the t-test's normal approximation cannot be checked
 # from the data: a permutation p-value is reported beside it (report.permutations=0).
@@ -59,6 +61,10 @@ class SampleOptions:
     negative_controls
         Many-group tests: random sets of control units tested as targets, a check of the
         tests' calibration on the data (0: none).
+    pairs
+        A paired design: each sample's pair (index: the sample labels; a donor measured in
+        both conditions). The pair is a blocking factor of the model and relabellings stay
+        within pairs; None: unpaired.
     """
 
     covariates: pd.DataFrame | None = None
@@ -67,6 +73,7 @@ class SampleOptions:
     seed: int = 0
     moderate: bool = True
     negative_controls: int = 200
+    pairs: pd.Series | None = None
 
 
 def covariate_matrix(frame: pd.DataFrame) -> np.ndarray:
@@ -122,9 +129,14 @@ class Relabellings:
                 self._subsets[n, m] = (np.vstack(draws), False)
         return self._subsets[n, m]
 
-    def permutations(self, n: int) -> tuple[np.ndarray, bool]:
+    def permutations(self, n: int, blocks: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
         """``(permutations, exact)``: relabellings x n; all n! when there are at most
-        ``n_resamples``, else that many drawn at random."""
+        ``n_resamples``, else that many drawn at random. With ``blocks`` (a label per unit),
+        units are only exchanged within their block (a pair's samples): all such orders
+        when there are few enough (2^pairs sign flips for one sample per pair and condition),
+        else drawn within each block."""
+        if blocks is not None:
+            return self._within(np.asarray(blocks))
         if n not in self._permutations:
             if math.factorial(n) <= self.n_resamples:
                 self._permutations[n] = (np.array(list(itertools.permutations(range(n))), dtype=np.int64), True)
@@ -133,9 +145,28 @@ class Relabellings:
                                          False)
         return self._permutations[n]
 
+    def _within(self, blocks: np.ndarray) -> tuple[np.ndarray, bool]:
+        key = ("blocks", tuple(pd.factorize(blocks)[0]))
+        if key not in self._permutations:
+            members = [np.flatnonzero(blocks == b) for b in pd.unique(blocks)]
+            count = math.prod(math.factorial(len(m)) for m in members)
+            if count <= self.n_resamples:
+                orders = np.tile(np.arange(len(blocks)), (count, 1))
+                options = [list(itertools.permutations(m)) for m in members]
+                for row, choice in enumerate(itertools.product(*options)):
+                    for m, order in zip(members, choice):
+                        orders[row, m] = order
+                self._permutations[key] = (orders, True)
+            else:
+                orders = np.tile(np.arange(len(blocks)), (self.n_resamples, 1))
+                for m in members:
+                    orders[:, m] = self.rng.permuted(np.tile(m, (self.n_resamples, 1)), axis=1)
+                self._permutations[key] = (orders, False)
+        return self._permutations[key]
+
 
 def permutation_pvalues(y: np.ndarray, is_case: np.ndarray, z: np.ndarray, alternative: str,
-                        relabel: Relabellings) -> np.ndarray:
+                        relabel: Relabellings, blocks: np.ndarray | None = None) -> np.ndarray:
     """Permutation p-values of the case effect on each column of ``y`` (units x programs).
 
     Without covariates the statistic is the difference of the case and control means, and
@@ -148,7 +179,8 @@ def permutation_pvalues(y: np.ndarray, is_case: np.ndarray, z: np.ndarray, alter
     ``fitted + r*`` is ``x @ r* / |x|^2``, ``x`` being the condition's residual on
     ``[1, z]``, and its residual sum of squares ``|r*|^2 - |Q^T r*|^2 - (x @ r*)^2 / |x|^2``
     (``Q`` an orthonormal basis of ``[1, z]``); ``r* = r[perm^-1]`` turns both into
-    products of rearranged ``x`` and ``Q`` with ``r``. p-values follow ``scipy.stats.permutation_test``: an exact enumeration counts
+    products of rearranged ``x`` and ``Q`` with ``r``. With ``blocks`` (pairs, whose
+    indicators are among ``z``) residuals are exchanged only within a block. p-values follow ``scipy.stats.permutation_test``: an exact enumeration counts
     the observed labelling among the relabellings; Monte Carlo adds one to the count and
     to the number of relabellings; two-sided p is twice the smaller tail, at most 1;
     values within a relative ``100 * eps`` of the observed one count as ties.
@@ -190,7 +222,7 @@ def permutation_pvalues(y: np.ndarray, is_case: np.ndarray, z: np.ndarray, alter
             count((a - b) * residual[chosen[start:start + block]].sum(axis=1))
     else:
         gamma = np.abs(observed) * np.finfo(np.float64).eps * 100
-        orders, exact = relabel.permutations(len(y))
+        orders, exact = relabel.permutations(len(y), blocks)
         block = max(1, _BLOCK_VALUES // (len(y) * basis.shape[1] * y.shape[1]))
         for start in range(0, len(orders), block):
             order = orders[start:start + block]
@@ -225,7 +257,7 @@ def _ols(y: np.ndarray, is_case: np.ndarray, z: np.ndarray, alternative: str) ->
     return out
 
 
-def _compare_clean(case, control, case_z, control_z, alternative, relabel) -> dict:
+def _compare_clean(case, control, case_z, control_z, alternative, relabel, blocks=None) -> dict:
     out = {key: np.full(case.shape[1], np.nan) for key in _KEYS}
     if len(case) == 0 or len(control) == 0:
         return out
@@ -238,13 +270,91 @@ def _compare_clean(case, control, case_z, control_z, alternative, relabel) -> di
         return out  # these units cannot tell the condition from the covariates: no test
     out.update(_ols(y, is_case, z, alternative) if z.shape[1] else _welch(case, control, alternative))
     if relabel is not None:
-        out["permutation_p_value"] = permutation_pvalues(y, is_case, z, alternative, relabel)
+        out["permutation_p_value"] = permutation_pvalues(y, is_case, z, alternative, relabel, blocks)
     return out
+
+
+def _column_parts(y: np.ndarray, is_case: np.ndarray, z: np.ndarray) -> dict:
+    """Per program, over its units with a value: the pieces of its test before moderation.
+    Without covariates the two groups' means and variances (Welch); with covariates the OLS
+    ``case`` coefficient, its unscaled variance ``c`` and the residual variance and df."""
+    m = y.shape[1]
+    parts = {key: np.full(m, np.nan) for key in ("effect", "mean", "n_case", "n_control", "var_case",
+                                                 "var_control", "c", "s2", "df")}
+    for j in range(m):
+        ok = np.isfinite(y[:, j])
+        yj, xj, zj = y[ok, j], is_case[ok], z[ok]
+        zj = zj[:, np.ptp(zj, axis=0) > 0] if len(zj) else zj
+        parts["mean"][j] = yj.mean() if len(yj) else np.nan
+        n1, n0 = int(xj.sum()), int((~xj).sum())
+        parts["n_case"][j], parts["n_control"][j] = n1, n0
+        if n1 == 0 or n0 == 0:
+            continue
+        if z.shape[1] == 0:
+            parts["effect"][j] = yj[xj].mean() - yj[~xj].mean()
+            parts["var_case"][j] = yj[xj].var(ddof=1) if n1 > 1 else np.nan
+            parts["var_control"][j] = yj[~xj].var(ddof=1) if n0 > 1 else np.nan
+            parts["df"][j] = n1 + n0 - 2
+            continue
+        if zj.shape[1] and condition_in_covariates(xj, zj):
+            continue
+        design = np.column_stack([np.ones(len(yj)), xj.astype(np.float64), zj])
+        inverse = np.linalg.pinv(design.T @ design)
+        beta = inverse @ design.T @ yj
+        free = len(yj) - np.linalg.matrix_rank(design)
+        residual = yj - design @ beta
+        parts["effect"][j], parts["c"][j], parts["df"][j] = beta[1], inverse[1, 1], free
+        parts["s2"][j] = residual @ residual / free if free > 0 else np.nan
+    return parts
+
+
+def _moderated(y: np.ndarray, is_case: np.ndarray, z: np.ndarray, alternative: str) -> dict:
+    """Moderated tests of every program: variances squeezed across programs toward a prior
+    with a trend in the program's mean ``y`` (:mod:`deltanmf.tl.moderation`). Without
+    covariates each condition's variance is moderated on its own and the two are combined as
+    Welch's t does (a moderated, equal-variance t would be wrong when one condition varies
+    more and the design is unbalanced); with covariates the OLS residual variance."""
+    parts = _column_parts(y, is_case, z)
+    out = {"effect": parts["effect"], "df_residual": parts["df"]}
+    if z.shape[1] == 0:
+        priors = {side: fit_f_prior(parts[f"var_{side}"], parts[f"n_{side}"] - 1, trend=parts["mean"])
+                  for side in ("case", "control")}
+        post = {side: priors[side].squeeze(parts[f"var_{side}"], np.maximum(parts[f"n_{side}"] - 1, 0))
+                for side in ("case", "control")}
+        a, b = post["case"][0] / parts["n_case"], post["control"][0] / parts["n_control"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dof = (a + b) ** 2 / (a ** 2 / post["case"][1] + b ** 2 / post["control"][1])
+        se = np.sqrt(a + b)
+        out["prior"] = {side: _prior_record(priors[side]) for side in ("case", "control")}
+    else:
+        prior = fit_f_prior(parts["s2"], parts["df"], trend=parts["mean"])
+        variance, dof = prior.squeeze(parts["s2"], np.nan_to_num(parts["df"]))
+        se = np.sqrt(variance * parts["c"])
+        out["prior"] = {"residual": _prior_record(prior)}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = out["effect"] / se
+        out["p_value"] = t_distribution.sf(t, dof) if alternative == "greater" else 2 * t_distribution.sf(np.abs(t), dof)
+        half = t_distribution.ppf(0.5 + CONFIDENCE / 2, dof) * se
+    out["ci_low"], out["ci_high"] = out["effect"] - half, out["effect"] + half
+    return out
+
+
+def _prior_record(prior: FPrior) -> dict:
+    """A prior for metrics.json: ``d0`` (None when infinite) and ``s0^2`` (per program with a trend)."""
+    scale = np.atleast_1d(np.asarray(prior.scale, dtype=np.float64))
+    return {"d0": None if not np.isfinite(prior.df) else float(prior.df),
+            "s0_squared": [None if not np.isfinite(v) else float(v) for v in scale]}
+
+
+def block_columns(blocks) -> np.ndarray:
+    """Indicator columns of the blocks (pairs) for the linear model, every level but the first."""
+    return covariate_matrix(pd.DataFrame({"pair": np.asarray(blocks).astype(str)}))
 
 
 def compare_units(case: np.ndarray, control: np.ndarray, *, case_z: np.ndarray | None = None,
                   control_z: np.ndarray | None = None, alternative: str = "two-sided",
-                  relabel: Relabellings | None = None) -> dict[str, np.ndarray]:
+                  relabel: Relabellings | None = None, moderate: bool = False, case_blocks=None,
+                  control_blocks=None) -> dict[str, np.ndarray]:
     """Case vs control units, per program: the sample-level test of one comparison.
 
     Parameters
@@ -258,18 +368,29 @@ def compare_units(case: np.ndarray, control: np.ndarray, *, case_z: np.ndarray |
         ``"two-sided"`` or ``"greater"`` (case above control).
     relabel
         The table's relabellings; None: no permutation p-value.
+    moderate
+        Moderate the variances across programs (:func:`_moderated`).
+    case_blocks, control_blocks
+        Each unit's pair (a paired design): the pair enters the linear model as a blocking
+        factor, and relabellings exchange units only within a pair.
 
     Returns
     -------
     dict
         Arrays over programs: ``effect`` (difference of mean ``y``, or the OLS ``case``
         coefficient), ``ci_low``, ``ci_high`` (95%, two-sided), ``p_value`` (Welch's t or
-        OLS) and ``permutation_p_value`` (NaN without ``relabel``). NaN where a side has
-        too few units for the test.
+        OLS, moderated or not), ``permutation_p_value`` (NaN without ``relabel``) and
+        ``df_residual`` (the test's residual degrees of freedom before moderation); with
+        ``moderate``, ``prior`` (the fitted prior). NaN where a side has too few units.
     """
     case, control = np.asarray(case, dtype=np.float64), np.asarray(control, dtype=np.float64)
     case_z = np.zeros((len(case), 0)) if case_z is None else np.asarray(case_z, dtype=np.float64)
     control_z = np.zeros((len(control), 0)) if control_z is None else np.asarray(control_z, dtype=np.float64)
+    blocks = None
+    if case_blocks is not None:
+        blocks = np.r_[np.asarray(case_blocks).astype(str), np.asarray(control_blocks).astype(str)]
+        pairs = block_columns(blocks)
+        case_z, control_z = np.hstack([case_z, pairs[:len(case)]]), np.hstack([control_z, pairs[len(case):]])
     out = {key: np.full(case.shape[1], np.nan) for key in _KEYS}
     missing = np.isnan(case).any(axis=0) | np.isnan(control).any(axis=0)
     # the tests warn about too few units or constant values; their NaN results say so in the table
@@ -277,15 +398,26 @@ def compare_units(case: np.ndarray, control: np.ndarray, *, case_z: np.ndarray |
         warnings.simplefilter("ignore")
         clean = np.flatnonzero(~missing)
         if len(clean):
-            found = _compare_clean(case[:, clean], control[:, clean], case_z, control_z, alternative, relabel)
+            found = _compare_clean(case[:, clean], control[:, clean], case_z, control_z, alternative, relabel,
+                                   blocks)
             for key in _KEYS:
                 out[key][clean] = found[key]
         for j in np.flatnonzero(missing):
             ok_case, ok_control = ~np.isnan(case[:, j]), ~np.isnan(control[:, j])
             found = _compare_clean(case[ok_case, j:j + 1], control[ok_control, j:j + 1], case_z[ok_case],
-                                   control_z[ok_control], alternative, relabel)
+                                   control_z[ok_control], alternative, relabel,
+                                   None if blocks is None else blocks[np.r_[ok_case, ok_control]])
             for key in _KEYS:
                 out[key][j] = found[key][0]
+        z = np.vstack([case_z, control_z])
+        z = z[:, np.ptp(z, axis=0) > 0] if len(z) else z
+        is_case = np.r_[np.ones(len(case), bool), np.zeros(len(control), bool)]
+        if moderate:
+            found = _moderated(np.vstack([case, control]), is_case, z, alternative)
+            for key in ("ci_low", "ci_high", "p_value", "df_residual", "prior"):
+                out[key] = found[key]
+        else:
+            out["df_residual"] = _column_parts(np.vstack([case, control]), is_case, z)["df"]
     return out
 
 
@@ -320,6 +452,21 @@ def units_of(labels: np.ndarray, min_cells: int) -> UnitShares:
     new[keep] = np.arange(int(keep.sum()))
     return UnitShares(names=list(names[keep]), index=new[codes] if len(codes) else codes, n_cells=sizes[keep],
                       dropped={names[i]: int(sizes[i]) for i in np.flatnonzero(~keep)})
+
+
+def smallest_permutation_p(alternative: str, case_blocks=None, control_blocks=None, n_case: int = 0,
+                           n_control: int = 0) -> float:
+    """The smallest p-value an exact permutation test of this design can give: one over the
+    number of distinct labellings (C(n, n_case), or within pairs the product of each pair's
+    C(n_pair, n_case_pair)), doubled when two-sided (at most 1)."""
+    if case_blocks is not None:
+        labels = pd.Series(np.r_[np.ones(len(case_blocks)), np.zeros(len(control_blocks))])
+        pairs = np.r_[np.asarray(case_blocks).astype(str), np.asarray(control_blocks).astype(str)]
+        labellings = math.prod(math.comb(len(g), int(g.sum())) for _, g in labels.groupby(pairs))
+    else:
+        labellings = math.comb(n_case + n_control, n_case)
+    p = 1.0 / max(labellings, 1)
+    return min(1.0, 2 * p if alternative == "two-sided" else p)
 
 
 def resamples(options: SampleOptions, n_case: int, n_control: int) -> int:

@@ -30,75 +30,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.special import digamma, polygamma
 from scipy.stats import t as t_distribution
+
+from .moderation import NO_PRIOR, FPrior, fit_f_prior
 
 CONFIDENCE = 0.95
 LN2 = np.log(2.0)
-
-
-def trigamma_inverse(x: float) -> float:
-    """The ``y`` with ``trigamma(y) = x`` (Newton's method on a convex function, as limma's
-    ``trigammaInverse``)."""
-    if x > 1e7:
-        return 1.0 / np.sqrt(x)
-    if x < 1e-6:
-        return 1.0 / x
-    y = 0.5 + 1.0 / x
-    for _ in range(50):
-        tri = float(polygamma(1, y))
-        step = tri * (1.0 - tri / x) / float(polygamma(2, y))
-        y += step
-        if -step / y < 1e-8:
-            break
-    return y
-
-
-@dataclass(frozen=True)
-class FPrior:
-    """The scaled-F prior of residual variances: ``s^2 ~ s0^2 F(d, d0)``.
-
-    ``df`` is ``d0`` (``inf``: the variances differ no more than sampling says, and the prior
-    replaces them; 0: no prior, each variance stands alone); ``scale`` is ``s0^2``.
-    """
-
-    df: float
-    scale: float
-
-    def squeeze(self, variance: np.ndarray, df: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Posterior variances ``(d0 s0^2 + d s^2) / (d0 + d)`` and their degrees of freedom
-        ``d0 + d``; a variance with ``d = 0`` takes the prior's."""
-        variance, df = np.asarray(variance, dtype=np.float64), np.asarray(df, dtype=np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            if np.isinf(self.df):
-                return np.full_like(variance, self.scale), np.full_like(df, np.inf)
-            if self.df == 0:
-                return np.where(df > 0, variance, np.nan), df
-            own = np.where(df > 0, df * np.nan_to_num(variance), 0.0)
-            return (self.df * self.scale + own) / (self.df + df), self.df + df
-
-
-NO_PRIOR = FPrior(0.0, np.nan)
-
-
-def fit_f_prior(variance: np.ndarray, df: np.ndarray) -> FPrior:
-    """Fit ``s^2 ~ s0^2 F(d, d0)`` to residual variances by moments of ``log s^2`` (Smyth
-    2004, limma's ``fitFDist`` without covariate). Variances of 0 are raised to ``1e-5``
-    times the median, as limma does; fewer than 2 usable variances give :data:`NO_PRIOR`."""
-    variance, df = np.asarray(variance, dtype=np.float64), np.asarray(df, dtype=np.float64)
-    ok = np.isfinite(variance) & (df > 0) & np.isfinite(df)
-    if ok.sum() < 2:
-        return NO_PRIOR
-    s2, d = np.maximum(variance[ok], 0.0), df[ok]
-    middle = np.median(s2)
-    s2 = np.maximum(s2, 1e-5 * (middle if middle > 0 else 1.0))
-    e = np.log(s2) - digamma(d / 2) + np.log(d / 2)
-    mean = e.mean()
-    excess = ((e - mean) ** 2).sum() / (len(e) - 1) - polygamma(1, d / 2).mean()
-    if excess > 0:
-        d0 = 2 * trigamma_inverse(float(excess))
-        return FPrior(d0, float(np.exp(mean + digamma(d0 / 2) - np.log(d0 / 2))))
-    return FPrior(np.inf, float(np.exp(mean)))
 
 
 def cell_variance(means: np.ndarray, variances: np.ndarray, n_cells: np.ndarray, pseudo: float) -> np.ndarray:

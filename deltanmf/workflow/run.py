@@ -33,6 +33,7 @@ from ..errors import InputError
 from ..resources import strip_version
 from ..settings import RunSettings
 from ..tl import casecontrol
+from ..tl.tables import case_control_tables
 from ..tl.fit import StageFit, fit_null, fit_replicates
 from ..tl.programs import expression_programs, specificity
 from ..tl.recovery import recovery
@@ -145,14 +146,17 @@ def validate(settings: RunSettings, prepared: PreparedData, k: int) -> None:
             kind = "control" if what == "K" else "case"
             raise InputError(f"{what}={count} must be smaller than both the number of {kind} cells ({cells}) "
                              f"and of genes ({prepared.n_genes})")
-    for key, frame, where in (("group_key", prepared.obs, ".obs"), ("symbol_key", prepared.var, ".var")):
-        column = getattr(settings.data, key)
+    for key, frame, where in (("data.group_key", prepared.obs, ".obs"), ("data.symbol_key", prepared.var, ".var"),
+                              ("data.celltype_key", prepared.obs, ".obs"), ("report.annotate_key", prepared.obs, ".obs")):
+        group, name = key.split(".")
+        column = getattr(getattr(settings, group), name)
         if column and column not in frame:
-            raise InputError(f"data.{key}={column!r} is not a column of {where}; columns: {list(frame.columns)} "
-                             f"(data.{key}=null to leave it out)")
-    if settings.twostage and settings.data.sample_key:  # the case-control tables' design
-        check_samples(prepared.obs, prepared.is_control, settings.data.sample_key, settings.report.covariates,
-                      settings.report.min_cells_per_sample, settings.data.group_key)
+            raise InputError(f"{key}={column!r} is not a column of {where}; columns: {list(frame.columns)} "
+                             f"({key}=null to leave it out)")
+    data = settings.data
+    if settings.twostage and (data.sample_key or data.pair_key):  # the case-control tables' design
+        check_samples(prepared.obs, prepared.is_control, data.sample_key, settings.report.covariates,
+                      settings.report.min_cells_per_sample, data.group_key, data.pair_key)
 
 
 def _reference_stage1(reference: ReferencePrograms, prepared: PreparedData, report: dict, settings: RunSettings,
@@ -272,12 +276,15 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, give
         usage = np.vstack([control_usage, stage2.usage])
         scores = specificity(prepared.X, usage)
         clock.mark("specificity")
-        tables, refit, screen = casecontrol.case_control_tables(
+        tables, refit, screen = case_control_tables(
             prepared, programs, names, n_base, settings.report, scores=scores, group_key=settings.data.group_key,
             symbol_key=settings.data.symbol_key, batch_size=settings.data.batch_size,
             nnls_iterations=model.consensus.nnls_iterations, device=torch.device(stage2.stats["device"]),
-            sample_key=settings.data.sample_key, seed=settings.seed)
+            sample_key=settings.data.sample_key, seed=settings.seed, pair_key=settings.data.pair_key,
+            celltype_key=settings.data.celltype_key)
         clock.split(screen.pop("timings"))
+        if "moderation" in screen:
+            metrics["moderation"] = screen.pop("moderation")
         if screen:
             metrics["group_tests"] = screen
     else:

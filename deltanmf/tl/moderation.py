@@ -1,0 +1,97 @@
+"""Empirical-Bayes moderation of residual variances (Smyth 2004, Stat Appl Genet Mol Biol 3:3).
+
+Many parallel tests with few residual degrees of freedom each (programs of a two-condition
+table, targets of a screen) share one prior for their variances, ``s^2 ~ s0^2 F(d, d0)``;
+each test then uses the posterior variance ``(d0 s0^2 + d s^2) / (d0 + d)`` on ``d0 + d``
+degrees of freedom (limma's ``squeezeVar``). A *trend* lets ``s0^2`` follow a covariate (the
+mean of ``log2`` share: programs near the share floor vary more), as limma's ``trend=TRUE``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import digamma, polygamma
+
+
+def trigamma_inverse(x: float) -> float:
+    """The ``y`` with ``trigamma(y) = x`` (Newton's method on a convex function, as limma's
+    ``trigammaInverse``)."""
+    if x > 1e7:
+        return 1.0 / np.sqrt(x)
+    if x < 1e-6:
+        return 1.0 / x
+    y = 0.5 + 1.0 / x
+    for _ in range(50):
+        tri = float(polygamma(1, y))
+        step = tri * (1.0 - tri / x) / float(polygamma(2, y))
+        y += step
+        if -step / y < 1e-8:
+            break
+    return y
+
+
+@dataclass(frozen=True)
+class FPrior:
+    """The scaled-F prior of residual variances: ``s^2 ~ s0^2 F(d, d0)``.
+
+    ``df`` is ``d0`` (``inf``: the variances differ no more than sampling says, and the prior
+    replaces them; 0: no prior, each variance stands alone); ``scale`` is ``s0^2``.
+    """
+
+    df: float
+    scale: float | np.ndarray  # one per test with a trend
+
+    def squeeze(self, variance: np.ndarray, df: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior variances ``(d0 s0^2 + d s^2) / (d0 + d)`` and their degrees of freedom
+        ``d0 + d``; a variance with ``d = 0`` takes the prior's."""
+        variance, df = np.asarray(variance, dtype=np.float64), np.asarray(df, dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if np.isinf(self.df):
+                return np.broadcast_to(self.scale, variance.shape).astype(np.float64), np.full_like(df, np.inf)
+            if self.df == 0:
+                return np.where(df > 0, variance, np.nan), df
+            own = np.where(df > 0, df * np.nan_to_num(variance), 0.0)
+            return (self.df * self.scale + own) / (self.df + df), self.df + df
+
+
+NO_PRIOR = FPrior(0.0, np.nan)
+
+
+def fit_f_prior(variance: np.ndarray, df: np.ndarray, trend: np.ndarray | None = None) -> FPrior:
+    """Fit ``s^2 ~ s0^2 F(d, d0)`` to residual variances by moments of ``log s^2`` (Smyth
+    2004, limma's ``fitFDist``). Variances of 0 are raised to ``1e-5`` times the median, as
+    limma does; fewer than 2 usable variances give :data:`NO_PRIOR`.
+
+    ``trend`` (one value per variance): ``log s0^2`` is a straight line in it, fitted by least
+    squares to the adjusted ``log s^2`` (limma fits a spline; a line is what a table of ten
+    or twenty programs can support), when at least 6 variances are usable; ``scale`` is then
+    one ``s0^2`` per variance (those not usable get the line's value too).
+    """
+    variance, df = np.asarray(variance, dtype=np.float64), np.asarray(df, dtype=np.float64)
+    ok = np.isfinite(variance) & (df > 0) & np.isfinite(df)
+    if trend is not None:
+        trend = np.asarray(trend, dtype=np.float64)
+        ok &= np.isfinite(trend)
+    if ok.sum() < 2:
+        return NO_PRIOR
+    s2, d = np.maximum(variance[ok], 0.0), df[ok]
+    middle = np.median(s2)
+    s2 = np.maximum(s2, 1e-5 * (middle if middle > 0 else 1.0))
+    e = np.log(s2) - digamma(d / 2) + np.log(d / 2)
+    if trend is not None and ok.sum() >= 6:
+        design = np.column_stack([np.ones(ok.sum()), trend[ok]])
+        coef = np.linalg.lstsq(design, e, rcond=None)[0]
+        residual, free = e - design @ coef, ok.sum() - 2
+        centre = coef[0] + coef[1] * np.where(np.isfinite(trend), trend, np.nanmean(trend[ok]))
+    else:
+        centre, residual, free = np.full(len(variance), e.mean()), e - e.mean(), ok.sum() - 1
+        if trend is None:
+            centre = float(e.mean())
+    excess = (residual ** 2).sum() / free - polygamma(1, d / 2).mean()
+    if excess > 0:
+        d0 = 2 * trigamma_inverse(float(excess))
+        return FPrior(d0, np.exp(centre + digamma(d0 / 2) - np.log(d0 / 2)))
+    return FPrior(np.inf, np.exp(centre))
+
+
