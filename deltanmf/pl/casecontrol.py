@@ -13,8 +13,11 @@ def _unit(table: pd.DataFrame) -> str:
     """How a table's tests were run, for a title: across samples (how many) or cells."""
     if "test_unit" not in table or not len(table) or table["test_unit"].iloc[0] != "sample":
         return "tests across cells"
-    return (f"tests across samples: {int(table['n_control_samples'].iloc[0])} control, "
+    text = (f"tests across samples: {int(table['n_control_samples'].iloc[0])} control, "
             f"{int(table['n_case_samples'].iloc[0])} case")
+    if "underpowered" in table and table["underpowered"].astype(bool).any():
+        text += " (underpowered: read calls as hypotheses)"
+    return text
 
 
 def usage_share_plot(shift: pd.DataFrame, case_programs: pd.DataFrame) -> Figure:
@@ -77,7 +80,7 @@ def group_usage_plot(table: pd.DataFrame) -> Figure:
     called = table.pivot(index="group", columns="program", values="called").reindex_like(wide)
     programs = list(dict.fromkeys(table["program"]))
     wide, called = wide[programs], called[programs]
-    title = f"log2 fold change of usage share vs control (dot: called; {_unit(table)})"
+    title = f"log2 fold change of usage share vs control (dot: called)\n{_unit(table)}"
     if len(wide) > MAX_GROUPS:  # keep the most changed groups readable
         keep = wide.abs().max(axis=1).sort_values(ascending=False).index[:MAX_GROUPS]
         wide, called = wide.loc[keep], called.loc[keep]

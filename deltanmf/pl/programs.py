@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -48,5 +49,24 @@ def similarity_plot(cosine: np.ndarray, baseline_names: list[str], case_names: l
     ax.set_yticks(range(len(baseline_names)), baseline_names, fontsize=8)
     ax.set_title("Cosine similarity, baseline x case programs", fontsize=10)
     fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def annotation_plot(table: pd.DataFrame) -> Figure:
+    """Mean share of each program per category of an ``.obs`` column (``program_annotation.png``,
+    the table of :func:`deltanmf.tl.tables.program_annotation`): which cells use which program."""
+    programs = [c for c in table.columns if c not in ("category", "n_cells")]
+    values = table[programs].to_numpy(dtype=float)
+    labels = [f"{c} ({n:,})" for c, n in zip(table["category"], table["n_cells"])]
+    fig = Figure(figsize=(0.5 * len(programs) + 3, 0.35 * len(labels) + 1.8))
+    ax = fig.subplots()
+    image = ax.imshow(values, cmap="magma_r", vmin=0, aspect="auto")
+    for i, j in zip(*np.nonzero(values == values.max(axis=0, keepdims=True))):
+        ax.text(j, i, "•", ha="center", va="center", color="white", fontsize=9)  # each program's top category
+    ax.set_xticks(range(len(programs)), programs, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_title("Mean share of usage per category (dot: the program's top category)", fontsize=9)
+    fig.colorbar(image, ax=ax, label="mean share")
     fig.tight_layout()
     return fig

@@ -66,7 +66,9 @@ def fit_f_prior(variance: np.ndarray, df: np.ndarray, trend: np.ndarray | None =
     ``trend`` (one value per variance): ``log s0^2`` is a straight line in it, fitted by least
     squares to the adjusted ``log s^2`` (limma fits a spline; a line is what a table of ten
     or twenty programs can support), when at least 6 variances are usable; ``scale`` is then
-    one ``s0^2`` per variance (those not usable get the line's value too).
+    one ``s0^2`` per variance (those not usable get the line's value too). Unlike limma, both
+    ``d0`` and ``s0^2`` are taken at one-sided 95% confidence limits (see the code): with few
+    tests the point estimates make moderated tests anti-conservative.
     """
     variance, df = np.asarray(variance, dtype=np.float64), np.asarray(df, dtype=np.float64)
     ok = np.isfinite(variance) & (df > 0) & np.isfinite(df)
@@ -79,16 +81,28 @@ def fit_f_prior(variance: np.ndarray, df: np.ndarray, trend: np.ndarray | None =
     middle = np.median(s2)
     s2 = np.maximum(s2, 1e-5 * (middle if middle > 0 else 1.0))
     e = np.log(s2) - digamma(d / 2) + np.log(d / 2)
-    if trend is not None and ok.sum() >= 6:
-        design = np.column_stack([np.ones(ok.sum()), trend[ok]])
-        coef = np.linalg.lstsq(design, e, rcond=None)[0]
-        residual, free = e - design @ coef, ok.sum() - 2
-        centre = coef[0] + coef[1] * np.where(np.isfinite(trend), trend, np.nanmean(trend[ok]))
+    at = None if trend is None else np.where(np.isfinite(trend), trend, np.nanmean(trend[ok]))
+    if at is not None and ok.sum() >= 6:
+        fitted = np.column_stack([np.ones(ok.sum()), trend[ok]])
+        everywhere = np.column_stack([np.ones(len(at)), at])
     else:
-        centre, residual, free = np.full(len(variance), e.mean()), e - e.mean(), ok.sum() - 1
-        if trend is None:
-            centre = float(e.mean())
-    excess = (residual ** 2).sum() / free - polygamma(1, d / 2).mean()
+        fitted, everywhere = np.ones((ok.sum(), 1)), np.ones((len(variance) if at is not None else 1, 1))
+    inverse = np.linalg.pinv(fitted.T @ fitted)
+    coef = inverse @ fitted.T @ e
+    residual, free = e - fitted @ coef, ok.sum() - fitted.shape[1]
+    squares = residual ** 2 * len(residual) / max(free, 1)
+    # Both halves of the prior are estimates; with few tests (a table of ten programs) they are
+    # noisy, and an error toward a smaller or more trusted prior makes every test of the table
+    # anti-conservative together. So the prior is taken at its one-sided 95% limits: d0 from
+    # the upper limit of the excess spread of log s^2 over sampling's (the squared residuals'
+    # standard error), s0^2 from the upper limit of its line (the fit's standard error there).
+    # With thousands of tests (a screen's targets) both limits are the estimates themselves.
+    margin = 1.645 * squares.std(ddof=1) / np.sqrt(len(squares)) if len(squares) > 1 else np.inf
+    excess = squares.mean() - polygamma(1, d / 2).mean() + margin
+    centre = everywhere @ coef + 1.645 * np.sqrt(squares.mean() * np.einsum("ij,jk,ik->i", everywhere, inverse,
+                                                                           everywhere))
+    if at is None:
+        centre = float(centre[0])
     if excess > 0:
         d0 = 2 * trigamma_inverse(float(excess))
         return FPrior(d0, np.exp(centre + digamma(d0 / 2) - np.log(d0 / 2)))

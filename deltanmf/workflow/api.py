@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 KEYWORDS = {"K": "K", "K_case": "K_case", "seed": "seed", "stage1_from": "stage1_from", "data.layer": "layer",
             "data.use_raw": "use_raw", "data.condition_key": "condition_key", "data.control": "control",
             "data.case": "case", "data.group_key": "group_key", "data.sample_key": "sample_key",
+            "data.pair_key": "pair_key", "data.celltype_key": "celltype_key",
             "data.normalize": "normalize", "data.batch_size": "batch_size",
             "hydra.run.dir": "out_dir"}
 _SETTING = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in sorted(KEYWORDS, key=len, reverse=True))
@@ -57,8 +58,11 @@ class DeltaNMFResult:
     usage_refit
         Two-stage fits: the usage of every fitted cell by NNLS on all programs (what the
         case-control statistics use), cells x programs; else None.
-    usage_shift, case_programs, group_usage
-        Case-control tables (two-stage fits; ``group_usage`` with ``group_key``), else None.
+    usage_shift, case_programs, group_usage, celltype_shift
+        Case-control tables (two-stage fits; ``group_usage`` with ``group_key``,
+        ``celltype_shift`` with ``celltype_key``), else None.
+    tables
+        Every table the run wrote, by name (``program_annotation``, ``negative_controls``...).
     metrics
         The contents of ``metrics.json``.
     out_dir
@@ -72,6 +76,8 @@ class DeltaNMFResult:
     usage_shift: pd.DataFrame | None
     case_programs: pd.DataFrame | None
     group_usage: pd.DataFrame | None
+    celltype_shift: pd.DataFrame | None
+    tables: dict
     metrics: dict
     out_dir: Path | None
 
@@ -196,6 +202,8 @@ def _fit(adata: ad.AnnData, stage: str, settings: dict, out_dir, overrides: Sequ
         usage_shift=out.tables.get("usage_shift"),
         case_programs=out.tables.get("case_programs"),
         group_usage=out.tables.get("group_usage"),
+        celltype_shift=out.tables.get("celltype_shift"),
+        tables=dict(out.tables),
         metrics=out.metrics,
         out_dir=None if out_dir is None else Path(out_dir),
     )
@@ -253,7 +261,8 @@ def fit_onestage(adata: ad.AnnData, K: int | None = None, *, condition_key: str 
 
 def fit_twostage(adata: ad.AnnData, K: int | None = None, K_case: int | None = None, *,
                  condition_key: str | None = None, control=None, case=None, group_key: str | None = None,
-                 sample_key: str | None = None, layer: str | None = None, use_raw: bool | None = None,
+                 sample_key: str | None = None, pair_key: str | None = None, celltype_key: str | None = None,
+                 layer: str | None = None, use_raw: bool | None = None,
                  normalize: str | None = None, batch_size: int | None = None,
                  stage1_from: str | Path | None = None, seed: int | None = None, out_dir: str | Path | None = None,
                  overrides: Sequence[str] = (), verbose: bool = True) -> DeltaNMFResult:
@@ -273,6 +282,12 @@ def fit_twostage(adata: ad.AnnData, K: int | None = None, K_case: int | None = N
     sample_key
         ``.obs`` column of the replicate unit (donor, sample, guide): the tables then test
         across samples (``docs/statistics.md``); None tests cells, with a warning.
+    pair_key
+        ``.obs`` column of the unit measured in both conditions (donor, patient): a paired
+        design, the pair a blocking factor (``docs/statistics.md``, "Paired designs").
+    celltype_key
+        ``.obs`` column of the cell type: ``celltype_shift`` compares each type's cases with
+        the same type's controls.
     layer, use_raw, normalize, batch_size, seed, out_dir, overrides, verbose
         As for :func:`fit_onestage`.
     stage1_from
@@ -282,7 +297,8 @@ def fit_twostage(adata: ad.AnnData, K: int | None = None, K_case: int | None = N
     Returns
     -------
     DeltaNMFResult
-        With ``usage_refit``, ``usage_shift``, ``case_programs`` and (with ``group_key``) ``group_usage``.
+        With ``usage_refit``, ``usage_shift``, ``case_programs``, (with ``group_key``) ``group_usage``,
+        (with ``celltype_key``) ``celltype_shift``; every table in ``tables``.
 
     Notes
     -----
@@ -296,6 +312,7 @@ def fit_twostage(adata: ad.AnnData, K: int | None = None, K_case: int | None = N
     """
     settings = {"K": K, "K_case": K_case, "seed": seed, "stage1_from": stage1_from,
                 "data.condition_key": condition_key, "data.control": control, "data.case": case,
-                "data.group_key": group_key, "data.sample_key": sample_key, "data.layer": layer,
+                "data.group_key": group_key, "data.sample_key": sample_key, "data.pair_key": pair_key,
+                "data.celltype_key": celltype_key, "data.layer": layer,
                 "data.use_raw": use_raw, "data.normalize": normalize, "data.batch_size": batch_size}
     return _fit(adata, "twostage", settings, out_dir, overrides, verbose)

@@ -333,13 +333,25 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, give
     written = write_outputs(run_dir, files, progress)
     log_hparams(settings, metrics, run_dir)
     if settings.twostage:
-        shift = tables["usage_shift"]["shift"]
-        log.info("summary: %d of %d baseline programs shift usage (%d up, %d down); %d of %d case programs "
-                 "emergent (q < %g; tests across %ss)", int((shift != "none").sum()), len(shift),
-                 int((shift == "up").sum()), int((shift == "down").sum()), int(tables["case_programs"]["emergent"].sum()),
-                 len(tables["case_programs"]), settings.report.q_threshold, tables["usage_shift"]["test_unit"].iloc[0])
+        log.info("summary: %s", summary_line(tables, settings.report.q_threshold))
     log.info("results written to %s", written)
     return RunResult(result, tables, metrics)
+
+
+def summary_line(tables: dict[str, pd.DataFrame], q_threshold: float) -> str:
+    """The run's answer in one line, with the caveat of an underpowered design."""
+    shift, cases = tables["usage_shift"], tables["case_programs"]
+    calls = shift["shift"]
+    text = (f"{int((calls != 'none').sum())} of {len(calls)} baseline programs shift usage "
+            f"({int((calls == 'up').sum())} up, {int((calls == 'down').sum())} down); "
+            f"{int(cases['emergent'].sum())} of {len(cases)} case programs emergent "
+            f"(q < {q_threshold:g}; tests across {shift['test_unit'].iloc[0]}s)")
+    weak = pd.concat([shift["underpowered"], cases["underpowered"]]).astype(bool)
+    if weak.any():
+        text += (f"; underpowered: {int(shift['n_control_samples'].iloc[0])} control and "
+                 f"{int(shift['n_case_samples'].iloc[0])} case samples cannot support a call at q < {q_threshold:g} "
+                 "(docs/statistics.md, 'Few samples')")
+    return text
 
 
 class Clock:
