@@ -142,3 +142,28 @@ def test_command_line(fitted, tmp_path, capsys):
     assert main([str(tmp_path / "nothing.tsv"), str(data), str(tmp_path / "x.h5ad")]) == 2
     assert "deltanmf: error: source: file not found" in capsys.readouterr().err
     assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_project_refuses_a_missing_input_matrix_and_warns_on_values_that_are_not_counts(fitted, tmp_path, caplog):
+    """A run fitted on a counts layer: new data without that layer is refused, naming the layer
+    and the argument; a run fitted on counts projected onto log-normalised values warns."""
+    import logging
+
+    sim = fitted[0][:, :120].copy()
+    counted = sim.copy()
+    counted.layers["counts"] = counted.X.copy()
+    out = tmp_path / "layer_run"
+    deltanmf.fit_twostage(counted, K=3, K_case=1, layer="counts", out_dir=out,
+                          overrides=[*FAST, "data.normalize=median", "data.min_cells=5"])
+    with pytest.raises(InputError, match=r"fitted on the layer 'counts', which adata lacks.*layer=.*use_raw=False for .X"):
+        deltanmf.project(sim.copy(), out)
+    logged = sim.copy()
+    logged.X = np.log1p(np.asarray(logged.X.todense() if hasattr(logged.X, "todense") else logged.X))
+    with caplog.at_level(logging.WARNING):
+        deltanmf.project(logged, out, use_raw=False)  # .X, asked for
+    assert any("fitted on counts" in r.getMessage() and "not whole numbers" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        deltanmf.project(counted, out)  # the run's own layer: no warning
+    assert not any("fitted on counts" in r.getMessage() for r in caplog.records)

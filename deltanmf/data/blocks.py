@@ -54,6 +54,17 @@ def check_choice(source, data: DataSettings) -> None:
         raise InputError(f"the AnnData has no .X; {other_matrices(source, data)}")
 
 
+def looks_like_counts(source, data: DataSettings, n_cells: int = 2000) -> bool:
+    """Whether the matrix the settings choose holds counts: its first ``n_cells`` cells'
+    stored values are all whole numbers (log-normalised or scaled values are not)."""
+    n = source.n_obs if hasattr(source, "n_obs") else source.shape[0]
+    for _, block in Blocks(source, data, np.arange(min(n, n_cells))):
+        values = block.data if sp.issparse(block) else np.asarray(block).ravel()
+        if values.size and not np.allclose(values, np.round(values), rtol=0, atol=1e-6):
+            return False
+    return True
+
+
 class Blocks:
     """The raw matrix of the cells in use, read as ``(positions, block)`` pairs in file order:
     ``positions`` index ``cells``, ``block`` holds those cells' rows (float32, CSR or dense).

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from ..data.blocks import looks_like_counts
 from ..data.genes import check_unique
 from ..data.prepare import prepare
 from ..data.programs import fitted_programs, gene_scale, is_run, read_run, results_file
@@ -51,6 +52,7 @@ class _Source:
     target: float | None
     gene_id_column: str | None
     nnls_iterations: int
+    counts: bool  # the run's input held counts (whole numbers)
 
 
 def _run_source(path, what: str) -> _Source:
@@ -74,7 +76,8 @@ def _run_source(path, what: str) -> _Source:
     iterations = config.get("model", {}).get("consensus", {}).get("nnls_iterations", FILE_NNLS_ITERATIONS)
     return _Source(programs, list(np.asarray(info["program_kind"]).astype(str)), gene_scale(result),
                    data.get("layer"), bool(data.get("use_raw", False)), normalize,
-                   None if target is None else float(target), id_column, int(iterations))
+                   None if target is None else float(target), id_column, int(iterations),
+                   bool(info.get("input_counts", False)))
 
 
 def _preparation(layer: str | None, use_raw: bool, normalize: str, target: float | None,
@@ -86,7 +89,7 @@ def _preparation(layer: str | None, use_raw: bool, normalize: str, target: float
     if normalize == "median" and target is not None:
         normalize = "total"  # the run's median, a fixed target for the new cells
     return DataSettings(source="anndata", path=None, layer=layer, use_raw=use_raw, condition_key="condition",
-                        control="control", case=None, allow_unlabelled=True, group_key=None, sample_key=None,
+                        control="control", case=None, allow_unlabelled=True, group_key=None, sample_key=None, pair_key=None, celltype_key=None,
                         symbol_key=None, gene_id_column=None, min_cells=0, remove_genes=(), gene_mask_key=None, n_top_genes=None, normalize=normalize,
                         target_sum=target, scale_genes=scale_genes, batch_size=None, backed=False, num_workers=0,
                         transposed_copy="auto", cache_dir=None, simulation=None)
@@ -109,10 +112,11 @@ def project(adata: ad.AnnData, source: str | Path, *, layer: str | None = None, 
         (:mod:`deltanmf.data.reference`: a cNMF/starCAT spectra ``.tsv``/``.txt``, a genes x
         programs ``.csv``/``.tsv``, or an ``.h5ad`` with ``varm_key``).
     layer
-        Layer of ``adata`` to use; None: the run's ``data.layer`` if ``adata`` has it, else ``.X``.
+        Layer of ``adata`` to use. With ``layer`` and ``use_raw`` both None, the matrix the run
+        read (its ``data.layer``, ``.raw`` or ``.X``), refused when ``adata`` lacks it; a run
+        fitted on counts warns when the new values are not whole numbers.
     use_raw
-        Use ``adata.raw`` (its matrix and genes); None: when the run read ``.raw`` and ``adata``
-        has one.
+        Use ``adata.raw`` (its matrix and genes); False with no ``layer``: ``.X``.
     gene_id_column
         ``.var`` (or ``.raw.var``) column of ``adata`` holding the gene IDs the programs use; None: ``.var_names``.
     varm_key, units
@@ -154,14 +158,18 @@ def project(adata: ad.AnnData, source: str | Path, *, layer: str | None = None, 
         found = _run_source(source, what)
     else:  # a programs file, or the .varm of an .h5ad (a run's results too)
         programs = read_programs(results_file(source), varm_key, units, what=what)
-        found = _Source(programs, None, None, None, False, "none", None, None, FILE_NNLS_ITERATIONS)
+        found = _Source(programs, None, None, None, False, "none", None, None, FILE_NNLS_ITERATIONS, False)
     reference = found.reference
-    if layer is None and use_raw is None:  # as the run read its cells, where adata allows
-        use_raw = found.use_raw and adata.raw is not None
-        if found.use_raw and not use_raw:
-            log.warning("%s was fitted on .raw.X but adata has no .raw: .X is used (give layer= or use_raw=)", what)
-        elif not use_raw and found.layer is not None and found.layer in adata.layers:
-            layer = found.layer
+    if layer is None and use_raw is None:  # as the run read its cells; another matrix only when asked for
+        if found.use_raw and adata.raw is None:
+            raise InputError(f"{what} was fitted on .raw.X, but adata has no .raw: give use_raw=False with "
+                             "layer=<the layer holding the same kind of values> (use_raw=False alone: .X) to use "
+                             "another matrix")
+        if found.layer is not None and found.layer not in adata.layers:
+            raise InputError(f"{what} was fitted on the layer {found.layer!r}, which adata lacks (layers: "
+                             f"{list(adata.layers)}); give layer=<the layer holding the same kind of values>, or "
+                             "use_raw=False for .X")
+        use_raw, layer = found.use_raw, found.layer
     use_raw = bool(use_raw)
     if use_raw and layer is not None:
         raise InputError(f"layer={layer!r} and use_raw=True name two matrices; give one of them")
@@ -184,6 +192,11 @@ def project(adata: ad.AnnData, source: str | Path, *, layer: str | None = None, 
     genes = [str(var.index[where[reference.genes[i]]]) for i in rows]
     scale = None if found.scale is None else found.scale[rows]
     settings = _preparation(layer, use_raw, normalize or found.normalize, target_sum or found.target, scale is None)
+    if found.counts and not looks_like_counts(adata, settings):
+        matrix_name = ".raw.X" if use_raw else (f"layer {layer!r}" if layer else ".X")
+        log.warning("%s was fitted on counts, but %s of adata holds values that are not whole numbers "
+                    "(log-normalised?): usage will not be on the run's scale; give layer=<a counts layer>", what,
+                    matrix_name)
     prepared = prepare(adata, settings, use_case=False, genes=genes, gene_scale=scale, all_cells=True)
     subset = ReferencePrograms(reference.programs[rows], reference.names, [reference.genes[i] for i in rows],
                                reference.units, reference.layout, reference.source)

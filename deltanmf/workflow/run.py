@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from ..core import CellMatrix, fit_error, refit_usage
 from ..data import Baseline, PreparedData, load_input, load_stage1, prepare
-from ..data.blocks import matrix_genes
+from ..data.blocks import looks_like_counts, matrix_genes
 from ..data.programs import is_run, results_file
 from ..data.reference import ReferencePrograms, coverage, in_run_units, read_programs
 from ..errors import InputError
@@ -227,6 +227,7 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, give
                        genes=None if baseline is None else baseline.genes,
                        gene_scale=None if baseline is None else baseline.gene_scale,
                        reference_genes=None if reference is None else reference.genes)
+    input_counts = looks_like_counts(adata, settings.data)
     clock.mark("prepare")
     k = settings.K
     validate(settings, prepared, k)
@@ -314,6 +315,7 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, give
         uns["reference"] = metrics["reference"]
     if prepared.target is not None:
         uns["normalize_target"] = prepared.target  # new cells are projected onto the same total
+    uns["input_counts"] = input_counts  # deltanmf.project warns when new cells are not counts
     uns.update(tables)  # the case-control tables, for a notebook without the CSVs
     if settings.twostage:
         uns["stage2"] = {key: v for key, v in metrics["stage2"].items() if key != "loss"}
