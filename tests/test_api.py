@@ -111,3 +111,10 @@ def test_an_installed_wheel_works_outside_the_source_tree(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["4", "3"]  # 3 baseline + 1 case programs; a shift test per baseline program
+
+
+def test_api_errors_name_settings_without_a_keyword_as_overrides():
+    from deltanmf.workflow.api import for_python
+
+    message = for_python("replace them with overwrite=true; data.layer=counts not found")
+    assert 'overrides=["overwrite=true"]' in message and "layer='counts'" in message

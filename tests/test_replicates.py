@@ -180,3 +180,10 @@ def test_onestage_consensus_usage_is_the_nnls_refit(make_cfg):
     error = fit_error(CellMatrix(prepared.control), programs, usage)
     assert error["relative_error"] == pytest.approx(metrics["stage1"]["relative_error"], rel=1e-4)
     assert metrics["stage1"]["relative_error"] <= max(metrics["stage1"]["replicate_relative_error"]) + 1e-3
+
+
+def test_null_fit_and_replicates_name_themselves_in_the_log():
+    from deltanmf.tl.fit import stage_label
+
+    assert stage_label("stage1") == "stage 1" and stage_label("stage2_rep2") == "stage 2 (replicate 2)"
+    assert stage_label("stage1_null").startswith("null fit") and stage_label("stage2_null").startswith("null fit")

@@ -39,6 +39,16 @@ def baseline_names(k: int) -> list[str]:
     return [f"baseline_{i + 1}" for i in range(k)]
 
 
+def stage_label(name: str) -> str:
+    """A fit's name as its log lines give it: ``stage 1``, ``stage 2 (replicate 2)``, and the
+    null fit's halves as what they are, not a second run of the stages."""
+    stage = "stage 1" if name.startswith("stage1") else "stage 2"
+    if name.endswith("_null"):
+        return ("null fit: baseline on half the controls" if stage == "stage 1"
+                else "null fit: stage 2 on the other half as if cases")
+    return f"{stage} (replicate {name.rsplit('_rep', 1)[1]})" if "_rep" in name else stage
+
+
 def case_names(k_case: int) -> list[str]:
     return [f"case_{i + 1}" for i in range(k_case)]
 
@@ -149,7 +159,7 @@ def fit_stage1(x, k: int, model: ModelSettings, plan: TrainingPlan, *, seed: int
         began = time.perf_counter()
         init = consensus_init(matrix, k, model.consensus, seed)
         record = {"init_time_s": time.perf_counter() - began, "consensus_stability": init.stability}
-        log.info("stage 1: consensus initialisation of K=%d programs in %.1fs (stability %.3f)", k,
+        log.info("%s: consensus initialisation of K=%d programs in %.1fs (stability %.3f)", stage_label(name), k,
                  record["init_time_s"], init.stability)
         return init.programs, init.usage, record
 
@@ -157,11 +167,12 @@ def fit_stage1(x, k: int, model: ModelSettings, plan: TrainingPlan, *, seed: int
         return Stage1Module(programs, usage, graph=graph, rel_alpha=model.stage1.rel_alpha,
                             laplacian_steps=model.stage1.laplacian_steps, minibatch=minibatch, **_module_args(model))
 
-    module, trainer, matrix, record, train_time = _train_stage(name, "stage 1", x, k, plan, seed, start, build)
+    module, trainer, matrix, record, train_time = _train_stage(name, stage_label(name), x, k, plan, seed, start,
+                                                               build)
     programs, usage = normalize_programs(module.programs().cpu(), module.usage().cpu())
     error = fit_error(matrix, programs, usage)
     loss = loss_summary(error["recon"], graph, programs, float(module.alpha))
-    stats = _stats("stage 1", module, trainer, matrix, error, loss, record["init_time_s"], train_time,
+    stats = _stats(stage_label(name), module, trainer, matrix, error, loss, record["init_time_s"], train_time,
                    consensus_stability=record["consensus_stability"])
     return StageFit(programs.numpy(), usage.numpy(), baseline_names(k), stats)
 
@@ -183,7 +194,8 @@ def fit_stage2(x, baseline: np.ndarray, names: list[str], k_case: int, model: Mo
         case, usage = stage2_init(matrix, frozen, k_case, consensus=model.consensus, refine_rounds=stage2.refine_rounds,
                                   refine_tol=stage2.refine_tol, seed=seed)
         record = {"init_time_s": time.perf_counter() - began}
-        log.info("stage 2: initialised K_case=%d case programs in %.1fs", k_case, record["init_time_s"])
+        log.info("%s: initialised K_case=%d case programs in %.1fs", stage_label(name), k_case,
+                 record["init_time_s"])
         return case, usage, record
 
     def build(programs, usage, minibatch):
@@ -192,7 +204,8 @@ def fit_stage2(x, baseline: np.ndarray, names: list[str], k_case: int, model: Mo
                             **_module_args(model))
 
     L.seed_everything(seed, workers=True, verbose=False)  # stage 2 alone reproduces (stage1_from)
-    module, trainer, matrix, record, train_time = _train_stage(name, "stage 2", x, k + k_case, plan, seed, start,
+    module, trainer, matrix, record, train_time = _train_stage(name, stage_label(name), x, k + k_case, plan, seed,
+                                                               start,
                                                                build)
     programs, usage = module.programs().cpu(), module.usage().cpu()
     case, case_usage = normalize_programs(programs[:, k:], usage[:, k:])
@@ -203,11 +216,12 @@ def fit_stage2(x, baseline: np.ndarray, names: list[str], k_case: int, model: Mo
     gamma = float(module.gamma) if stage2.rel_gamma > 0 else 0.0
     ortho = float(orthogonality_penalty(frozen, case)) if stage2.rel_gamma > 0 else None
     loss = loss_summary(error["recon"], graph, case, float(module.alpha), ortho, gamma)
-    stats = _stats("stage 2", module, trainer, matrix, error, loss, record["init_time_s"], train_time,
+    stats = _stats(stage_label(name), module, trainer, matrix, error, loss, record["init_time_s"], train_time,
                    baseline_only_relative_error=baseline_only["relative_error"],
                    explained_variance_gain=baseline_only["relative_error"] ** 2 - error["relative_error"] ** 2,
                    ortho_gamma=gamma)
-    log.info("stage 2: the baseline alone leaves relative error %.4f", stats["baseline_only_relative_error"])
+    log.info("%s: the baseline alone leaves relative error %.4f", stage_label(name),
+             stats["baseline_only_relative_error"])
     return StageFit(programs.numpy(), usage.numpy(), list(names) + case_names(k_case), stats)
 
 

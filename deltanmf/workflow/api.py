@@ -93,9 +93,14 @@ def _python(value: str) -> str:
         return repr(value.strip("'\""))
 
 
+_OVERRIDE = re.compile(r"(?<![\w.\"])((?:overwrite|resume)=true)")
+
+
 def for_python(message: str) -> str:
     """An error message with the command line's keys (``data.layer=counts``) as this API's
-    keywords (``layer='counts'``)."""
+    keywords (``layer='counts'``), and settings it takes no keyword for as its ``overrides``
+    (``overrides=["overwrite=true"]``)."""
+    message = _OVERRIDE.sub(lambda m: f'overrides=["{m.group(1)}"]', message)
     return _SETTING.sub(lambda m: f"{KEYWORDS[m.group(1)]}=" + ("..." if m.group(2) == "..." else _python(m.group(2))),
                         message)
 
@@ -104,9 +109,11 @@ def for_python(message: str) -> str:
 def _logging(verbose: bool):
     """The command line's log lines on stderr while a fit runs (``verbose``), unless logging is
     configured already; ``verbose=False``: warnings only."""
-    logger = logging.getLogger("deltanmf")
-    level, handler = logger.level, None
+    logger, lightning_logger = logging.getLogger("deltanmf"), logging.getLogger("lightning")
+    level, lightning_level, handler = logger.level, lightning_logger.level, None
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:  # Lightning's own lines ("GPU available: ...") too
+        lightning_logger.setLevel(logging.WARNING)
     if verbose and not logging.getLogger().handlers and not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("deltanmf: %(message)s"))
@@ -115,6 +122,7 @@ def _logging(verbose: bool):
         yield
     finally:
         logger.setLevel(level)
+        lightning_logger.setLevel(lightning_level)
         if handler is not None:
             logger.removeHandler(handler)
 
@@ -169,6 +177,8 @@ def _fit(adata: ad.AnnData, stage: str, settings: dict, out_dir, overrides: Sequ
     items += [f"{key}={show(value, quoted=True)}" for key, value in settings.items() if value is not None]
     if out_dir is None:
         items.append("logger=none")  # nothing is kept: no TensorBoard files in a folder about to go
+    if not verbose:
+        items.append("trainer.enable_progress_bar=false")  # overrides may still turn it on
     # a K given must agree with stage1_from's programs (deltanmf.workflow.run)
     given = frozenset(given | {item.split("=", 1)[0].lstrip("+~") for item in overrides})
     try:

@@ -8,6 +8,8 @@ settings before any work.
 """
 from __future__ import annotations
 
+import logging
+
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from ..train.trainer import Resume, stage_of
 
 # settings that must match between an interrupted run and its continuation
 RESUME_KEYS = ("stage", "K", "K_case", "seed", "stage1_from", "data", "model", "resource")
+
+log = logging.getLogger(__name__)
 
 
 def resume_source(settings: RunSettings, run_dir: Path) -> Resume | None:
@@ -53,8 +57,9 @@ def settings_record(settings: RunSettings) -> str:
     return OmegaConf.to_yaml({key: values[key] for key in RESUME_KEYS})
 
 
-def _saved_settings(path: Path) -> str | None:
-    """The settings record a checkpoint carries (memory-mapped: only this small record is read)."""
+def _saved_settings(path: Path) -> tuple[str | None, int]:
+    """The settings record a checkpoint carries and its step (memory-mapped: only these small
+    records are read)."""
     import torch
 
     try:
@@ -62,7 +67,7 @@ def _saved_settings(path: Path) -> str | None:
     except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
         raise InputError(f"cannot read the checkpoint {path} ({type(err).__name__}: {err}); the file is damaged: "
                          "delete it to fit that stage again, or start a new run (overwrite=true)") from None
-    return checkpoint.get("deltanmf", {}).get("settings")
+    return checkpoint.get("deltanmf", {}).get("settings"), int(checkpoint.get("global_step", 0))
 
 
 def check_resumable(settings: RunSettings, source: Resume | None) -> None:
@@ -74,9 +79,12 @@ def check_resumable(settings: RunSettings, source: Resume | None) -> None:
 
     record = settings_record(settings)
     files = sorted(set(source.directory.glob("*.ckpt")) | ({source.file} if source.file else set()))
+    cap = (settings.trainer or {}).get("max_steps")
     for path in files:
-        saved = _saved_settings(path)
+        saved, step = _saved_settings(path)
         if saved == record:
+            # the step cap may change on a resume (a longer run): say which one applies now
+            log.info("resume: %s continues from step %d; trainer.max_steps=%s now caps it", path.name, step, cap)
             continue
         if saved is None:
             raise InputError(f"cannot resume from {path}: it does not say which settings it was made with (an "
