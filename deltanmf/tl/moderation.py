@@ -68,7 +68,8 @@ def fit_f_prior(variance: np.ndarray, df: np.ndarray, trend: np.ndarray | None =
     or twenty programs can support), when at least 6 variances are usable; ``scale`` is then
     one ``s0^2`` per variance (those not usable get the line's value too). Unlike limma, both
     ``d0`` and ``s0^2`` are taken at one-sided 95% confidence limits (see the code): with few
-    tests the point estimates make moderated tests anti-conservative.
+    tests the point estimates make moderated tests anti-conservative; and ``d0`` is at most
+    the variances' total degrees of freedom (less the trend's terms), never infinite.
     """
     variance, df = np.asarray(variance, dtype=np.float64), np.asarray(df, dtype=np.float64)
     ok = np.isfinite(variance) & (df > 0) & np.isfinite(df)
@@ -103,9 +104,13 @@ def fit_f_prior(variance: np.ndarray, df: np.ndarray, trend: np.ndarray | None =
                                                                            everywhere))
     if at is None:
         centre = float(centre[0])
-    if excess > 0:
-        d0 = 2 * trigamma_inverse(float(excess))
-        return FPrior(d0, np.exp(centre + digamma(d0 / 2) - np.log(d0 / 2)))
-    return FPrior(np.inf, np.exp(centre))
+    # nor can the prior be worth more degrees of freedom than the variances it was fitted to hold
+    # between them (three programs of 2 df each cannot make a variance known exactly)
+    cap = float(d.sum()) - fitted.shape[1]
+    d0 = 2 * trigamma_inverse(float(excess)) if excess > 0 else np.inf
+    d0 = min(d0, cap) if cap > 0 else 0.0
+    if d0 == 0:
+        return NO_PRIOR
+    return FPrior(d0, np.exp(centre + digamma(d0 / 2) - np.log(d0 / 2)))
 
 
