@@ -16,7 +16,7 @@ def _unit(table: pd.DataFrame) -> str:
     text = (f"tests across samples: {int(table['n_control_samples'].iloc[0])} control, "
             f"{int(table['n_case_samples'].iloc[0])} case")
     if "underpowered" in table and table["underpowered"].astype(bool).any():
-        text += " (underpowered: read calls as hypotheses)"
+        text += "\nunderpowered: read calls as hypotheses"
     return text
 
 
@@ -73,18 +73,20 @@ def _forest(ax, shift: pd.DataFrame) -> None:
     ax.set_title("Shift across samples (red: called)", fontsize=10)
 
 
-def group_usage_plot(table: pd.DataFrame) -> Figure:
+def group_usage_plot(table: pd.DataFrame, what: str = "group") -> Figure:
     """Heatmap of log2 fold change (group vs control) per program; dots mark called shifts
-    (``group_usage.png``)."""
+    (``group_usage.png``; ``celltype_shift.png`` with ``what="cell type"``, each type's cases
+    against its own controls)."""
     wide = table.pivot(index="group", columns="program", values="log2_fold_change")
     called = table.pivot(index="group", columns="program", values="called").reindex_like(wide)
     programs = list(dict.fromkeys(table["program"]))
     wide, called = wide[programs], called[programs]
-    title = f"log2 fold change of usage share vs control (dot: called)\n{_unit(table)}"
+    versus = "vs control" if what == "group" else "vs the same type's controls"
+    title = f"log2 fold change of usage share {versus} (dot: called)\n{_unit(table)}"
     if len(wide) > MAX_GROUPS:  # keep the most changed groups readable
         keep = wide.abs().max(axis=1).sort_values(ascending=False).index[:MAX_GROUPS]
         wide, called = wide.loc[keep], called.loc[keep]
-        title += f"; {MAX_GROUPS} most changed of {len(table['group'].unique())} groups"
+        title += f"; {MAX_GROUPS} most changed of {len(table['group'].unique())} {what}s"
     # scaled to the baseline programs' changes: emerging case programs (log2 FC of 5+) would
     # otherwise wash out every baseline shift; they saturate instead
     kinds = table.drop_duplicates("program").set_index("program")["program_kind"]

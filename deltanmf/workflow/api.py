@@ -109,11 +109,14 @@ def for_python(message: str) -> str:
 def _logging(verbose: bool):
     """The command line's log lines on stderr while a fit runs (``verbose``), unless logging is
     configured already; ``verbose=False``: warnings only."""
-    logger, lightning_logger = logging.getLogger("deltanmf"), logging.getLogger("lightning")
-    level, lightning_level, handler = logger.level, lightning_logger.level, None
+    logger = logging.getLogger("deltanmf")
+    # Lightning's own lines ("GPU available: ...") come from loggers that have levels of their own
+    lightning_loggers = [logging.getLogger(name) for name in ("lightning", "lightning.pytorch", "lightning.fabric")]
+    level, lightning_levels, handler = logger.level, [lg.level for lg in lightning_loggers], None
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
-    if not verbose:  # Lightning's own lines ("GPU available: ...") too
-        lightning_logger.setLevel(logging.WARNING)
+    if not verbose:
+        for lightning_logger in lightning_loggers:
+            lightning_logger.setLevel(logging.WARNING)
     if verbose and not logging.getLogger().handlers and not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("deltanmf: %(message)s"))
@@ -122,7 +125,8 @@ def _logging(verbose: bool):
         yield
     finally:
         logger.setLevel(level)
-        lightning_logger.setLevel(lightning_level)
+        for lightning_logger, lightning_level in zip(lightning_loggers, lightning_levels):
+            lightning_logger.setLevel(lightning_level)
         if handler is not None:
             logger.removeHandler(handler)
 

@@ -150,6 +150,9 @@ def output_files(result: ad.AnnData, tables: dict[str, pd.DataFrame], metrics: d
                                                                           names[n_baseline:]))
     if tables.get("group_usage") is not None and len(tables["group_usage"]):
         files["group_usage.png"] = _png(lambda: pl.group_usage_plot(tables["group_usage"]))
+    if tables.get("celltype_shift") is not None and len(tables["celltype_shift"]):
+        by_type = tables["celltype_shift"].rename(columns={"celltype": "group"})
+        files["celltype_shift.png"] = _png(lambda: pl.group_usage_plot(by_type, "cell type"))
     if tables.get("program_annotation") is not None and len(tables["program_annotation"]):
         files["program_annotation.png"] = _png(lambda: pl.annotation_plot(tables["program_annotation"]))
     if tables.get("negative_controls") is not None:
