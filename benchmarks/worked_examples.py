@@ -86,7 +86,7 @@ def kang(data_dir: Path, docs: Path, scratch: Path) -> dict:
     strongest = case_rows.loc[case_rows.groupby("program")["log2_fold_change"].idxmax()]
     main_case = cases.loc[cases["case_mean_share"].idxmax()]
     main_row = strongest.set_index("program").loc[main_case["program"]]
-    untested = sorted(set(by_type.loc[by_type["p_value"].isna(), "celltype"]))
+    untested = sorted(t for t, p in by_type.groupby("celltype")["p_value"] if p.isna().all())
     called_types = case_rows.groupby("program")["called"].sum()
     isg_hits = {p: sorted(set(_top(tables, p, 10).split(", ")) & ISGS) for p in cases["program"]}
     summary = summary_line(result.tables, 0.05)
@@ -118,13 +118,14 @@ import anndata as ad, numpy as np, deltanmf
 adata = ad.read_h5ad("../shared/data/kang_distinct.h5ad")
 adata = adata[np.asarray(adata.layers["counts_recovered"].sum(axis=1)).ravel() > 0].copy()
 adata.obs["donor"] = adata.obs["sample_id"].str.split("_").str[1]       # ctrl_1015 -> 1015
+adata.write_h5ad("kang.h5ad")            # for the command line below (before the fit writes into adata)
 result = deltanmf.fit_twostage(adata, K=8, K_case=3, condition_key="stim", control="ctrl",
                                pair_key="donor", celltype_key="cell", layer="counts_recovered",
                                out_dir="kang_run", overrides=["report.annotate_key=cell",
                                                               "data.normalize=median"])
 ```
 
-The same from the command line, once the `donor` column is saved (`adata.write_h5ad("kang.h5ad")`):
+The same from the command line, on the file written above:
 
 ```bash
 python train.py data=h5ad data.path=kang.h5ad data.layer=counts_recovered data.condition_key=stim \\
@@ -145,7 +146,7 @@ Interferon-stimulated genes among each case program's 10 most specific genes:
 {"; ".join(f"{p}: {', '.join(g) if g else 'none'}" for p, g in isg_hits.items())}.
 
 **Per cell type** (`celltype_shift.csv`, case programs; each type's stimulated cells against the
-same type's controls), the type where each case program rises most:
+same type's controls), the tested type where each case program rises most:
 
 {_md(strongest[["program", "celltype", "control_share", "share", "log2_fold_change", "q_value", "called",
                 "underpowered"]])}
@@ -174,11 +175,12 @@ all cells; `report.annotate_key=cell`):
   The largest, {main_case['program']}, rises most in {main_row['celltype']} (from
   {main_row['control_share']:.3f} to {main_row['share']:.3f} of their usage), the cell type the
   biology puts first. This was found without telling the tool which genes respond.
-- {", ".join(untested) if untested else "No cell type"} could not be tested in every program: a donor
-  has fewer than `report.min_cells_per_sample` cells of that type in one condition, so fewer than 2
-  complete pairs remain (empty p-values).
-- The baseline programs follow cell identity (`program_annotation`): each is used mostly by one
-  lineage (T and NK cells, monocytes, B cells).
+- {", ".join(untested) if untested else "No cell type"}: not tested at all (empty p-values, crossed out in the
+  figure): too few donors have `report.min_cells_per_sample` cells of that type in both conditions
+  for 2 complete pairs.
+- The baseline programs follow cell identity (`program_annotation`): some are lineage programs
+  (the monocyte types use baseline programs little used by lymphocytes, and the reverse), others
+  are spread over all lymphoid types. With 100 random genes the lineages are only partly resolved.
 - **What 3 donors cannot tell.** Every row is `underpowered`: with 3 pairs the smallest exact
   permutation p-value is 2/8 = 0.25 two-sided (1/8 one-sided), so no call can be confirmed without
   the t-test's normality, and the t-tests have 2 residual degrees of freedom. The very large case

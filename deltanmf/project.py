@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", help="a finished run directory, its results.h5ad, or a programs file")
     parser.add_argument("data", help="the .h5ad of the cells to project onto (cells x genes)")
     parser.add_argument("out", help="the .h5ad to write: DATA with .obsm['X_deltanmf'] added")
-    parser.add_argument("--layer", help="layer of DATA to use (default: the run's layer if DATA has it, else .X)")
+    parser.add_argument("--layer", help="layer of DATA to use (default: the matrix the run read, refused when DATA lacks it; "
+                        "--no-use-raw alone: .X)")
     parser.add_argument("--use-raw", action=argparse.BooleanOptionalAction, default=None,
                         help="use DATA's .raw (default: when the run read .raw and DATA has one)")
     parser.add_argument("--gene-id-column", help="a .var column of DATA with the programs' gene IDs")

@@ -149,3 +149,72 @@ def test_program_annotation_is_the_mean_share_per_category():
     table = program_annotation(usage, ["T", "T", "B"], ["p0", "p1"])
     assert list(table["category"]) == ["B", "T"] and list(table["n_cells"]) == [1, 2]
     np.testing.assert_allclose(table[["p0", "p1"]].to_numpy(), [[0.0, 1.0], [0.875, 0.125]])
+
+
+def test_a_paired_run_with_cell_types_and_annotation_from_the_api_streamed(tmp_path, caplog):
+    """End to end, from a file streamed from disk: samples paired by donor (one pair made
+    incomplete by report.min_cells_per_sample, a pair-constant covariate absorbed), per-cell-type
+    contrasts and the program annotation; and the paired model's refusals."""
+    import logging
+
+    import anndata as ad
+
+    import deltanmf
+    from deltanmf.errors import InputError
+
+    sim = deltanmf.simulate_case_control(n_genes=200, n_programs=4, n_case_programs=1, n_control=480, n_case=480,
+                                         n_groups=1, markers_per_program=20, n_control_samples=6, n_case_samples=6,
+                                         seed=3)
+    samples = sim.obs["sample"].astype(str)
+    donor = samples.str.extract(r"(\d+)$")[0].astype(int) % 6  # control sample i and case sample i: one donor
+    sim.obs["donor"] = ("d" + donor.astype(str)).to_numpy()
+    sim.obs["sex"] = np.where(donor.to_numpy() % 2 == 0, "F", "M")
+    sim.obs["cell_type"] = np.where(np.arange(sim.n_obs) % 2 == 0, "T", "B")
+    lonely = (sim.obs["donor"] == "d5").to_numpy() & (sim.obs["condition"] == "case").to_numpy()
+    keep = ~lonely | (np.cumsum(lonely) <= 4)  # donor 5 keeps 4 case cells: under min_cells_per_sample
+    sim = sim[keep].copy()
+    path = tmp_path / "paired.h5ad"
+    sim.write_h5ad(path)
+    fast = ["trainer.enable_progress_bar=false", "model.consensus.replicates=2", "trainer.max_steps=60",
+            "logger=none", "data.backed=true", "data.batch_size=256", "data=h5ad", f"data.path={path}",
+            "data.source=file", "report.annotate_key=cell_type", "report.covariates=[sex]"]
+    from deltanmf.workflow.config import compose, load_settings
+    from deltanmf.workflow.run import run
+
+    settings = load_settings(compose([*fast, "K=4", "K_case=1", "data.pair_key=donor", "data.sample_key=sample",
+                                      "data.celltype_key=cell_type", "data.min_cells=1"]))
+    with caplog.at_level(logging.INFO):
+        out = run(settings, tmp_path / "run")
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "absorbs them" in messages and "pair d5 incomplete" in messages
+    shift = out.tables["usage_shift"]
+    assert (shift["n_control_samples"] == 5).all() and (shift["n_case_samples"] == 5).all()
+    assert set(shift["test"]) == {"moderated_ols"}
+    types = out.tables["celltype_shift"]
+    assert set(types["celltype"]) == {"B", "T"} and (types["test_unit"] == "sample").all()
+    annotation = out.tables["program_annotation"]
+    assert list(annotation["category"]) == ["B", "T"] and annotation["n_cells"].sum() == sim.n_obs
+    for name in ("celltype_shift.csv", "celltype_shift.png", "program_annotation.csv", "program_annotation.png"):
+        assert (tmp_path / "run" / "results" / name).is_file()
+    # a covariate following the condition in every pair, and a pair key leaving one pair: refused
+    sim.obs["batch"] = sim.obs["condition"].astype(str)
+    sim.obs["one"] = "p0"
+    other = tmp_path / "refused.h5ad"
+    sim.write_h5ad(other)
+    fast = [item.replace(str(path), str(other)) for item in fast[:-1]]
+    with pytest.raises(InputError, match="collinear with the condition"):
+        run(load_settings(compose([*fast, "report.covariates=[batch]", "K=4", "K_case=1", "data.pair_key=donor",
+                                   "data.min_cells=1"])), tmp_path / "run2")
+    with pytest.raises(InputError, match=r"data.pair_key='one': the control condition has 1 sample.*data.pair_key=null"):
+        run(load_settings(compose([*fast, "K=4", "K_case=1", "data.pair_key=one", "data.min_cells=1"])),
+            tmp_path / "run3")
+
+
+def test_a_perfectly_consistent_paired_effect_gets_the_smallest_exact_p_not_zero():
+    """3 pairs moving by exactly the same amount (a fit with no residual): the exact one-sided
+    permutation p-value is 1/8, the observed labelling counted as itself (it came out 0 when the
+    residual sum of squares fell to rounding level)."""
+    pair = np.random.default_rng(0).normal(0, 2, (3, 2))
+    found = compare_units(pair + 5, pair, relabel=Relabellings(9999, 0), case_blocks=np.arange(3),
+                          control_blocks=np.arange(3), alternative="greater")
+    np.testing.assert_allclose(found["permutation_p_value"], 1 / 8)

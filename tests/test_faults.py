@@ -99,7 +99,22 @@ def test_a_second_command_in_a_locked_directory_is_refused_at_once(tmp_path, cac
         with pytest.raises(InputError, match="another DeltaNMF command is running"):  # in this process too
             with RunLock(out):
                 pass
-    assert not (out / ".lock").exists()  # released with the lock
+    assert (out / ".lock").read_text() == ""  # released: kept, emptied
+
+
+def test_the_lock_file_is_never_removed_so_two_commands_cannot_both_hold_it(tmp_path):
+    """A command that opened .lock just before the holder released it must not lock a removed
+    file while the next command locks a new one (it did when release unlinked the file)."""
+    import fcntl
+
+    out = tmp_path / "out"
+    first = RunLock(out).__enter__()
+    late = os.open(out / ".lock", os.O_RDWR)  # opened while the first holds it
+    first.__exit__(None, None, None)
+    with RunLock(out):  # the next command
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(late, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(late)
 
 
 def _crash_at(monkeypatch, step: int):

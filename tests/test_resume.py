@@ -221,3 +221,19 @@ def test_ctrl_c_outside_training_says_what_is_kept(make_cfg, monkeypatch, capsys
     cfg, _ = make_cfg(*FAST, "logger=none", "resume=true")
     assert cli.main(cfg) > 0  # continues from stage 1's checkpoint to the end
     assert (run_dir / "results" / "results.h5ad").is_file()
+
+
+def test_loader_settings_do_not_block_a_resume(make_cfg):
+    """data.num_workers and data.cache_dir give the same batches: a continuation may change them
+    (data.backed changes the batches and stays compared)."""
+    from dataclasses import replace
+
+    from deltanmf.workflow.config import load_settings
+    from deltanmf.workflow.resume import settings_record
+
+    cfg, _ = make_cfg(*FAST, "stage=onestage")
+    settings = load_settings(cfg)
+    same = replace(settings, data=replace(settings.data, num_workers=3, cache_dir="/elsewhere"))
+    assert settings_record(same) == settings_record(settings)
+    other = replace(settings, data=replace(settings.data, normalize="median"))
+    assert settings_record(other) != settings_record(settings)

@@ -38,9 +38,11 @@ def test_f_prior_without_extra_spread_is_large_and_squeezes_to_the_scale():
     prior = fit_f_prior(0.7 * rng.chisquare(3, len(df)) / 3, df)
     assert prior.df > 50 and prior.scale == pytest.approx(0.7, rel=0.03)  # the upper limit of d0: large
     post, post_df = FPrior(np.inf, 0.7).squeeze(np.array([0.1, 5.0]), np.array([3.0, 3.0]))
-    np.testing.assert_allclose(post, 0.7) and np.testing.assert_equal(post_df, np.inf)
+    np.testing.assert_allclose(post, 0.7)
+    np.testing.assert_equal(post_df, np.inf)
     post, post_df = FPrior(6.0, 1.0).squeeze(np.array([4.0, np.nan]), np.array([2.0, 0.0]))
-    np.testing.assert_allclose(post, [(6 + 8) / 8, 1.0]) and np.testing.assert_allclose(post_df, [8.0, 6.0])
+    np.testing.assert_allclose(post, [(6 + 8) / 8, 1.0])
+    np.testing.assert_allclose(post_df, [8.0, 6.0])
     assert fit_f_prior(np.array([1.0]), np.array([2.0])).df == 0  # one variance: no prior
 
 

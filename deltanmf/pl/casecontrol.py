@@ -10,14 +10,25 @@ MAX_GROUPS = 60
 
 
 def _unit(table: pd.DataFrame) -> str:
-    """How a table's tests were run, for a title: across samples (how many) or cells."""
+    """How a table's tests were run, for a title: across samples (how many) or cells. A table
+    of groups or cell types gives its groups' range of case samples."""
     if "test_unit" not in table or not len(table) or table["test_unit"].iloc[0] != "sample":
         return "tests across cells"
-    text = (f"tests across samples: {int(table['n_control_samples'].iloc[0])} control, "
-            f"{int(table['n_case_samples'].iloc[0])} case")
+    control = pd.to_numeric(table["n_control_samples"], errors="coerce")
+    case = pd.to_numeric(table["n_case_samples"], errors="coerce")
+    if "group" in table and table["group"].nunique() > 1:
+        low, high = int(case.min()), int(case.max())
+        per_group = f"{low}" if low == high else f"{low}-{high}"
+        text = f"tests across samples: {int(control.max())} control, {per_group} case per {_group_word(table)}"
+    else:
+        text = f"tests across samples: {int(control.iloc[0])} control, {int(case.iloc[0])} case"
     if "underpowered" in table and table["underpowered"].astype(bool).any():
         text += "\nunderpowered: read calls as hypotheses"
     return text
+
+
+def _group_word(table: pd.DataFrame) -> str:
+    return "cell type" if "n_control_cells" in table else "group"
 
 
 def usage_share_plot(shift: pd.DataFrame, case_programs: pd.DataFrame) -> Figure:
@@ -97,6 +108,12 @@ def group_usage_plot(table: pd.DataFrame, what: str = "group") -> Figure:
     image = ax.imshow(wide.to_numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     ys, xs = np.nonzero(called.to_numpy().astype(bool))
     ax.scatter(xs, ys, s=10, c="black")
+    if "p_value" in table:  # rows without a test (too few units): crossed out, not coloured as results
+        untested = table.pivot(index="group", columns="program", values="p_value").reindex_like(wide)[programs]
+        ys, xs = np.nonzero(untested.isna().to_numpy())
+        ax.scatter(xs, ys, s=30, marker="x", c="gray", linewidths=0.8)
+        if len(xs):
+            title += "; x: not tested"
     ax.set_xticks(range(len(programs)), programs, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(wide)), wide.index, fontsize=8)
     ax.set_title(title, fontsize=9)

@@ -63,7 +63,7 @@ def annotation_plot(table: pd.DataFrame) -> Figure:
     ax = fig.subplots()
     image = ax.imshow(values, cmap="magma_r", vmin=0, aspect="auto")
     for i, j in zip(*np.nonzero(values == values.max(axis=0, keepdims=True))):
-        ax.text(j, i, "•", ha="center", va="center", color="white", fontsize=9)  # each program's top category
+        ax.scatter(j, i, s=22, c="white", edgecolors="black", linewidths=0.8)  # each program's top category
     ax.set_xticks(range(len(programs)), programs, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.set_title("Mean share of usage per category (dot: the program's top category)", fontsize=9)

@@ -5,19 +5,20 @@ pandas tables; the shares they compare are described in :mod:`deltanmf.tl.shares
 
 Each table tests at one of two units, named in its ``test_unit`` column:
 
-- ``sample`` (with per-cell sample labels, ``data.sample_key``): each sample's mean share,
-  compared across samples on the log scale (:mod:`deltanmf.tl.sampletests`): Welch's t or,
-  with covariates, OLS; ``log2_fold_change`` is the difference of mean ``log2(share +
-  1e-3)`` with its 95% interval (``ci_low``, ``ci_high``); ``permutation_p_value`` when a
-  side has fewer than 6 samples or ``permutations > 0``.
+- ``sample`` (with per-cell sample labels, ``data.sample_key``, or pair halves): each
+  sample's mean share, compared across samples on the log scale
+  (:mod:`deltanmf.tl.sampletests`): Welch's t or, with covariates or pairs, OLS, the
+  variances moderated across programs by default; ``log2_fold_change`` is the difference of
+  mean ``log2(share + 1e-3)`` with its 95% interval (``ci_low``, ``ci_high``);
+  ``permutation_p_value`` when a side has fewer than 6 samples or ``permutations > 0``;
+  ``underpowered`` where the design cannot support a call. ``group_usage`` tests a screen's
+  groups in one model (:mod:`deltanmf.tl.screentests`).
 - ``cell`` (no samples): Mann-Whitney U over cells (:mod:`deltanmf.tl.celltests`);
   ``log2_fold_change`` is ``log2((mean case share + 1e-3) / (mean control share + 1e-3))``.
 
 q-values are Benjamini-Hochberg over the finite p-values of one table.
 """
 from __future__ import annotations
-
-import logging
 
 import numpy as np
 import pandas as pd
@@ -32,7 +33,6 @@ from .screentests import screen_tests, simes
 from .shares import (PSEUDO, baseline_share, column_means, defined_baseline_share, log2_ratio, log2_share,
                      novelty, total_share, unit_means)
 
-log = logging.getLogger(__name__)
 
 __all__ = ["PSEUDO", "SampleOptions", "baseline_share", "bh_qvalues", "case_program_table",
            "group_usage_table", "novelty", "total_share", "usage_shift_table"]
@@ -116,11 +116,15 @@ def _unit_columns(table: pd.DataFrame, unit: str, test: str, n_control=None, n_c
         table[column] = pd.array(values, dtype="Int64")
 
 
-def _test_name(options: SampleOptions | None) -> str:
+def _test_name(options: SampleOptions | None, found: dict | None = None) -> str:
+    """The test a table used: ``mann_whitney_u`` (cells), else ``welch_t`` / ``ols``, prefixed
+    ``moderated_`` when a prior was fitted (``found``: the test's result, whose ``moderated``
+    says so; a table of one or two programs has none)."""
     if options is None:
         return "mann_whitney_u"
     name = "ols" if options.covariates is not None or options.pairs is not None else "welch_t"
-    return f"moderated_{name}" if options.moderate else name
+    moderated = options.moderate and (found is None or found.get("moderated", True))
+    return f"moderated_{name}" if moderated else name
 
 
 def _underpowered(found: dict, q_threshold: float) -> np.ndarray:
@@ -178,7 +182,7 @@ def usage_shift_table(control_usage: np.ndarray, case_usage: np.ndarray, names: 
     table["control_total_share"], table["case_total_share"] = total_shares
     table["underpowered"] = False if control_samples is None else _underpowered(found, q_threshold)
     _unit_columns(table, "cell" if control_samples is None else "sample",
-                  _test_name(None if control_samples is None else options), *counts)
+                  _test_name(None if control_samples is None else options, found), *counts)
     if record is not None and "prior" in found:
         record["usage_shift"] = found["prior"]
     return table
@@ -244,7 +248,7 @@ def case_program_table(control_usage: np.ndarray, case_usage: np.ndarray, names:
     table["top_genes"] = top_gene_labels(np.asarray(scores)[:, n_baseline:], labels, n_top)
     table["underpowered"] = False if control_samples is None else _underpowered(found, q_threshold)
     _unit_columns(table, "cell" if control_samples is None else "sample",
-                  _test_name(None if control_samples is None else options), *counts)
+                  _test_name(None if control_samples is None else options, found), *counts)
     if record is not None and "prior" in found:
         record["case_programs"] = found["prior"]
     return table
@@ -360,7 +364,7 @@ def stagewise_qvalues(p: np.ndarray, group_q: np.ndarray, level: float) -> np.nd
     selected = np.flatnonzero(np.nan_to_num(group_q, nan=1.0) < level)
     if not len(selected):
         return out
-    inflate = len(p) / len(selected)
+    inflate = np.isfinite(group_q).sum() / len(selected)  # G: the groups BH was over
     for g in selected:
         out[g] = np.minimum(bh_qvalues(p[g]) * inflate, 1.0)
     return out

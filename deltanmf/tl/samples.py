@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from .sampletests import SampleOptions, condition_in_covariates, covariate_matrix, units_of
+from .sampletests import SampleOptions, block_columns, condition_in_covariates, covariate_matrix, units_of
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,8 @@ def sample_options(obs: pd.DataFrame, sample_key: str | None, covariates, permut
     """Each cell's unit and the options of the sample-level tests. With ``pair_key``, the
     units' pairs; covariates constant within every pair are absorbed by the pair term and
     dropped (with a log line unless ``quiet``)."""
+    if pair_key and not sample_key and is_control is None:
+        raise ValueError("sample_options: a pair_key without a sample_key needs is_control (the units are pair halves)")
     samples = unit_labels(obs, is_control, sample_key, pair_key)
     pairs = None
     covariates = list(covariates or ())
@@ -139,10 +141,11 @@ def check_samples(obs: pd.DataFrame, is_control: np.ndarray, sample_key: str | N
     is_control = np.asarray(is_control, dtype=bool)
     samples, options = sample_options(obs, sample_key, covariates, 0, min_cells, 0, pair_key=pair_key,
                                       is_control=is_control, quiet=True)
-    sample_key = sample_key or pair_key
+    setting = f"data.sample_key={sample_key!r}" if sample_key else f"data.pair_key={pair_key!r}"
+    off = "data.sample_key=null" if sample_key else "data.pair_key=null"
     both = np.intersect1d(samples[is_control], samples[~is_control])
     if len(both):
-        raise InputError(f"data.sample_key={sample_key!r}: {_count(len(both), 'sample')} hold both control and case cells "
+        raise InputError(f"{setting}: {_count(len(both), 'sample')} hold both control and case cells "
                          f"({_examples(both)}); each sample must belong to one condition: give the column of a "
                          "replicate unit nested in the condition (e.g. one ID per donor and condition, or the guide). "
                          f"If each {sample_key} was measured in both conditions, the design is paired: "
@@ -153,22 +156,26 @@ def check_samples(obs: pd.DataFrame, is_control: np.ndarray, sample_key: str | N
         if len(units.names) < 2:
             sizes = ", ".join(f"{s!r}: {n} cells" for s, n in
                               sorted({**dict(zip(units.names, units.n_cells.tolist())), **units.dropped}.items()))
-            raise InputError(f"data.sample_key={sample_key!r}: the {name} condition has {_count(len(units.names), 'sample')} "
+            raise InputError(f"{setting}: the {name} condition has {_count(len(units.names), 'sample')} "
                              f"with at least report.min_cells_per_sample={min_cells} cells ({sizes or 'no cells'}); "
                              "a test across samples needs at least 2 per condition: add samples, lower "
-                             "report.min_cells_per_sample, or set data.sample_key=null for the cell-level test")
+                             f"report.min_cells_per_sample, or set {off} for the cell-level test")
         kept[name] = units.names
     if pair_key:
-        _check_pairs(options.pairs, kept, pair_key, min_cells)
-    if options.covariates is None or pair_key:  # with pairs, a collinear covariate gives no test, not an error
+        kept = _check_pairs(options.pairs, kept, pair_key, min_cells)
+    if options.covariates is None and not pair_key:
         return
-    names = list(options.covariates.columns)
+    names = [] if options.covariates is None else list(options.covariates.columns)
     rows = kept["case"] + kept["control"]
-    z = covariate_matrix(options.covariates.loc[rows])
+    z = np.zeros((len(rows), 0)) if options.covariates is None else covariate_matrix(options.covariates.loc[rows])
+    if pair_key:  # the model's pair term, beside the covariates
+        z = np.hstack([z, block_columns(options.pairs.loc[rows].to_numpy())])
+        if not names:
+            return
     is_case = np.r_[np.ones(len(kept["case"]), bool), np.zeros(len(kept["control"]), bool)]
     if condition_in_covariates(is_case, z):
         raise InputError(f"report.covariates={names} are collinear with the condition across the samples of "
-                         f"data.sample_key={sample_key!r}: the case effect cannot be told apart from theirs; drop "
+                         f"{setting}: the case effect cannot be told apart from theirs; drop "
                          "the covariate that follows the condition from report.covariates")
     rank = np.linalg.matrix_rank(np.column_stack([np.ones(len(rows)), is_case, z]))
     if len(rows) <= rank:
@@ -193,11 +200,12 @@ def check_samples(obs: pd.DataFrame, is_control: np.ndarray, sample_key: str | N
                          "from the control samples' covariates; drop that covariate from report.covariates")
 
 
-def _check_pairs(pairs: pd.Series, kept: dict, pair_key: str, min_cells: int) -> None:
+def _check_pairs(pairs: pd.Series, kept: dict, pair_key: str, min_cells: int) -> dict:
     """At least 2 pairs with both conditions among the kept units; incomplete pairs are left
-    out of the tests (and logged there)."""
+    out of the tests (and logged there). Returns the kept units of complete pairs."""
     complete = set(pairs.loc[kept["case"]]) & set(pairs.loc[kept["control"]])
     if len(complete) < 2:
         raise InputError(f"data.pair_key={pair_key!r}: {_count(len(complete), 'pair')} with both conditions among the "
                          f"units of at least report.min_cells_per_sample={min_cells} cells; a paired test needs at "
                          "least 2: check data.pair_key, or lower report.min_cells_per_sample")
+    return {side: [u for u in units if pairs[u] in complete] for side, units in kept.items()}

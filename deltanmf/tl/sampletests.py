@@ -199,7 +199,9 @@ def permutation_pvalues(y: np.ndarray, is_case: np.ndarray, z: np.ndarray, alter
         effect = x @ residual
         projected = np.einsum("bnq,nj->bqj", q, residual)
         rss = total - (projected ** 2).sum(axis=1) - effect ** 2 / norm2
-        return effect / np.sqrt(np.maximum(rss, np.finfo(np.float64).tiny))
+        # a near-perfect fit leaves rss at rounding level (or below 0): floored relative to the
+        # residuals' total, the t stays finite, so the observed labelling is counted as itself
+        return effect / np.sqrt(np.maximum(rss, total * 1e-12 + np.finfo(np.float64).tiny))
 
     observed = t_values(x_res[None], basis[None])[0] if z.shape[1] else None
     less, greater = np.zeros(y.shape[1]), np.zeros(y.shape[1])
@@ -340,9 +342,10 @@ def _moderated(y: np.ndarray, is_case: np.ndarray, z: np.ndarray, alternative: s
 
 
 def _prior_record(prior: FPrior) -> dict:
-    """A prior for metrics.json: ``d0`` (None when infinite) and ``s0^2`` (per program with a trend)."""
+    """A prior for metrics.json: ``d0`` (0: no prior, too few programs) and ``s0^2`` (per
+    program with a trend)."""
     scale = np.atleast_1d(np.asarray(prior.scale, dtype=np.float64))
-    return {"d0": None if not np.isfinite(prior.df) else float(prior.df),
+    return {"d0": float(prior.df),
             "s0_squared": [None if not np.isfinite(v) else float(v) for v in scale]}
 
 
@@ -416,6 +419,8 @@ def compare_units(case: np.ndarray, control: np.ndarray, *, case_z: np.ndarray |
             found = _moderated(np.vstack([case, control]), is_case, z, alternative)
             for key in ("ci_low", "ci_high", "p_value", "df_residual", "prior"):
                 out[key] = found[key]
+            # too few programs to fit a prior (a table of one case program): the plain test, named so
+            out["moderated"] = any((prior["d0"] or 0) > 0 for prior in found["prior"].values())
         else:
             out["df_residual"] = _column_parts(np.vstack([case, control]), is_case, z)["df"]
     return out

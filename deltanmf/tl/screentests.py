@@ -246,7 +246,7 @@ def screen_tests(shares: np.ndarray, codes: np.ndarray, n_groups: int, is_contro
     """
     import warnings
 
-    from .sampletests import covariate_matrix, units_of
+    from .sampletests import block_columns, covariate_matrix, units_of
     from .shares import PSEUDO, column_means, log2_share
 
     samples = np.asarray(samples).astype(str)
@@ -264,9 +264,12 @@ def screen_tests(shares: np.ndarray, codes: np.ndarray, n_groups: int, is_contro
         n_cells = np.r_[control_units.n_cells, units.n_cells]
         group = np.r_[np.full(len(control_units.names), -1), unit_group]
         z = None
+        labels = list(control_units.names) + [s for _, s in units.names]
         if options.covariates is not None:
-            labels = list(control_units.names) + [s for _, s in units.names]
             z = covariate_matrix(options.covariates.loc[labels])
+        if options.pairs is not None:  # a paired design: the pair a blocking factor here too
+            pairs = block_columns(options.pairs.loc[labels].to_numpy())
+            z = pairs if z is None else np.hstack([z, pairs])
         found, fits = group_contrasts(y, n_cells, sigma2, group, n_groups, z, options.moderate,
                                       greater=kinds == "case")
         share = np.vstack([column_means(g_mean[unit_group == g]) if (unit_group == g).any()

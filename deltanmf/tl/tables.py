@@ -168,14 +168,20 @@ def celltype_shift_table(usage: np.ndarray, celltypes, is_control: np.ndarray, n
             found.update(ci_low=np.nan, ci_high=np.nan, p_value=p, permutation_p_value=np.nan, underpowered=False)
             counts, test = (None, None), _test_name(None)
         else:
-            found, counts = _celltype_samples(shares, case, control, samples, options, n_baseline, q_threshold)
-            test = _test_name(options)
+            found, counts, moderated = _celltype_samples(shares, case, control, samples, options, n_baseline,
+                                                         q_threshold)
+            test = _test_name(options, {"moderated": moderated})
         frame = pd.DataFrame({**row, **found})
         _unit_columns(frame, "cell" if samples is None else "sample", test, *counts)
         parts.append(frame)
     if not parts:
         return pd.DataFrame(columns=CELLTYPE_COLUMNS)
     table = pd.concat(parts, ignore_index=True)
+    untested = table.groupby("celltype")["p_value"].apply(lambda p: p.isna().all())
+    if untested.any():
+        log.info("celltype_shift: %s not tested (fewer than 2 units, or complete pairs, of at least "
+                 "report.min_cells_per_sample cells in a condition); their rows have no p-value",
+                 ", ".join(untested.index[untested]))
     table["q_value"] = bh_qvalues(table["p_value"])
     fc = table["log2_fold_change"]
     strong = np.where(table["program_kind"] == "case", fc >= emergence_log2fc, fc.abs() >= min_log2fc)
@@ -188,7 +194,7 @@ def _celltype_samples(shares, case, control, samples, options, n_baseline, q_thr
     out = {key: np.full(shares.shape[1], np.nan) for key in ("control_share", "share", "log2_fold_change", "ci_low",
                                                              "ci_high", "p_value", "permutation_p_value")}
     out["underpowered"] = np.ones(shares.shape[1], dtype=bool)
-    counts = (0, 0)
+    counts, moderated = (0, 0), False
     for columns, alternative, salt in ((slice(0, n_baseline), "two-sided", 4), (slice(n_baseline, None), "greater", 5)):
         if columns.stop == 0 or shares[:, columns].shape[1] == 0:
             continue
@@ -201,7 +207,8 @@ def _celltype_samples(shares, case, control, samples, options, n_baseline, q_thr
             out[key][columns] = found[key]
         out["underpowered"][columns] = _underpowered(found, q_threshold)
         counts = (len(found["control_units"].names), len(found["case_units"].names))
-    return out, counts
+        moderated |= bool(found.get("moderated", False))
+    return out, counts, moderated
 
 
 def program_annotation(usage: np.ndarray, categories, names: list[str]) -> pd.DataFrame:
@@ -248,7 +255,7 @@ def _log_screen(record: dict, q_threshold: float) -> None:
     if not check["ran"]:
         log.info("negative-control check not run: %s", check["reason"])
         return
-    below = check["fraction_below"]
+    below = {level: (value if value is not None else float("nan")) for level, value in check["fraction_below"].items()}
     log.info("negative-control check: %d sets of %d control units (%d cells each) tested as targets; p < 0.05: "
              "%.3f, p < 0.01: %.4f, p < 0.001: %.4f (nominal: the level)", check["sets"], check["units_per_set"],
              check["cells_per_unit"], below["0.05"], below["0.01"], below["0.001"])

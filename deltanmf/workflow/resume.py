@@ -19,6 +19,7 @@ from ..train.trainer import Resume, stage_of
 
 # settings that must match between an interrupted run and its continuation
 RESUME_KEYS = ("stage", "K", "K_case", "seed", "stage1_from", "data", "model", "resource")
+NOT_COMPARED = ("num_workers", "cache_dir")  # data settings a continuation may change
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,10 @@ def settings_record(settings: RunSettings) -> str:
     from omegaconf import OmegaConf
 
     values = asdict(settings)
-    return OmegaConf.to_yaml({key: values[key] for key in RESUME_KEYS})
+    record = {key: values[key] for key in RESUME_KEYS}
+    # how cells are loaded or where the demo is cached does not change a batch: not compared
+    record["data"] = {key: value for key, value in record["data"].items() if key not in NOT_COMPARED}
+    return OmegaConf.to_yaml(record)
 
 
 def _saved_settings(path: Path) -> tuple[str | None, int]:

@@ -33,7 +33,7 @@ from ..errors import InputError
 from ..resources import strip_version
 from ..settings import RunSettings
 from ..tl import casecontrol
-from ..tl.tables import case_control_tables
+from ..tl.tables import case_control_tables, program_annotation
 from ..tl.fit import StageFit, fit_null, fit_replicates
 from ..tl.programs import expression_programs, specificity
 from ..tl.recovery import recovery
@@ -292,6 +292,12 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, give
         programs, names, usage = stage1.programs, stage1.names, stage1.usage
         scores = specificity(prepared.X, usage)
         clock.mark("specificity")
+        if settings.report.annotate_key:  # the controls' usage: what stage=onestage fits
+            categories = prepared.obs[settings.report.annotate_key].to_numpy()[prepared.is_control]
+            tables["program_annotation"] = program_annotation(usage, categories, names)
+        if settings.data.celltype_key:
+            log.warning("data.celltype_key=%s: per-cell-type contrasts compare conditions; stage=onestage fits the "
+                        "controls only, so no celltype_shift.csv is written", settings.data.celltype_key)
 
     expression = expression_programs(programs, prepared.gene_scale)
     found = recovery(prepared, expression, n_base, tables.get("usage_shift"), tables.get("case_programs"))
@@ -348,9 +354,14 @@ def summary_line(tables: dict[str, pd.DataFrame], q_threshold: float) -> str:
             f"({int((calls == 'up').sum())} up, {int((calls == 'down').sum())} down); "
             f"{int(cases['emergent'].sum())} of {len(cases)} case programs emergent "
             f"(q < {q_threshold:g}; tests across {shift['test_unit'].iloc[0]}s)")
-    weak = pd.concat([shift["underpowered"], cases["underpowered"]]).astype(bool)
-    if weak.any():
-        text += (f"; underpowered: {int(shift['n_control_samples'].iloc[0])} control and "
+    groups = tables.get("group_usage")
+    if groups is not None and len(groups):
+        called = groups.loc[groups["called"].astype(bool), "group"].nunique()
+        text += f"; {called} of {groups['group'].nunique()} groups change a program (group_usage.csv)"
+    weak = [what for what, table in (("baseline shifts (two-sided)", shift), ("case programs (one-sided)", cases))
+            if table["underpowered"].astype(bool).any()]
+    if weak:
+        text += (f"; underpowered: {' and '.join(weak)} with {int(shift['n_control_samples'].iloc[0])} control and "
                  f"{int(shift['n_case_samples'].iloc[0])} case samples cannot support a call at q < {q_threshold:g} "
                  "(docs/statistics.md, 'Few samples')")
     return text

@@ -56,7 +56,9 @@ class RunLock:
 
     ``with RunLock(run_dir):`` holds ``<run>/.lock`` (``fcntl.flock``), which records the
     holder's PID and start time; a second command (in this process or another) is refused
-    at once with :class:`InputError`. The file is removed when the lock is released.
+    at once with :class:`InputError`. On release the file is emptied, never removed: a
+    process that opened it just before the release would otherwise lock the removed file
+    while the next command locks a new one, and both would hold "the" lock.
     """
 
     def __init__(self, run_dir: str | Path):
@@ -82,7 +84,7 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         if self._descriptor is not None:
-            self.path.unlink(missing_ok=True)
+            os.ftruncate(self._descriptor, 0)  # no holder to name
             os.close(self._descriptor)  # closing releases the lock
             self._descriptor = None
 
