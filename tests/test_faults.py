@@ -99,17 +99,19 @@ def test_a_second_command_in_a_locked_directory_is_refused_at_once(tmp_path, cac
         with pytest.raises(InputError, match="another DeltaNMF command is running"):  # in this process too
             with RunLock(out):
                 pass
-    assert (out / ".lock").read_text() == ""  # released: kept, emptied
+    assert not (out / ".lock").exists()  # released with the lock
 
 
-def test_the_lock_file_is_never_removed_so_two_commands_cannot_both_hold_it(tmp_path):
-    """A command that opened .lock just before the holder released it must not lock a removed
-    file while the next command locks a new one (it did when release unlinked the file)."""
+def test_the_lock_survives_a_late_opener_so_two_commands_cannot_both_hold_it(tmp_path):
+    """A command that opened the lock just before the holder released it must not hold it
+    while the next command does too. With the lock on .lock, which release removed, the late
+    opener locked the removed file and the next command a new one (this test's first form,
+    flocking the .lock it had opened, passed that way); the lock is now the directory's."""
     import fcntl
 
     out = tmp_path / "out"
     first = RunLock(out).__enter__()
-    late = os.open(out / ".lock", os.O_RDWR)  # opened while the first holds it
+    late = os.open(out, os.O_RDONLY)  # what a second command opens, before the first releases
     first.__exit__(None, None, None)
     with RunLock(out):  # the next command
         with pytest.raises(BlockingIOError):

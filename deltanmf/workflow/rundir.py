@@ -1,8 +1,9 @@
 """A run directory belongs to one run: the lock, what the directory already holds, and the
 check Hydra runs before it creates a directory.
 
-- :class:`RunLock`: an exclusive lock (``<run>/.lock``, ``flock``) held for the whole command; a
-  second command there is refused at once, naming the holder's PID and start time.
+- :class:`RunLock`: an exclusive lock (``flock`` on the directory; ``<run>/.lock`` names the
+  holder) held for the whole command; a second command there is refused at once, naming the
+  holder's PID and start time.
 - :func:`check_run_dir`: a finished run's results are kept unless ``overwrite=true``; an
   interrupted run's checkpoints are continued (``resume=true``) or cleared (``overwrite=true``),
   never silently mixed with a new run's.
@@ -54,11 +55,13 @@ def check_writable(directory: Path, key: str) -> None:
 class RunLock:
     """An exclusive lock on a run directory for the whole command.
 
-    ``with RunLock(run_dir):`` holds ``<run>/.lock`` (``fcntl.flock``), which records the
-    holder's PID and start time; a second command (in this process or another) is refused
-    at once with :class:`InputError`. On release the file is emptied, never removed: a
-    process that opened it just before the release would otherwise lock the removed file
-    while the next command locks a new one, and both would hold "the" lock.
+    ``with RunLock(run_dir):`` holds an ``fcntl.flock`` on the directory itself and writes
+    ``<run>/.lock``, naming the holder's PID and start time; a second command (in this process
+    or another) is refused at once with :class:`InputError`, naming the holder. On release
+    ``.lock`` is removed and the directory unlocked. The lock is on the directory, which is
+    never removed, not on the ``.lock`` file: a lock on a file that release removes lets a
+    process that opened the file just before the release lock the removed file while the next
+    command locks a new one, both then holding "the" lock.
     """
 
     def __init__(self, run_dir: str | Path):
@@ -69,22 +72,24 @@ class RunLock:
         check_writable(self.path.parent, "hydra.run.dir")
         if fcntl is None:
             return self
-        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        descriptor = os.open(self.path.parent, os.O_RDONLY)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(descriptor, 200).decode(errors="replace").strip() or "unknown"
             os.close(descriptor)
+            try:
+                holder = self.path.read_text(errors="replace").strip() or "unknown"
+            except OSError:
+                holder = "unknown"
             raise InputError(f"another DeltaNMF command is running in {self.path.parent} ({holder}); wait for it to "
                              "end, or choose another directory (hydra.run.dir=...)") from None
-        os.ftruncate(descriptor, 0)
-        os.write(descriptor, f"PID {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        self.path.write_text(f"PID {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
         self._descriptor = descriptor
         return self
 
     def __exit__(self, *exc) -> None:
         if self._descriptor is not None:
-            os.ftruncate(self._descriptor, 0)  # no holder to name
+            self.path.unlink(missing_ok=True)  # who holds it: information only, the lock is the directory's
             os.close(self._descriptor)  # closing releases the lock
             self._descriptor = None
 
