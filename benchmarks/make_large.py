@@ -81,6 +81,44 @@ def solve_library(rng, programs: np.ndarray, usage: np.ndarray, density: float) 
     return float(np.exp(0.5 * (lo + hi)))
 
 
+def append_counts(path: str | Path, rng, programs_t: np.ndarray, library: np.ndarray, draw, chunk: int,
+                  started: float | None = None) -> int:
+    """Append ``.X`` (float32 CSR, ``Poisson(library * usage @ programs_t)``) and
+    ``obsm["sim_usage"]`` to an ``.h5ad`` holding the annotations, ``chunk`` cells at a time:
+    ``draw(first, last)`` gives those cells' usage. Progress lines every 10 chunks when
+    ``started`` (a ``perf_counter`` time) is given. Returns the stored values."""
+    n, n_genes, n_total = len(library), programs_t.shape[1], programs_t.shape[0]
+    nnz = 0
+    with h5py.File(path, "a") as f:
+        x = f.create_group("X")
+        x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": np.array([n, n_genes])})
+        data = x.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 18,))
+        indices = x.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,))
+        indptr = x.create_dataset("indptr", shape=(n + 1,), dtype=np.int64)
+        usage_out = f["obsm"].create_dataset("sim_usage", shape=(n, n_total), dtype=np.float32,
+                                             chunks=(min(n, 65536), n_total))
+        usage_out.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        indptr[0] = 0
+        for first in range(0, n, chunk):
+            last = min(first + chunk, n)
+            usage = draw(first, last)
+            counts = rng.poisson((usage @ programs_t) * library[first:last, None])
+            rows, cols = np.nonzero(counts)  # row-major: CSR order
+            values = counts[rows, cols].astype(np.float32)
+            data.resize((nnz + len(values),))
+            indices.resize((nnz + len(values),))
+            data[nnz:] = values
+            indices[nnz:] = cols.astype(np.int32)
+            indptr[first + 1:last + 1] = nnz + np.cumsum(np.bincount(rows, minlength=last - first))
+            usage_out[first:last] = usage.astype(np.float32)
+            nnz += len(values)
+            del counts, rows, cols, values, usage
+            if started is not None and (first // chunk) % 10 == 0:
+                print(f"  {last:,} / {n:,} cells, {nnz / (last * n_genes):.3f} non-zero, "
+                      f"{time.perf_counter() - started:.0f}s", flush=True)
+    return nnz
+
+
 def write_large(path: str | Path, n_control: int = 1_000_000, n_case: int = 100_000, n_genes: int = 2000,
                 n_programs: int = 10, n_case_programs: int = 3, density: float = 0.1, n_groups: int = 3,
                 n_shifted: int = 3, shift_factor: float = 3.0, case_fraction: float = 0.4,
@@ -141,35 +179,12 @@ def write_large(path: str | Path, n_control: int = 1_000_000, n_case: int = 100_
     del meta, obs
 
     programs_t = np.ascontiguousarray(programs.T)
-    nnz = 0
-    with h5py.File(path, "a") as f:
-        x = f.create_group("X")
-        x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": np.array([n, n_genes])})
-        data = x.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 18,))
-        indices = x.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,))
-        indptr = x.create_dataset("indptr", shape=(n + 1,), dtype=np.int64)
-        usage_out = f["obsm"].create_dataset("sim_usage", shape=(n, n_total), dtype=np.float32,
-                                             chunks=(min(n, 65536), n_total))
-        usage_out.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-        indptr[0] = 0
-        for first in range(0, n, chunk):
-            last = min(first + chunk, n)
-            usage = draw_usage(rng, is_case_all[first:last], group_all[first:last], alpha, alpha_case,
-                               n_case_programs, n_groups, case_fraction)
-            counts = rng.poisson((usage @ programs_t) * library[first:last, None])
-            rows, cols = np.nonzero(counts)  # row-major: CSR order
-            values = counts[rows, cols].astype(np.float32)
-            data.resize((nnz + len(values),))
-            indices.resize((nnz + len(values),))
-            data[nnz:] = values
-            indices[nnz:] = cols.astype(np.int32)
-            indptr[first + 1:last + 1] = nnz + np.cumsum(np.bincount(rows, minlength=last - first))
-            usage_out[first:last] = usage.astype(np.float32)
-            nnz += len(values)
-            del counts, rows, cols, values
-            if verbose and (first // chunk) % 10 == 0:
-                print(f"  {last:,} / {n:,} cells, {nnz / (last * n_genes):.3f} non-zero, "
-                      f"{time.perf_counter() - start:.0f}s", flush=True)
+
+    def draw(first: int, last: int) -> np.ndarray:
+        return draw_usage(rng, is_case_all[first:last], group_all[first:last], alpha, alpha_case, n_case_programs,
+                          n_groups, case_fraction)
+
+    nnz = append_counts(path, rng, programs_t, library, draw, chunk, start if verbose else None)
     summary = {"path": str(path), "cells": n, "control": n_control, "case": n_case, "genes": n_genes,
                "nonzeros": nnz, "density": nnz / (n * n_genes), "library_size": library_size,
                "seconds": time.perf_counter() - start, "bytes": path.stat().st_size}

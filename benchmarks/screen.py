@@ -45,7 +45,6 @@ from datetime import datetime
 from pathlib import Path
 
 import anndata as ad
-import h5py
 import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
@@ -313,36 +312,11 @@ def write_screen(path: str | Path, n_cells: int = 300_000, n_genes: int = 2000, 
     del meta, obs
 
     programs_t = np.ascontiguousarray(programs.T)
-    nnz = 0
-    with h5py.File(partial, "a") as f:
-        x = f.create_group("X")
-        x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
-                        "shape": np.array([n_cells, n_genes])})
-        data = x.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 18,))
-        indices = x.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,))
-        indptr = x.create_dataset("indptr", shape=(n_cells + 1,), dtype=np.int64)
-        usage_out = f["obsm"].create_dataset("sim_usage", shape=(n_cells, n_total), dtype=np.float32,
-                                             chunks=(min(n_cells, 65536), n_total))
-        usage_out.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-        indptr[0] = 0
-        for first in range(0, n_cells, chunk):
-            last = min(first + chunk, n_cells)
-            usage = _screen_usage(rng, cell_guide[first:last], guide_alpha, case_of_guide, n_case_programs,
-                                  case_fraction)
-            counts = rng.poisson((usage @ programs_t) * library[first:last, None])
-            rows, cols = np.nonzero(counts)  # row-major: CSR order
-            values = counts[rows, cols].astype(np.float32)
-            data.resize((nnz + len(values),))
-            indices.resize((nnz + len(values),))
-            data[nnz:] = values
-            indices[nnz:] = cols.astype(np.int32)
-            indptr[first + 1:last + 1] = nnz + np.cumsum(np.bincount(rows, minlength=last - first))
-            usage_out[first:last] = usage.astype(np.float32)
-            nnz += len(values)
-            del counts, rows, cols, values, usage
-            if verbose and (first // chunk) % 10 == 0:
-                print(f"  {last:,} / {n_cells:,} cells, {nnz / (last * n_genes):.3f} non-zero, "
-                      f"{time.perf_counter() - start:.0f}s", flush=True)
+    nnz = _make_large.append_counts(
+        partial, rng, programs_t, library,
+        lambda first, last: _screen_usage(rng, cell_guide[first:last], guide_alpha, case_of_guide, n_case_programs,
+                                          case_fraction),
+        chunk, start if verbose else None)
     os.replace(partial, path)
     return {"path": str(path), "cells": n_cells, "genes": n_genes, "targets": n_targets, "guides": n_guides,
             "control_cells": n_nt_cells, "nonzeros": nnz, "density": nnz / (n_cells * n_genes),
