@@ -81,6 +81,18 @@ def solve_library(rng, programs: np.ndarray, usage: np.ndarray, density: float) 
     return float(np.exp(0.5 * (lo + hi)))
 
 
+def write_annotations(path: str | Path, obs: pd.DataFrame, var: pd.DataFrame, uns: dict, programs: np.ndarray,
+                      n_programs: int, embedding: np.ndarray) -> None:
+    """Write an ``.h5ad`` of the annotations and the planted truth only (``varm["sim_programs"]``,
+    ``["sim_case_programs"]``, ``["sim_embedding"]``, as :func:`deltanmf.data.simulation_truth`
+    reads them); :func:`append_counts` adds the matrix and the usage."""
+    meta = ad.AnnData(obs=obs, var=var, uns=uns)
+    meta.varm["sim_programs"] = np.ascontiguousarray(programs[:, :n_programs])
+    meta.varm["sim_case_programs"] = np.ascontiguousarray(programs[:, n_programs:])
+    meta.varm["sim_embedding"] = embedding
+    meta.write_h5ad(path)
+
+
 def append_counts(path: str | Path, rng, programs_t: np.ndarray, library: np.ndarray, draw, chunk: int,
                   started: float | None = None) -> int:
     """Append ``.X`` (float32 CSR, ``Poisson(library * usage @ programs_t)``) and
@@ -171,12 +183,8 @@ def write_large(path: str | Path, n_control: int = 1_000_000, n_case: int = 100_
         "program_names": np.array([f"baseline_{k + 1}" for k in range(n_programs)], dtype=object),
         "case_program_names": np.array([f"case_{c + 1}" for c in range(n_case_programs)], dtype=object),
     }}
-    meta = ad.AnnData(obs=obs, var=var, uns=uns)
-    meta.varm["sim_programs"] = np.ascontiguousarray(programs[:, :n_programs])
-    meta.varm["sim_case_programs"] = np.ascontiguousarray(programs[:, n_programs:])
-    meta.varm["sim_embedding"] = embedding
-    meta.write_h5ad(path)  # annotations only; the matrix and the usage are appended below
-    del meta, obs
+    write_annotations(path, obs, var, uns, programs, n_programs, embedding)
+    del obs
 
     programs_t = np.ascontiguousarray(programs.T)
 

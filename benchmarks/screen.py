@@ -304,12 +304,8 @@ def write_screen(path: str | Path, n_cells: int = 300_000, n_genes: int = 2000, 
         },
     }
     partial = path.with_name(path.name + ".partial")
-    meta = ad.AnnData(obs=obs, var=var, uns=uns)
-    meta.varm["sim_programs"] = np.ascontiguousarray(programs[:, :n_programs])
-    meta.varm["sim_case_programs"] = np.ascontiguousarray(programs[:, n_programs:])
-    meta.varm["sim_embedding"] = embedding
-    meta.write_h5ad(partial)  # annotations only; the matrix and the usage are appended below
-    del meta, obs
+    _make_large.write_annotations(partial, obs, var, uns, programs, n_programs, embedding)
+    del obs
 
     programs_t = np.ascontiguousarray(programs.T)
     nnz = _make_large.append_counts(

@@ -27,8 +27,8 @@ from scipy.stats import false_discovery_control
 from ..core.metrics import cosine_matrix
 from .celltests import mannwhitney_groups
 from .programs import top_gene_labels
-from .sampletests import (AUTO_PERMUTATIONS, Relabellings, SampleOptions, compare_units, covariate_matrix,
-                          resamples, smallest_permutation_p, units_of)
+from .sampletests import (AUTO_PERMUTATIONS, Relabellings, SampleOptions, UnitShares, compare_units,
+                          covariate_matrix, resamples, smallest_permutation_p, units_of)
 from .screentests import screen_tests, simes
 from .shares import (PSEUDO, baseline_share, column_means, defined_baseline_share, log2_ratio, log2_share,
                      novelty, total_share, unit_means)
@@ -94,8 +94,6 @@ def complete_pairs(case_units, control_units, pairs: pd.Series):
 
 
 def _keep_units(units, keep, pairs):
-    from .sampletests import UnitShares
-
     keep = np.asarray(keep, dtype=bool)
     if keep.all():
         return units
@@ -318,6 +316,7 @@ def group_usage_table(usage: np.ndarray, groups, is_control: np.ndarray, names: 
     else:
         options = options or SampleOptions()
         found, screen = screen_tests(shares, codes, n_groups, is_control, samples, options, names, kinds)
+        screen["left_out"] = {(group_names[g], s): n for (g, s), n in screen["left_out"].items()}
         if record is not None:
             record.update(screen)
         share, control_share, effect = found["share"], found["control_share"], found["effect"]

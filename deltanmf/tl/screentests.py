@@ -284,6 +284,7 @@ def screen_tests(shares: np.ndarray, codes: np.ndarray, n_groups: int, is_contro
         "programs": {name: {"tau2": fit.tau2, "sigma2": float(s), "prior_df": fit.prior.df,
                             "prior_scale": fit.prior.scale} for name, fit, s in zip(names, fits, sigma2)},
     }
+    record["left_out"] = units.dropped  # (group code, sample) -> cells, for the log
     record["negative_controls"], record["negative_control_p"] = _negative_controls(
         control, control_units, n_units, units.n_cells, fits, sigma2, options, z, kinds)
     return out, record

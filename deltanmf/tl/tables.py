@@ -99,10 +99,7 @@ def case_control_tables(prepared, programs: np.ndarray, names: list[str], n_base
                                                   report.min_log2fc, report.emergence_log2fc, samples=samples,
                                                   options=options, record=record)
         if samples is not None:
-            pairs = pd.MultiIndex.from_arrays([np.asarray(groups).astype(str)[~is_control],
-                                               samples[~is_control]]).to_numpy()
-            _log_left_out("group units (group, sample)", units_of(pairs, options.min_cells).dropped,
-                          options.min_cells)
+            _log_left_out("group units (group, sample)", record.pop("left_out"), options.min_cells)
             _log_screen(record, report.q_threshold)
             null_p = record.pop("negative_control_p")
             if null_p is not None:
