@@ -6,7 +6,7 @@ Hand-written solvers that earn their place (each says why in its module): batche
 share one pass over the cells between all consensus runs, and row-lazy Adam (minibatch usage).
 """
 from .activation import Activation
-from .consensus import ConsensusResult, cluster_medians, consensus_init, refit_usage
+from .consensus import ConsensusResult, cluster_medians, consensus_init, refit_and_score, refit_usage
 from .losses import (GeneGraph, LossTerms, adaptive_strength, fit_error, laplacian_penalty, orthogonality_penalty,
                      reconstruction_loss)
 from .matrix import CellMatrix
@@ -21,6 +21,7 @@ __all__ = [
     "Activation", "CellMatrix", "ConsensusResult", "GeneGraph", "LazyAdam", "LossTerms", "NeuralNMF",
     "ReplicateConsensus", "ResidualMatrix", "adaptive_strength", "cluster_medians", "consensus_init", "cosine_matrix",
     "fit_error", "laplacian_penalty", "matched_cosine", "matching", "nnls_gram", "nnls_programs", "nnls_usage",
-    "normalize_programs", "orthogonality_penalty", "reconstruction_loss", "refine_case_programs", "refit_usage",
+    "normalize_programs", "orthogonality_penalty", "reconstruction_loss", "refine_case_programs", "refit_and_score",
+    "refit_usage",
     "replicate_consensus", "stage2_init",
 ]

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import InputError
 from ..settings import ConsensusSettings
+from .losses import ErrorTotal
 from .matrix import is_row_source, matmul, row_block, t_matmul
 from .nnls import nnls_programs, nnls_usage
 
@@ -229,6 +230,30 @@ def refit_usage(matrix, programs: torch.Tensor, nnls_iter: int, init: torch.Tens
         rows = torch.as_tensor(index, device=programs.device)
         usage[rows] = nnls_usage(x, programs, init=None if init is None else init[rows], max_iter=nnls_iter)
     return usage
+
+
+def refit_and_score(matrix, programs: torch.Tensor, nnls_iter: int, scored=()
+                    ) -> tuple[torch.Tensor, dict[str, float], list[dict[str, float]]]:
+    """:func:`refit_usage` and the refit's :func:`~deltanmf.core.losses.fit_error` in one
+    pass over ``matrix``, which may be streamed from disk (each pass re-reads the file).
+
+    ``scored`` holds further ``(programs, usage)`` fits of the same cells whose errors are
+    gathered in the same pass. Returns the usage (cells x K, on the CPU), the refit's error
+    and the errors of ``scored``.
+    """
+    programs = programs.to(matrix.device, matrix.dtype)
+    usage = torch.empty(matrix.n_cells, programs.shape[1], dtype=programs.dtype)
+    refit = ErrorTotal(programs, matrix.device)
+    others = [(ErrorTotal(torch.as_tensor(w, dtype=matrix.dtype, device=matrix.device), matrix.device),
+               torch.as_tensor(h, dtype=matrix.dtype)) for w, h in scored]
+    for index, x in matrix.batches():
+        rows = torch.as_tensor(index)
+        u = nnls_usage(x, programs, max_iter=nnls_iter)
+        refit.add(x, u)
+        usage[rows] = u.cpu()
+        for total, h in others:
+            total.add(x, h[rows])
+    return usage, refit.result(matrix), [total.result(matrix) for total, _ in others]
 
 
 def usage_cross(matrix, usage: torch.Tensor) -> torch.Tensor:

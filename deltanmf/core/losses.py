@@ -88,6 +88,29 @@ def exact_squared_error(x: torch.Tensor, programs: torch.Tensor, usage: torch.Te
     return float(total + _gram_term(programs, usage))
 
 
+class ErrorTotal:
+    """The squared error of a fit summed over a matrix's blocks (see :func:`fit_error`):
+    :meth:`add` each block with its usage, then :meth:`result`."""
+
+    def __init__(self, programs, device):
+        self.programs = programs
+        self.sse = 0.0
+        self.device = device
+
+    def add(self, x, usage: torch.Tensor) -> None:
+        u = usage.to(self.device)
+        if is_sparse_tensor(x):
+            self.sse += exact_squared_error(x, self.programs, u)
+        else:
+            self.sse += float(torch.sum((x - u @ self.programs.T) ** 2))
+
+    def result(self, matrix) -> dict[str, float]:
+        sse = max(self.sse, 0.0)  # the expansion for sparse blocks can round below 0 for an exact fit
+        total = matrix.squared_norm()
+        return {"recon": sse / (matrix.n_cells * matrix.n_genes),
+                "relative_error": math.sqrt(sse / total) if total > 0 else float("nan")}
+
+
 def fit_error(matrix, programs, usage) -> dict[str, float]:
     """Squared error of ``usage @ programs.T`` against a :class:`~deltanmf.core.matrix.CellMatrix`,
     by batches (sparse blocks by :func:`exact_squared_error`, never densified).
@@ -95,20 +118,11 @@ def fit_error(matrix, programs, usage) -> dict[str, float]:
     Returns ``recon`` (mean squared error over entries, as in the loss) and
     ``relative_error`` (``||X - W H||_F / ||X||_F``).
     """
-    sse = 0.0
-    device = matrix.device
-    w = torch.as_tensor(programs, dtype=matrix.dtype, device=device)
+    total = ErrorTotal(torch.as_tensor(programs, dtype=matrix.dtype, device=matrix.device), matrix.device)
     h = torch.as_tensor(usage, dtype=matrix.dtype)
     for index, x in matrix.batches():
-        u = h[torch.as_tensor(index)].to(device)
-        if is_sparse_tensor(x):
-            sse += exact_squared_error(x, w, u)
-        else:
-            sse += float(torch.sum((x - u @ w.T) ** 2))
-    sse = max(sse, 0.0)  # the expansion for sparse blocks can round below 0 for an exact fit
-    total = matrix.squared_norm()
-    return {"recon": sse / (matrix.n_cells * matrix.n_genes),
-            "relative_error": math.sqrt(sse / total) if total > 0 else float("nan")}
+        total.add(x, h[torch.as_tensor(index)])
+    return total.result(matrix)
 
 
 def reconstruction_loss(x: torch.Tensor, programs: torch.Tensor, usage: torch.Tensor) -> torch.Tensor:
