@@ -293,7 +293,8 @@ def main() -> None:
                         help="runs of every method but the published schedule (medians reported)")
     parser.add_argument("--threads", type=int, default=2, help="threads per method (torch, BLAS, OpenMP)")
     parser.add_argument("--accelerator", default="cpu", help="trainer.accelerator of the DeltaNMF runs")
-    parser.add_argument("--scratch", default="/work/scratch/deltanmf-compare", help="data cache and run directories")
+    parser.add_argument("--scratch", default=str(Path(tempfile.gettempdir()) / "deltanmf-compare"),
+                        help="data cache and run directories (default: deltanmf-compare in the temporary folder)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare.md"))
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "RUN_DIR"), help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every DeltaNMF run")

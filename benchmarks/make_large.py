@@ -1,6 +1,6 @@
 """Write a large simulated case-control ``.h5ad`` in chunks, never holding the whole matrix.
 
-    python benchmarks/make_large.py /work/scratch/large.h5ad    # 1,000,000 controls + 100,000 cases x 2,000 genes
+    python benchmarks/make_large.py /tmp/large.h5ad    # 1,000,000 controls + 100,000 cases x 2,000 genes
     python benchmarks/make_large.py small.h5ad --control 5000 --case 1000 --genes 500
 
 The generative model is the demo simulator's (:mod:`deltanmf.data.simulate`), drawn one

@@ -22,6 +22,10 @@ that of the planted programs on the same graph. Usage:
     python benchmarks/prior_strength.py            # writes benchmarks/results/prior_strength.{md,png}
     python benchmarks/prior_strength.py --noise 0.5 --out benchmarks/results/prior_strength_noise05.md
     python benchmarks/prior_strength.py --stage 2 --cases 60 --out benchmarks/results/prior_strength_stage2.md
+
+``--strengths`` may name ``auto`` (``rel_alpha=auto``: the strength chosen from held-out entries,
+reported with the strengths it chose); ``--prior-from start`` switches the prior on from the
+first step instead of once the rest of the loss has converged.
 """
 from __future__ import annotations
 
@@ -84,7 +88,8 @@ def planted_smoothness(adata, result, stage: int) -> float:
 
 
 def run(args, strengths) -> dict:
-    overrides = ["resource=demo", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"]
+    overrides = ["resource=demo", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
+                 f"model.stage{args.stage}.prior_from={args.prior_from}"]
     if args.stage == 2:  # the baseline without the prior, so that only stage 2's strength varies
         overrides.append("model.stage1.rel_alpha=0")
     rows = {}
@@ -103,7 +108,9 @@ def run(args, strengths) -> dict:
                 cos = np.asarray(found["baseline_matched_cosine" if args.stage == 1 else "case_matched_cosine"])
                 rows[graph, seed, alpha] = dict(mean=cos.mean(), worst=cos.min(), smooth=stage["loss"]["laplacian"],
                                                 planted=planted_smoothness(adata, res, args.stage),
-                                                steps=stage["steps"], reason=stage["stop_reason"])
+                                                steps=stage["steps"], reason=stage["stop_reason"],
+                                                chosen=stage.get("prior_selection", {}).get("chosen"),
+                                                curve=stage.get("prior_selection", {}).get("curve"))
             print(f"{graph} seed {seed} done", flush=True)
     return rows
 
@@ -120,11 +127,30 @@ def table(rows: dict, graph: str, strengths, seeds: int, default: float | None) 
         se = change.std(ddof=1) / np.sqrt(seeds) if seeds > 1 else float("nan")
         reasons = ", ".join(f"{r} {sum(g['reason'] == r for g in got)}"
                             for r in sorted({g["reason"] for g in got}))
-        label = f"**{alpha:g}** (default)" if alpha == default else f"{alpha:g}"
+        if alpha == "auto":
+            chosen = [g["chosen"] for g in got]
+            label = "auto (chose " + ", ".join(f"{c:g} x{chosen.count(c)}" for c in sorted(set(chosen))) + ")"
+        else:
+            label = f"**{alpha:g}** (default)" if alpha == default else f"{alpha:g}"
         lines.append(f"| {label} | {mean.mean():.4f} | {np.mean([g['worst'] for g in got]):.4f} | {change.mean():+.4f} "
                      f"| {se:.4f} | {int(np.sum(change > 0))}/{seeds} | {np.mean([g['smooth'] for g in got]):.3f} "
                      f"| {np.mean([g['planted'] for g in got]):.3f} | {np.mean([g['steps'] for g in got]):.0f} "
                      f"| {reasons} |")
+    return "\n".join(lines)
+
+
+def held_out_table(rows: dict, graph: str, seeds: int) -> str:
+    """rel_alpha=auto's held-out curves: the held-out error per strength (mean over seeds) and the
+    seeds on which each strength was the best."""
+    curves = [rows[graph, s, "auto"]["curve"] for s in range(seeds)]
+    grid = curves[0]["rel_alpha"]
+    errors = np.array([c["heldout_recon"] for c in curves])
+    best = errors.argmin(axis=1)
+    lines = ["| rel_alpha | held-out MSE per entry (mean over seeds) | change vs no prior | seeds where best |",
+             "|---|---|---|---|"]
+    for i, alpha in enumerate(grid):
+        change = errors[:, i] - errors[:, grid.index(0.0)]
+        lines.append(f"| {alpha:g} | {errors[:, i].mean():.5f} | {change.mean():+.5f} | {int(np.sum(best == i))}/{seeds} |")
     return "\n".join(lines)
 
 
@@ -134,6 +160,8 @@ def figure(rows: dict, strengths, seeds: int, stage: int, path: Path) -> None:
     matplotlib.use("Agg")  # a file, no display
     import matplotlib.pyplot as plt
 
+    auto = "auto" in strengths
+    strengths = [a for a in strengths if a != "auto"]
     x = np.array(strengths)
     x_plot = np.where(x == 0, x[x > 0].min() / 3, x)  # 0 drawn left of the smallest strength on a log axis
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -142,6 +170,9 @@ def figure(rows: dict, strengths, seeds: int, stage: int, path: Path) -> None:
         change = np.array([[rows[graph, s, a]["mean"] - b for s, b in enumerate(base)] for a in strengths])
         se = change.std(axis=1, ddof=1) / np.sqrt(seeds) if seeds > 1 else np.zeros(len(strengths))
         mean = change.mean(axis=1)
+        if auto:
+            axes[0].axhline(np.mean([rows[graph, s, "auto"]["mean"] - b for s, b in enumerate(base)]), color=colour,
+                            linestyle="--", linewidth=1, label=f"rel_alpha=auto, {graph}")
         shown = np.maximum(mean, FLOOR)  # a collapse at the strongest strengths would flatten the rest
         axes[0].errorbar(x_plot, shown, yerr=np.where(mean > FLOOR, se, 0), marker="o", color=colour, capsize=3,
                          label=f"{graph} embeddings")
@@ -181,6 +212,8 @@ def main() -> None:
     parser.add_argument("--markers", type=int, default=40, help="marker genes per program")
     parser.add_argument("--strengths", default=",".join(f"{a:g}" for a in STRENGTHS),
                         help="rel_alpha values, comma-separated (0 is always added: the reference)")
+    parser.add_argument("--prior-from", choices=("converged", "start"), default="start",
+                        help="when the prior switches on (model.stageN.prior_from)")
     parser.add_argument("--penalty", choices=list(PENALTIES), default="normalised",
                         help="the prior's formulation in training (the smoothness reported is the package's own "
                              "measure whatever this is): normalised (the package's), rayleigh (w^T L w / w^T w), "
@@ -194,12 +227,13 @@ def main() -> None:
     logging.disable(logging.INFO)
     torch.set_num_threads(1)
     default = getattr(deltanmf.default_settings().model, f"stage{args.stage}").rel_alpha
-    strengths = {float(a) for a in args.strengths.split(",")} | {0.0}
+    named = args.strengths.split(",")
+    strengths = {float(a) for a in named if a != "auto"} | {0.0}
     if args.penalty == "normalised":  # the default belongs to the package's formulation
         strengths.add(default)
     else:
         default = None
-    strengths = tuple(sorted(strengths))
+    strengths = tuple(sorted(strengths)) + (("auto",) if "auto" in named else ())
     load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"]
     start = time.perf_counter()
     rows = run(args, strengths)
@@ -209,6 +243,9 @@ def main() -> None:
     picture = out.with_suffix(".png")
     figure(rows, strengths, args.seeds, args.stage, picture)
     sections = [f"### {graph} embeddings\n\n{table(rows, graph, strengths, args.seeds, default)}" for graph in GRAPHS]
+    if "auto" in strengths:
+        sections += [f"### held-out error, {graph} embeddings (rel_alpha=auto's curves)\n\n"
+                     f"{held_out_table(rows, graph, args.seeds)}" for graph in GRAPHS]
     command = " ".join(["python benchmarks/prior_strength.py", *sys.argv[1:]])
     text = (f"Command: `{command}`  \n"
             f"Date: {datetime.date.today().isoformat()}; machine: {platform.machine()}, {os.cpu_count()} CPUs, "
@@ -220,6 +257,8 @@ def main() -> None:
                                    if args.stage == 1 else
                                    "stage 2 (stage=twostage, K_case=1, model.stage1.rel_alpha=0), recovery of the "
                                    "planted case program (used by 40% of the case cells); ") +
+            ("the prior on once the rest of the loss has converged (prior_from=converged); "
+             if args.prior_from == "converged" else "") +
             ("" if args.penalty == "normalised" else
              f"the prior trained with the {args.penalty!r} formulation (--penalty; the smoothness column is still "
              "the package's measure); ") +

@@ -1,7 +1,7 @@
 """Stage 1 on a million cells streamed from disk (``data.backed=true``), one machine.
 
-    python benchmarks/make_large.py /work/scratch/large_1m.h5ad     # 1,000,000 control + 100,000 case cells
-    python benchmarks/scale.py /work/scratch/large_1m.h5ad           # writes benchmarks/results/scale.md
+    python benchmarks/make_large.py /tmp/large_1m.h5ad     # 1,000,000 control + 100,000 case cells
+    python benchmarks/scale.py /tmp/large_1m.h5ad           # writes benchmarks/results/scale.md
     python benchmarks/scale.py FILE --batch-size 4096 --max-steps 2000 trainer.accelerator=gpu   # extra Hydra overrides
 
 Two measurements:
@@ -29,6 +29,7 @@ import re
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -173,7 +174,8 @@ def main(argv=None) -> None:
     parser.add_argument("path", help="h5ad written by benchmarks/make_large.py")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--max-steps", type=int, default=2000, help="step cap (trainer.max_steps)")
-    parser.add_argument("--run-dir", default="/work/scratch/scale_run", help="where train.py writes its outputs")
+    parser.add_argument("--run-dir", default=str(Path(tempfile.gettempdir()) / "deltanmf-scale-run"),
+                        help="where train.py writes its outputs (default: in the temporary folder)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale.md"))
     parser.add_argument("--skip-read", action="store_true", help="skip the reading measurement")
     args, extra = parser.parse_known_args(argv)

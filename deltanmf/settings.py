@@ -26,7 +26,7 @@ class Rule:
     """What one setting must be.
 
     ``kind``: ``int``, ``float``, ``bool``, ``str``, ``choice`` (one of ``choices``),
-    ``strs`` (a list of names), ``scalar`` (a number or text, compared as text) or
+    ``strs`` (a list of names), ``floats`` (a non-empty list of numbers in the range), ``scalar`` (a number or text, compared as text) or
     ``mapping`` (passed on as it is, checked where it is used). Numbers must lie in
     ``[low, high]`` (open ends with ``low_open`` / ``high_open``); ``optional`` allows
     null; ``hint`` says what the value means or gives a usable one.
@@ -40,6 +40,7 @@ class Rule:
     choices: tuple = ()
     optional: bool = False
     hint: str = ""
+    words: tuple = ()  # besides a value of ``kind``, these words are allowed (``rel_alpha=auto``)
 
 
 def rule(kind: str, **options) -> Any:
@@ -80,12 +81,12 @@ def _interval(r: Rule) -> str:
 def _requirement(r: Rule) -> str:
     what = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a name",
             "strs": "a list of names, e.g. [a,b]", "scalar": "a value (number or text)",
-            "mapping": "a group of settings"}.get(r.kind)
+            "mapping": "a group of settings", "floats": "a list of numbers, e.g. [0,0.1,0.3]"}.get(r.kind)
     if r.kind == "choice":
         what = "one of " + ", ".join(show(c) for c in r.choices)
-    if r.kind in ("int", "float") and _interval(r):
-        what += " " + _interval(r)
-    return what + (" or null" if r.optional else "")
+    if r.kind in ("int", "float", "floats") and _interval(r):
+        what += (" " if r.kind != "floats" else ", each ") + _interval(r)
+    return what + "".join(f" or {w}" for w in r.words) + (" or null" if r.optional else "")
 
 
 def _inside(value: float, r: Rule) -> bool:
@@ -99,6 +100,8 @@ def check_value(key: str, value, r: Rule):
     if value is None:
         if r.optional:
             return None
+    elif isinstance(value, str) and value in r.words:
+        return value
     elif r.kind == "int" and whole_number(value) and _inside(value, r):
         return int(value)
     elif r.kind == "float" and real_number(value) and math.isfinite(value) and _inside(value, r):
@@ -111,6 +114,9 @@ def check_value(key: str, value, r: Rule):
         return value
     elif r.kind == "strs" and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return tuple(value)
+    elif (r.kind == "floats" and isinstance(value, (list, tuple)) and value
+          and all(real_number(v) and math.isfinite(v) and _inside(v, r) for v in value)):
+        return tuple(float(v) for v in value)
     elif r.kind == "scalar" and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return value
     elif r.kind == "mapping" and isinstance(value, Mapping):
@@ -169,25 +175,54 @@ class StopSettings(Settings):
     check_every: int = rule("int", low=1, hint="steps per check, e.g. 10")
 
 
+PRIOR_FROM = ("converged", "start")
+
+
 @dataclass(frozen=True)
 class Stage1Settings(Settings):
     """``model.stage1``: the baseline programs' prior."""
 
     PATH: ClassVar[str] = "model.stage1"
-    rel_alpha: float = rule("float", low=0, hint="Laplacian strength relative to the reconstruction loss")
+    rel_alpha: float | str = rule("float", low=0, words=("auto",),
+                                  hint="Laplacian strength relative to the reconstruction loss; auto chooses it "
+                                       "from held-out entries over alpha_grid (docs/prior.md)")
+    alpha_grid: tuple = rule("floats", low=0, hint="the strengths rel_alpha=auto compares, 0 included")
+    prior_from: str = rule("choice", choices=PRIOR_FROM)
     laplacian_steps: int = rule("int", low=1, hint="steps trained with the Laplacian on")
+
+    def check(self) -> None:
+        if self.rel_alpha == "auto" and 0.0 not in self.alpha_grid:
+            raise InputError(f"{self.key('alpha_grid')}={show(self.alpha_grid)} must hold 0: rel_alpha=auto "
+                             f"compares every strength with no prior (e.g. {self.key('alpha_grid')}=[0,0.1,0.3])")
 
 
 @dataclass(frozen=True)
-class Stage2Settings(Settings):
+class Stage2Settings(Stage1Settings):
     """``model.stage2``: the case programs' prior, orthogonality and refined start."""
 
     PATH: ClassVar[str] = "model.stage2"
-    rel_alpha: float = rule("float", low=0, hint="Laplacian strength relative to the reconstruction loss")
     rel_gamma: float = rule("float", low=0, hint="orthogonality strength; 0 = off")
     refine_rounds: int = rule("int", low=0, hint="alternating-NNLS rounds refining the start; 0 = none")
     refine_tol: float = rule("float", low=0, hint="the refinement stops once a round changes less than this")
-    laplacian_steps: int = rule("int", low=1, hint="steps trained with the Laplacian on")
+
+
+@dataclass(frozen=True)
+class HoldoutSettings(Settings):
+    """``model.holdout``: entries held out of the training loss to measure a fit (docs/prior.md)."""
+
+    PATH: ClassVar[str] = "model.holdout"
+    fraction: float = rule("float", low=0, high=1, low_open=True, high_open=True,
+                           hint="share of the matrix's entries held out, e.g. 0.1")
+    folds: int = rule("int", low=1, hint="rel_alpha=auto fits each strength this many times, each holding out "
+                                         "another share of the entries, e.g. 5 with fraction=0.2")
+    evaluate: bool = rule("bool", hint="true: every fit trains without the held-out entries and reports their "
+                                       "error (metrics.json heldout_*)")
+
+    def check(self) -> None:
+        if self.folds * self.fraction > 1 + 1e-9:
+            raise InputError(f"model.holdout.folds={self.folds} shares of model.holdout.fraction={self.fraction:g} "
+                             f"are more than all entries; use at most {int(1 / self.fraction + 1e-9)} folds or a "
+                             "smaller fraction")
 
 
 @dataclass(frozen=True)
@@ -204,6 +239,7 @@ class ModelSettings(Settings):
     stop: StopSettings = group(StopSettings)
     stage1: Stage1Settings = group(Stage1Settings)
     stage2: Stage2Settings = group(Stage2Settings)
+    holdout: HoldoutSettings = group(HoldoutSettings)
 
 
 NORMALIZE = ("none", "total", "median")

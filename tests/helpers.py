@@ -55,7 +55,8 @@ def module_args(**changes) -> dict:
     """Keyword arguments of :class:`~deltanmf.train.Stage1Module` at the defaults."""
     m = DEFAULTS.model
     args = dict(activation=m.activation, beta=m.beta, lr=m.lr, graph=None, rel_alpha=m.stage1.rel_alpha,
-                laplacian_steps=m.stage1.laplacian_steps, minibatch=False, window=m.stop.check_every)
+                laplacian_steps=m.stage1.laplacian_steps, minibatch=False, window=m.stop.check_every,
+                prior_from=m.stage1.prior_from)
     return {**args, **changes}
 
 

@@ -89,6 +89,7 @@ def _can_build_wheels() -> bool:
     return importlib.util.find_spec("setuptools.command.bdist_wheel") is not None  # setuptools >= 70.1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _can_build_wheels(), reason="this environment's setuptools cannot build wheels offline")
 def test_an_installed_wheel_works_outside_the_source_tree(tmp_path):
     """pip install of a wheel (not editable): the configuration ships inside the package, and

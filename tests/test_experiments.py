@@ -60,3 +60,17 @@ def test_published_schedule_still_stops_on_a_non_finite_loss(make_cfg):
     module = Stage1Module(torch.rand(30, 3), torch.rand(40, 3), **module_args(window=10))
     with pytest.raises(NonFiniteLossError, match="between steps 1 and 10"):
         build_trainer(training_plan(settings, run_dir), "stage1").fit(module, datamodule(x, steps_per_epoch=10))
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
+    """python train.py > run.log: the bar's carriage-return updates would fill the log."""
+    import sys
+
+    from deltanmf.train.trainer import build_trainer
+    from helpers import plan
+
+    trainer_settings = {"accelerator": "cpu", "enable_progress_bar": True}
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert not build_trainer(plan(tmp_path, trainer=trainer_settings), "stage1").progress_bar_callback
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert build_trainer(plan(tmp_path, trainer=trainer_settings), "stage1").progress_bar_callback is not None

@@ -88,7 +88,8 @@ def test_the_prior_makes_the_programs_smoother_through_the_pipeline(tmp_path, da
 def test_demo_resource_runs_and_records_coverage(make_cfg):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg, run_dir = make_cfg("stage=onestage", "resource=demo", "model.stage1.laplacian_steps=30")
+    cfg, run_dir = make_cfg("stage=onestage", "resource=demo", "model.stage1.laplacian_steps=30",
+                            "model.stage1.prior_from=converged")
     result = run(cfg, run_dir)
     stage1 = result.metrics["stage1"]
     assert result.metrics["resource"]["coverage"] == 1.0
@@ -200,5 +201,21 @@ def test_replicates_with_the_prior_record_where_it_began(make_cfg):
     cfg, run_dir = make_cfg("stage=onestage", "resource=demo", "model.replicates=2", "logger=none")
     stage1 = run(cfg, run_dir).metrics["stage1"]
     starts = stage1["laplacian_start_step"]
-    assert len(starts) == 2 and all(isinstance(s, int) and s > 0 for s in starts)
+    assert starts == [0, 0]  # prior_from=start: on from the first step in every replicate
     assert stage1["laplacian_alpha"] > 0 and "laplacian" in stage1["loss"]
+
+
+def test_prior_from_start_acts_from_the_first_step(make_cfg):
+    """prior_from=start: the prior is on from step 0 (alpha set against step 0's loss), the fit has
+    one phase that ends on convergence, and laplacian_steps does not cut it short."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, run_dir = make_cfg("stage=onestage", "resource=demo", "model.stage1.prior_from=start",
+                            "model.stage1.laplacian_steps=5")
+    stage1 = run(cfg, run_dir).metrics["stage1"]
+    assert stage1["laplacian_start_step"] == 0 and stage1["laplacian_alpha"] > 0
+    assert stage1["stop_reason"] == "converged" and stage1["steps"] > 5
+    acc = EventAccumulator(str(run_dir / "tensorboard" / "stage1"))
+    acc.Reload()
+    alpha = acc.Scalars("train/alpha")
+    assert alpha[0].step == 0 and alpha[0].value == pytest.approx(stage1["laplacian_alpha"], rel=1e-6)

@@ -237,3 +237,20 @@ def test_loader_settings_do_not_block_a_resume(make_cfg):
     assert settings_record(same) == settings_record(settings)
     other = replace(settings, data=replace(settings.data, normalize="median"))
     assert settings_record(other) != settings_record(settings)
+
+
+def test_stage1_from_run_resumes_with_k_left_at_its_default(make_cfg, inject, monkeypatch):
+    """stage1_from a run with another number of programs, K not given: K is the programs' count,
+    and an interrupted stage 2 resumes (the checkpoint used to record the configured K and the
+    resume was refused with 'different settings (K)')."""
+    cfg, base_dir = make_cfg(*FAST, "stage=onestage", "K=4")
+    run(cfg, base_dir.with_name("base"))
+    reuse = (*FAST, f"stage1_from={base_dir.with_name('base')}")
+    cfg, run_dir = make_cfg(*reuse)  # K left at the small config's 5
+    inject("stage2", _AtStep(20, _boom))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(cfg, run_dir)
+    monkeypatch.undo()
+    cfg, _ = make_cfg(*reuse, "resume=true")
+    resumed = run(cfg, run_dir)
+    assert resumed.metrics["K"] == 4 and resumed.metrics["stage2"]["steps"] > 20

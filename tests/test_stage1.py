@@ -116,6 +116,7 @@ def test_prior_switches_on_before_the_step_cap(make_cfg, dataset):
     # a patience that is never exhausted: the step cap decides
     fit, *_ = _fit_stage1(make_cfg, prepared.control, "logger=none", "model.stop.patience=100000",
                          "trainer.max_steps=120", "model.stage1.laplacian_steps=50", "model.stage1.rel_alpha=0.5",
+                         "model.stage1.prior_from=converged",
                          graph=graph)
     assert fit.stats["steps"] == 120
     assert not fit.stats["converged"] and fit.stats["stop_reason"] == "step_cap"
@@ -130,7 +131,7 @@ def test_the_prior_phase_has_its_own_convergence_check(make_cfg, dataset, caplog
     informative, _ = _graphs(truth)
     caplog.set_level("INFO", logger="deltanmf.tl.fit")
     fit, settings, _ = _fit_stage1(make_cfg, prepared.control, "logger=none", "model.stage1.laplacian_steps=1000",
-                                   "trainer.max_steps=3000", graph=informative)
+                                   "trainer.max_steps=3000", "model.stage1.prior_from=converged", graph=informative)
     stop = settings.model.stop
     start = fit.stats["laplacian_start_step"]
     assert fit.stats["stop_reason"] == "converged" and fit.stats["converged"] and start is not None
@@ -145,7 +146,7 @@ def test_a_stage_stopped_by_the_prior_steps_says_so(make_cfg, dataset, caplog):
     informative, _ = _graphs(truth)
     caplog.set_level("INFO", logger="deltanmf.tl.fit")
     fit, *_ = _fit_stage1(make_cfg, prepared.control, "logger=none", "model.stage1.laplacian_steps=15",
-                          graph=informative)
+                          "model.stage1.prior_from=converged", graph=informative)
     start = fit.stats["laplacian_start_step"]
     assert fit.stats["stop_reason"] == "prior_steps" and fit.stats["steps"] == start + 15
     assert fit.stats["converged"]  # the rest of the loss did, before the prior's phase

@@ -4,11 +4,12 @@
 from pathlib import Path
 
 from .casecontrol import group_usage_plot, negative_control_plot, usage_share_plot
+from .prior import prior_selection_plot
 from .programs import annotation_plot, similarity_plot, top_genes_plot
 from .select_k import k_selection_plot
 
-__all__ = ["annotation_plot", "group_usage_plot", "k_selection_plot", "negative_control_plot", "save_figure", "similarity_plot", "top_genes_plot",
-           "usage_share_plot"]
+__all__ = ["annotation_plot", "group_usage_plot", "k_selection_plot", "negative_control_plot", "prior_selection_plot",
+           "save_figure", "similarity_plot", "top_genes_plot", "usage_share_plot"]
 
 
 def save_figure(fig, path: str | Path) -> None:

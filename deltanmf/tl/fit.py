@@ -17,22 +17,26 @@ import numpy as np
 import torch
 
 from ..core import (CellMatrix, GeneGraph, consensus_init, fit_error, laplacian_penalty, normalize_programs,
-                    orthogonality_penalty, refit_usage, replicate_consensus, stage2_init)
+                    orthogonality_penalty, refit_and_score, replicate_consensus, stage2_init)
+from ..core.holdout import EntryMask, HeldOutTotal
 from ..settings import ModelSettings
 from ..train import Stage1Module, Stage2Module, TrainingPlan, build_trainer, fit_module
 from ..train.trainer import lazy_usage, make_datamodule, placeholder_start, saved_init
+from .strength import choose_strength, with_strength
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class StageFit:
-    """A trained stage: programs (genes x K), usage of its cells (cells x K) and facts about the fit."""
+    """A trained stage: programs (genes x K), usage of its cells (cells x K) and facts about the fit;
+    fitted with held-out entries, each cell's squared error at them (``heldout_per_cell``)."""
 
     programs: np.ndarray
     usage: np.ndarray
     names: list[str]
     stats: dict = field(default_factory=dict)
+    heldout_per_cell: np.ndarray | None = None
 
 
 def baseline_names(k: int) -> list[str]:
@@ -46,6 +50,9 @@ def stage_label(name: str) -> str:
     if name.endswith("_null"):
         return ("null fit: baseline on half the controls" if stage == "stage 1"
                 else "null fit: stage 2 on the other half as if cases")
+    if "_alpha" in name:  # rel_alpha=auto's held-out fits: stage1_alpha0.3, stage1_alpha0.3_fold2
+        strength, _, fold = name.split("_alpha", 1)[1].partition("_fold")
+        return f"{stage} (entries held out, rel_alpha={strength}{f', fold {fold}' if fold else ''})"
     return f"{stage} (replicate {name.rsplit('_rep', 1)[1]})" if "_rep" in name else stage
 
 
@@ -130,6 +137,8 @@ def describe_stop(stats: dict, laplacian_steps: int) -> str:
     prior = "" if start is None else f"the prior on from step {start}"
     if reason == "prior_steps":
         return f"converged, then {prior} until its laplacian_steps={laplacian_steps} ran out before converging"
+    if reason == "converged" and start == 0:
+        return "converged, the prior on from the first step"
     if reason == "converged":
         return "converged" if start is None else f"converged, then {prior} until it converged too"
     return "stopped at the step cap (trainer.max_steps)" + (f", {prior}" if prior else "")
@@ -149,11 +158,29 @@ def _module_args(model: ModelSettings) -> dict:
     return dict(activation=model.activation, beta=model.beta, lr=model.lr, window=model.stop.check_every)
 
 
+def _holdout(model: ModelSettings, seed: int) -> EntryMask | None:
+    """The entries a fit holds out (``model.holdout.evaluate``), chosen by the fit's seed."""
+    return EntryMask(model.holdout.fraction, seed) if model.holdout.evaluate else None
+
+
+def held_out(matrix: CellMatrix, programs, usage, mask: EntryMask | None) -> tuple[dict, np.ndarray | None]:
+    """The fit's error at the held-out entries (one pass over ``matrix``): ``heldout_recon``,
+    ``heldout_relative_error``, ``heldout_entries``, and each cell's squared error there."""
+    if mask is None:
+        return {}, None
+    total = HeldOutTotal(torch.as_tensor(programs, dtype=matrix.dtype, device=matrix.device), mask, matrix.n_cells)
+    h = torch.as_tensor(usage, dtype=matrix.dtype)
+    for index, x in matrix.batches():
+        total.add(x, h[torch.as_tensor(index)], index)
+    return total.result(), total.per_cell.numpy()
+
+
 def fit_stage1(x, k: int, model: ModelSettings, plan: TrainingPlan, *, seed: int, graph: GeneGraph | None = None,
-               name: str = "stage1") -> StageFit:
+               name: str = "stage1", mask: EntryMask | None = None) -> StageFit:
     """Consensus initialisation, then the neural NMF of the control cells (stage 1).
 
     ``name`` names the fit's checkpoint and TensorBoard folder (``stage1_rep2`` for a replicate).
+    ``mask``: the entries held out (default: ``model.holdout``'s when ``evaluate`` is set).
     """
     def start(matrix):
         began = time.perf_counter()
@@ -163,22 +190,27 @@ def fit_stage1(x, k: int, model: ModelSettings, plan: TrainingPlan, *, seed: int
                  record["init_time_s"], init.stability)
         return init.programs, init.usage, record
 
+    mask = mask or _holdout(model, seed)
+
     def build(programs, usage, minibatch):
         return Stage1Module(programs, usage, graph=graph, rel_alpha=model.stage1.rel_alpha,
-                            laplacian_steps=model.stage1.laplacian_steps, minibatch=minibatch, **_module_args(model))
+                            laplacian_steps=model.stage1.laplacian_steps, minibatch=minibatch,
+                            prior_from=model.stage1.prior_from, holdout=mask, **_module_args(model))
 
     module, trainer, matrix, record, train_time = _train_stage(name, stage_label(name), x, k, plan, seed, start,
                                                                build)
     programs, usage = normalize_programs(module.programs().cpu(), module.usage().cpu())
     error = fit_error(matrix, programs, usage)
+    heldout, per_cell = held_out(matrix, programs, usage, mask)
     loss = loss_summary(error["recon"], graph, programs, float(module.alpha))
     stats = _stats(stage_label(name), module, trainer, matrix, error, loss, record["init_time_s"], train_time,
-                   consensus_stability=record["consensus_stability"])
-    return StageFit(programs.numpy(), usage.numpy(), baseline_names(k), stats)
+                   consensus_stability=record["consensus_stability"], **heldout)
+    return StageFit(programs.numpy(), usage.numpy(), baseline_names(k), stats, per_cell)
 
 
 def fit_stage2(x, baseline: np.ndarray, names: list[str], k_case: int, model: ModelSettings, plan: TrainingPlan, *,
-               seed: int, graph: GeneGraph | None = None, name: str = "stage2") -> StageFit:
+               seed: int, graph: GeneGraph | None = None, name: str = "stage2", mask: EntryMask | None = None
+               ) -> StageFit:
     """Case-specific programs on the case cells with the baseline frozen (stage 2).
 
     The returned programs are ``[baseline, case]``; the baseline columns are exactly the
@@ -198,10 +230,12 @@ def fit_stage2(x, baseline: np.ndarray, names: list[str], k_case: int, model: Mo
                  record["init_time_s"])
         return case, usage, record
 
+    mask = mask or _holdout(model, seed)
+
     def build(programs, usage, minibatch):
         return Stage2Module(frozen, programs[:, -k_case:], usage, graph=graph, rel_alpha=stage2.rel_alpha,
                             rel_gamma=stage2.rel_gamma, laplacian_steps=stage2.laplacian_steps, minibatch=minibatch,
-                            **_module_args(model))
+                            prior_from=stage2.prior_from, holdout=mask, **_module_args(model))
 
     L.seed_everything(seed, workers=True, verbose=False)  # stage 2 alone reproduces (stage1_from)
     module, trainer, matrix, record, train_time = _train_stage(name, stage_label(name), x, k + k_case, plan, seed,
@@ -211,18 +245,20 @@ def fit_stage2(x, baseline: np.ndarray, names: list[str], k_case: int, model: Mo
     case, case_usage = normalize_programs(programs[:, k:], usage[:, k:])
     programs = torch.cat([frozen, case], dim=1)
     usage = torch.cat([usage[:, :k], case_usage], dim=1)
-    error = fit_error(matrix, programs, usage)
-    baseline_only = fit_error(matrix, frozen, refit_usage(matrix, frozen, model.consensus.nnls_iterations).cpu())
+    # one pass over the (possibly streamed) case cells: the fit's error, and the baseline alone refitted by NNLS
+    _, baseline_only, (error,) = refit_and_score(matrix, frozen, model.consensus.nnls_iterations,
+                                                 scored=[(programs, usage)])
+    heldout, per_cell = held_out(matrix, programs, usage, mask)
     gamma = float(module.gamma) if stage2.rel_gamma > 0 else 0.0
     ortho = float(orthogonality_penalty(frozen, case)) if stage2.rel_gamma > 0 else None
     loss = loss_summary(error["recon"], graph, case, float(module.alpha), ortho, gamma)
     stats = _stats(stage_label(name), module, trainer, matrix, error, loss, record["init_time_s"], train_time,
                    baseline_only_relative_error=baseline_only["relative_error"],
                    explained_variance_gain=baseline_only["relative_error"] ** 2 - error["relative_error"] ** 2,
-                   ortho_gamma=gamma)
+                   ortho_gamma=gamma, **heldout)
     log.info("%s: the baseline alone leaves relative error %.4f", stage_label(name),
              stats["baseline_only_relative_error"])
-    return StageFit(programs.numpy(), usage.numpy(), list(names) + case_names(k_case), stats)
+    return StageFit(programs.numpy(), usage.numpy(), list(names) + case_names(k_case), stats, per_cell)
 
 
 # -- replicates and the stage-2 null ------------------------------------------------------
@@ -262,15 +298,29 @@ def fit_replicates(x, k: int, model: ModelSettings, plan: TrainingPlan, *, seed:
     """
     stage = "stage1" if baseline is None else "stage2"
 
-    def fit(seed_r: int, name: str) -> StageFit:
+    def fit(seed_r: int, name: str, settings: ModelSettings | None = None, mask: EntryMask | None = None
+            ) -> StageFit:
+        settings = settings or model  # the model as it stands when called (auto: the chosen strength)
         if baseline is None:
-            return fit_stage1(x, k, model, plan, seed=seed_r, graph=graph, name=name)
-        return fit_stage2(x, baseline.programs, baseline.names, k_case, model, plan, seed=seed_r, graph=graph,
-                          name=name)
+            return fit_stage1(x, k, settings, plan, seed=seed_r, graph=graph, name=name, mask=mask)
+        return fit_stage2(x, baseline.programs, baseline.names, k_case, settings, plan, seed=seed_r, graph=graph,
+                          name=name, mask=mask)
 
+    selection = None
+    if getattr(model, stage).rel_alpha == "auto":
+        def held_out_fit(alpha: float, fold: int) -> StageFit:
+            suffix = f"_fold{fold + 1}" if model.holdout.folds > 1 else ""
+            return fit(seed, f"{stage}_alpha{alpha:g}{suffix}", with_strength(model, stage, alpha),
+                       EntryMask(model.holdout.fraction, seed, fold))
+
+        value, selection = choose_strength(stage, model, graph, held_out_fit)
+        model = with_strength(model, stage, value)
     seeds = replicate_seeds(seed, model)
     if len(seeds) == 1:
-        return fit(seed, stage)
+        found = fit(seed, stage)
+        if selection is not None:
+            found.stats["prior_selection"] = selection
+        return found
     fits = []
     for r, seed_r in enumerate(seeds, start=1):
         log.info("%s: replicate %d of %d (seed %d)", stage, r, len(seeds), seed_r)
@@ -283,8 +333,7 @@ def fit_replicates(x, k: int, model: ModelSettings, plan: TrainingPlan, *, seed:
     matrix = CellMatrix(x, batch_size=plan.batch_size, device=torch.device(first["device"]))
     frozen = None if baseline is None else torch.from_numpy(np.ascontiguousarray(baseline.programs, dtype=np.float32))
     programs = found.programs if frozen is None else torch.cat([frozen, found.programs], dim=1)
-    usage = refit_usage(matrix, programs, model.consensus.nnls_iterations).cpu()
-    error = fit_error(matrix, programs, usage)
+    usage, error, _ = refit_and_score(matrix, programs, model.consensus.nnls_iterations)
 
     alpha = float(np.mean([f.stats["laplacian_alpha"] for f in fits]))
     extra = {}
@@ -319,6 +368,8 @@ def fit_replicates(x, k: int, model: ModelSettings, plan: TrainingPlan, *, seed:
         "n_cells": first["n_cells"],
         "device": first["device"],
     }
+    if selection is not None:
+        stats["prior_selection"] = selection
     log.info("%s: consensus of %d replicates, stability %.3f, relative error %.4f (replicates %s)", stage,
              len(seeds), found.stability, error["relative_error"],
              ", ".join(f"{e:.4f}" for e in stats["replicate_relative_error"]))

@@ -14,7 +14,8 @@ import lightning as L
 import torch
 
 from ..core import Activation, GeneGraph, LazyAdam, LossTerms, NeuralNMF, adaptive_strength
-from ..core.losses import laplacian_penalty, orthogonality_penalty, reconstruction_loss
+from ..core.holdout import EntryMask, held_out_error
+from ..core.losses import laplacian_penalty, orthogonality_penalty, reconstruction_loss, squared_error
 
 # The training loss averaged over a window of ``window`` steps (whole epochs in minibatch
 # mode), logged at the window's last step: what :class:`~deltanmf.train.callbacks.ConvergenceStop` watches.
@@ -27,12 +28,16 @@ class NMFStageModule(L.LightningModule):
     Subclasses build ``self.model`` (a :class:`~deltanmf.core.NeuralNMF`) and implement
     :meth:`loss_terms`, calling :meth:`prior_term` for the Laplacian term.
 
-    The Laplacian prior exists only with a gene graph and ``rel_alpha > 0``. It switches
-    on late, for at most ``laplacian_steps`` steps at the end: when the rest of the loss has
-    converged (:meth:`advance_phase`, called by the convergence stop, which then checks the
-    prior's phase for convergence from scratch), or when the step cap (``trainer.max_steps``)
-    is that close. At that moment ``alpha`` is set so that the term equals ``rel_alpha``
-    times the reconstruction loss. The term (:func:`~deltanmf.core.laplacian_penalty`) is
+    The Laplacian prior exists only with a gene graph and ``rel_alpha > 0``. With
+    ``prior_from="converged"`` it switches on late, for at most ``laplacian_steps`` steps at
+    the end: when the rest of the loss has converged (:meth:`advance_phase`, called by the
+    convergence stop, which then checks the prior's phase for convergence from scratch), or
+    when the step cap (``trainer.max_steps``) is that close. With ``prior_from="start"`` it is
+    on from the first step, and the fit has one phase. At the switch ``alpha`` is set so that
+    the term equals ``rel_alpha`` times the reconstruction loss.
+
+    With ``holdout`` (an :class:`~deltanmf.core.holdout.EntryMask`) the reconstruction loss
+    leaves the held-out entries out (its mean is over the other entries). The term (:func:`~deltanmf.core.laplacian_penalty`) is
     scale-invariant per program, so it is met by changing the programs' shapes only.
 
     ``stop_reason`` says why training ended: ``converged`` (the loss stopped improving; with a
@@ -43,20 +48,23 @@ class NMFStageModule(L.LightningModule):
 
     model: NeuralNMF
 
-    def __init__(self, *, graph: GeneGraph | None, lr: float, rel_alpha: float, laplacian_steps: int, window: int):
+    def __init__(self, *, graph: GeneGraph | None, lr: float, rel_alpha: float, laplacian_steps: int, window: int,
+                 prior_from: str = "start", holdout: EntryMask | None = None):
         super().__init__()
         self.graph = graph
         self.lr = lr
         self.rel_alpha = rel_alpha
         self.laplacian_steps = laplacian_steps
         self.window = window
+        self.prior_from = prior_from
+        self.holdout = holdout
         self.register_buffer("alpha", torch.zeros(()))
         # step at which the Laplacian switched on; -1 while off (a buffer so checkpoints keep it)
         self.register_buffer("prior_start", torch.tensor(-1))
         # its value on the host, so the per-step checks never read the device (None: read it once)
         self._prior_start_host: int | None = -1
         self.register_load_state_dict_post_hook(_forget_prior_start)
-        self._switch_requested = False
+        self._switch_requested = prior_from == "start"  # switches on at the first step
         self._logged, self._batch_cells = True, 0  # whether this step's terms were logged (training_step)
         self._reporting = True  # whether this step's terms are reported (logged, or step 0 written)
         self._window_sum, self._window_steps = None, 0
@@ -229,8 +237,18 @@ class NMFStageModule(L.LightningModule):
         if self.graph is not None:
             self.log("train/alpha", self.alpha, on_step=True, on_epoch=False, batch_size=self._batch_cells)
 
+    def reconstruction(self, x: torch.Tensor, programs: torch.Tensor, usage: torch.Tensor,
+                       index: torch.Tensor) -> torch.Tensor:
+        """The batch's mean squared error, over the entries not held out (all without ``holdout``)."""
+        if self.holdout is None:
+            return reconstruction_loss(x, programs, usage)
+        held, _, count = held_out_error(x, programs, usage, index, self.holdout)
+        kept = x.shape[0] * x.shape[1] - count.sum()
+        return (squared_error(x, programs, usage) - held.sum()) / kept
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.prior_on and self.global_step - self._prior_start() >= self.laplacian_steps:
+        late = self.prior_from == "converged"
+        if late and self.prior_on and self.global_step - self._prior_start() >= self.laplacian_steps:
             # a prior the step cap started ends with the cap; one convergence started, with its own steps
             self.stop_reason = "prior_steps" if self.converged else "step_cap"
             self.trainer.should_stop = True
@@ -297,7 +315,11 @@ class Stage1Module(NMFStageModule):
     rel_alpha
         Relative strength of the Laplacian term.
     laplacian_steps
-        Steps trained with the Laplacian term on.
+        Steps trained with the Laplacian term on (``prior_from="converged"``).
+    prior_from
+        When the prior switches on: ``"converged"`` (late) or ``"start"`` (from the first step).
+    holdout
+        Entries left out of the reconstruction loss, or None.
     minibatch
         Train on batches of cells (usage updated lazily, only for the batch's cells).
     window
@@ -305,15 +327,18 @@ class Stage1Module(NMFStageModule):
     """
 
     def __init__(self, programs: torch.Tensor, usage: torch.Tensor, *, activation: str, beta: float, lr: float,
-                 graph: GeneGraph | None, rel_alpha: float, laplacian_steps: int, minibatch: bool, window: int):
-        super().__init__(graph=graph, lr=lr, rel_alpha=rel_alpha, laplacian_steps=laplacian_steps, window=window)
+                 graph: GeneGraph | None, rel_alpha: float, laplacian_steps: int, minibatch: bool, window: int,
+                 prior_from: str = "start", holdout: EntryMask | None = None):
+        super().__init__(graph=graph, lr=lr, rel_alpha=rel_alpha, laplacian_steps=laplacian_steps, window=window,
+                         prior_from=prior_from, holdout=holdout)
         self.save_hyperparameters(dict(activation=activation, beta=beta, lr=lr, rel_alpha=rel_alpha,
-                                       laplacian_steps=laplacian_steps, minibatch=minibatch))
+                                       laplacian_steps=laplacian_steps, minibatch=minibatch, prior_from=prior_from,
+                                       holdout=None if holdout is None else holdout.fraction))
         self.model = NeuralNMF(programs, usage, Activation(activation, beta), sparse_usage_grad=minibatch)
 
     def loss_terms(self, x: torch.Tensor, index: torch.Tensor) -> LossTerms:
         programs = self.model.programs()
-        recon = reconstruction_loss(x, programs, self.model.usage(index))
+        recon = self.reconstruction(x, programs, self.model.usage(index), index)
         # In minibatch mode the batch's mean reconstruction is an unbiased estimate of
         # the full one, so the prior keeps its full weight and every batch's loss
         # estimates the full objective (weighting both terms by the batch's share of
@@ -342,7 +367,7 @@ class Stage2Module(NMFStageModule):
         Initial W_case, genes x K_case.
     usage
         Initial usage of the case cells, cells x (K + K_case).
-    activation, beta, lr, graph, rel_alpha, laplacian_steps, minibatch, window
+    activation, beta, lr, graph, rel_alpha, laplacian_steps, minibatch, window, prior_from, holdout
         As for :class:`Stage1Module`.
     rel_gamma
         Relative strength of the orthogonality penalty (0 turns it off).
@@ -350,10 +375,13 @@ class Stage2Module(NMFStageModule):
 
     def __init__(self, baseline: torch.Tensor, case_programs: torch.Tensor, usage: torch.Tensor, *, activation: str,
                  beta: float, lr: float, graph: GeneGraph | None, rel_alpha: float, rel_gamma: float,
-                 laplacian_steps: int, minibatch: bool, window: int):
-        super().__init__(graph=graph, lr=lr, rel_alpha=rel_alpha, laplacian_steps=laplacian_steps, window=window)
+                 laplacian_steps: int, minibatch: bool, window: int, prior_from: str = "start",
+                 holdout: EntryMask | None = None):
+        super().__init__(graph=graph, lr=lr, rel_alpha=rel_alpha, laplacian_steps=laplacian_steps, window=window,
+                         prior_from=prior_from, holdout=holdout)
         self.save_hyperparameters(dict(activation=activation, beta=beta, lr=lr, rel_alpha=rel_alpha,
-                                       rel_gamma=rel_gamma, laplacian_steps=laplacian_steps, minibatch=minibatch))
+                                       rel_gamma=rel_gamma, laplacian_steps=laplacian_steps, minibatch=minibatch,
+                                       prior_from=prior_from, holdout=None if holdout is None else holdout.fraction))
         self.model = NeuralNMF(case_programs, usage, Activation(activation, beta), sparse_usage_grad=minibatch,
                                fixed_programs=baseline)
         self.rel_gamma = rel_gamma
@@ -368,7 +396,7 @@ class Stage2Module(NMFStageModule):
     def loss_terms(self, x: torch.Tensor, index: torch.Tensor) -> LossTerms:
         programs = self.model.programs()  # [baseline, case]
         case = programs[:, self.baseline.shape[1]:]
-        recon = reconstruction_loss(x, programs, self.model.usage(index))
+        recon = self.reconstruction(x, programs, self.model.usage(index), index)
         total = recon
         ortho = None
         if self.rel_gamma > 0:

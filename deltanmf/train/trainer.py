@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -153,11 +154,22 @@ def build_trainer(plan: TrainingPlan, name: str) -> L.Trainer:
     directory = plan.checkpoint_dir
     callbacks = [ConvergenceStop(plan.stop), InterruptCheckpoint(directory, name),
                  *periodic_checkpoints(directory, name, plan.checkpoint.every_n_steps, plan.checkpoint.every_minutes)]
-    if plan.trainer.get("enable_progress_bar", True):
+    # a bar only on a terminal: in a log file (python train.py > run.log, batch jobs) its carriage-return
+    # updates would fill hundreds of lines; the stages' own log lines say how each ended
+    bar = bool(plan.trainer.get("enable_progress_bar", True)) and _terminal()
+    if bar:
         callbacks.append(ProgressBar(refresh_rate=plan.stop.check_every))  # reading the loss syncs: not every step
     logger = plan.logger(name) if plan.logger is not None else False
-    return _trainer(plan.trainer, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-                    default_root_dir=str(plan.run_dir))
+    return _trainer({**plan.trainer, "enable_progress_bar": bar}, logger=logger, callbacks=callbacks,
+                    plugins=[AtomicCheckpointIO()], default_root_dir=str(plan.run_dir))
+
+
+def _terminal() -> bool:
+    """Whether the progress bar's stream (stderr) is a terminal."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
 
 
 def make_datamodule(x, plan: TrainingPlan, seed: int, transposed_copy: bool) -> CellDataModule:

@@ -158,5 +158,9 @@ def output_files(result: ad.AnnData, tables: dict[str, pd.DataFrame], metrics: d
     if tables.get("negative_controls") is not None:
         check = metrics.get("group_tests", {}).get("negative_controls", {})
         files["negative_controls.png"] = _png(lambda: pl.negative_control_plot(tables["negative_controls"], check))
+    selections = {stage: metrics[stage]["prior_selection"] for stage in ("stage1", "stage2")
+                  if isinstance(metrics.get(stage), dict) and metrics[stage].get("prior_selection", {}).get("curve")}
+    if selections:
+        files["prior_selection.png"] = _png(lambda: pl.prior_selection_plot(selections))
     files["metrics.json"] = metrics_json
     return files

@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
-from ..core import CellMatrix, fit_error, refit_usage
+from ..core import CellMatrix, refit_and_score
 from ..data import Baseline, PreparedData, load_input, load_stage1, prepare
 from ..data.blocks import looks_like_counts, matrix_genes
 from ..data.programs import is_run, results_file
@@ -38,6 +38,7 @@ from ..tl.fit import StageFit, fit_null, fit_replicates
 from ..tl.programs import expression_programs, specificity
 from ..tl.recovery import recovery
 from ..tl.samples import check_samples
+from ..tl.strength import resolved
 from ..train import TrainingPlan, check_trainer
 from ..train.trainer import stage_device
 from .outputs import GENE_SCALE_KEY, output_files, results_anndata, write_outputs
@@ -164,8 +165,7 @@ def _reference_stage1(reference: ReferencePrograms, prepared: PreparedData, repo
     """Stage 1 from reference programs: frozen, in this run's units, with the controls' usage by NNLS."""
     programs = in_run_units(reference, prepared.gene_ids, prepared.gene_scale)
     matrix = CellMatrix(prepared.control, batch_size=settings.data.batch_size, device=stage_device(plan))
-    usage = refit_usage(matrix, torch.from_numpy(programs), settings.model.consensus.nnls_iterations).cpu()
-    error = fit_error(matrix, torch.from_numpy(programs), usage)
+    usage, error, _ = refit_and_score(matrix, torch.from_numpy(programs), settings.model.consensus.nnls_iterations)
     report = {**report, "genes_used": prepared.n_genes}
     log.info("stage 1: %d reference programs from %s (%s units) on %d genes; relative error %.4f on the controls",
              reference.k, reference.source, reference.units, prepared.n_genes, error["relative_error"])
@@ -199,12 +199,12 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, give
     start = time.perf_counter()
     if leader:
         check_run_dir(settings, run_dir)
-    plan = training_plan(settings, run_dir)  # a bad resume=/ckpt_path= fails here, before any work
+    baseline = _baseline_from(settings, given)
+    if baseline is not None:  # a reused baseline fixes K; the recorded settings (and checkpoints) say so
+        settings = replace(settings, K=len(baseline.names))
+    plan = training_plan(settings, run_dir)  # a bad resume=/ckpt_path= fails here, before any fit
     check_trainer(plan)  # and a trainer setting Lightning refuses (trainer=gpu without a GPU)
     L.seed_everything(settings.seed, workers=True, verbose=False)
-    baseline = _baseline_from(settings, given)
-    if baseline is not None:  # a reused baseline fixes K; the recorded settings say so
-        settings = replace(settings, K=len(baseline.names))
     reference = baseline if isinstance(baseline, ReferencePrograms) else None
     if reference is not None:
         baseline = None
@@ -267,8 +267,10 @@ def _run(settings: RunSettings, run_dir: Path, adata, on_checked, progress, give
                                 k_case=settings.K_case)
         clock.mark("stage2", stage2.stats)
         if model.null_fit:
-            stage2.stats.update(fit_null(prepared.X, prepared.is_control, k, settings.K_case, model, plan,
-                                         seed=settings.seed, graph=graph))
+            chosen = {stage: fitted.stats["prior_selection"]["chosen"] for stage, fitted in
+                      (("stage1", stage1), ("stage2", stage2)) if "prior_selection" in fitted.stats}
+            stage2.stats.update(fit_null(prepared.X, prepared.is_control, k, settings.K_case,
+                                         resolved(model, chosen), plan, seed=settings.seed, graph=graph))
             clock.mark("null_fit")
         metrics["stage2"] = stage2.stats
         metrics["K_case"] = settings.K_case
